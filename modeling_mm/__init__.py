@@ -1,0 +1,34 @@
+"""mm-fusion: tri-modal (vision + text + audio) fusion models for transformers.
+
+Importing this package registers the classes with transformers' Auto classes, so that `AutoConfig`,
+`AutoModel`, `AutoModelForSequenceClassification` and `AutoProcessor` resolve `model_type="mm_fusion"`,
+and marks them for `register_for_auto_class`, so that `save_pretrained` writes `auto_map` and copies the code
+files: a saved folder then loads with `trust_remote_code=True` where only transformers is installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from .configuration_mm import MMFusionConfig
+from .modeling_mm import (
+    MMFusionForSequenceClassification,
+    MMFusionModel,
+    MMFusionModelOutput,
+    MMFusionPreTrainedModel,
+    MMFusionSequenceClassifierOutput,
+)
+
+AutoConfig.register(MMFusionConfig.model_type, MMFusionConfig, exist_ok=True)
+AutoModel.register(MMFusionConfig, MMFusionModel, exist_ok=True)
+AutoModelForSequenceClassification.register(MMFusionConfig, MMFusionForSequenceClassification, exist_ok=True)
+MMFusionConfig.register_for_auto_class()
+MMFusionModel.register_for_auto_class("AutoModel")
+MMFusionForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "MMFusionConfig",
+    "MMFusionPreTrainedModel",
+    "MMFusionModel",
+    "MMFusionForSequenceClassification",
+    "MMFusionModelOutput",
+    "MMFusionSequenceClassifierOutput",
+]

@@ -1,0 +1,180 @@
+"""MMFusion configuration: three optional tower configs plus the fusion settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto import modeling_auto
+
+MODALITIES = ("vision", "text", "audio")
+POOLING_MODES = ("mean", "first")
+
+
+def tower_modality(model_type: str) -> str | None:
+    """The modality a transformers `model_type` encodes ("vision", "text", "audio"), or None if it is none of them.
+
+    Read from transformers' own Auto mappings, so any image/text/audio encoder that transformers knows is accepted
+    without a list of ours to keep up to date.
+    """
+    if model_type in modeling_auto.MODEL_FOR_CTC_MAPPING_NAMES or (
+        model_type in modeling_auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES
+        and model_type not in modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
+    ):
+        return "audio"
+    if (
+        model_type in modeling_auto.MODEL_FOR_IMAGE_MAPPING_NAMES
+        or model_type in modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+        or model_type.endswith("_vision_model")
+    ):
+        return "vision"
+    if (
+        model_type in modeling_auto.MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
+        or model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        or model_type.endswith("_text_model")
+    ):
+        return "text"
+    return None
+
+
+def _resolve_tower_config(field: str, value: Any) -> PreTrainedConfig | None:
+    """Turn a dict/config given for `field` into the config of one tower of the right modality, or raise."""
+    if value is None:
+        return None
+    modality = field.removesuffix("_config")
+    if isinstance(value, dict):
+        model_type = value.get("model_type")
+        if not model_type:
+            raise ValueError(f"{field}: a dict needs a 'model_type' key (e.g. 'vit', 'bert', 'wav2vec2')")
+        try:
+            value = AutoConfig.for_model(**value)
+        except (ValueError, KeyError):
+            raise ValueError(f"{field}: unknown tower model_type {model_type!r}: transformers has no such model") from None
+    if not isinstance(value, PreTrainedConfig):
+        raise ValueError(f"{field}: expected a transformers config or a dict, got {type(value).__name__}")
+    # A full dual-encoder config (CLIP, SigLIP, CLAP) contributes the tower of this field's modality only.
+    inner = getattr(value, field, None)
+    if isinstance(inner, PreTrainedConfig):
+        value = inner
+    found = tower_modality(value.model_type)
+    if found is None:
+        raise ValueError(
+            f"{field}: model_type {value.model_type!r} is not a known {modality} encoder "
+            f"(transformers has no image, text or audio encoder mapping for it)"
+        )
+    if found != modality:
+        raise ValueError(f"{field}: model_type {value.model_type!r} is a {found} model, not a {modality} model")
+    return value
+
+
+class MMFusionConfig(PreTrainedConfig):
+    r"""
+    Configuration of an mm-fusion model: up to three pretrained towers (any transformers image, text and audio
+    encoder) joined by `fusion_num_layers` cross-attention fusion layers of width `fusion_hidden_size`.
+
+    Args:
+        vision_config / text_config / audio_config (`PreTrainedConfig` or `dict`, *optional*):
+            The tower configs. Any may be absent, at least one must be present. A full dual-encoder config
+            (CLIP, SigLIP) given as `vision_config` contributes its vision tower, and likewise for text.
+        fusion_hidden_size (`int`): width of the fusion streams; must be divisible by `fusion_num_heads`.
+        fusion_num_layers (`int`): number of fusion layers (self-attn -> cross-attn -> MLP per stream).
+        fusion_num_heads (`int`): attention heads in fusion self- and cross-attention.
+        fusion_intermediate_size (`int`): hidden size of the fusion MLP.
+        fusion_hidden_act (`str`): activation of the fusion MLP (a key of transformers' `ACT2FN`).
+        fusion_dropout (`float`): dropout on fusion residual branches.
+        fusion_attention_dropout (`float`): dropout on fusion attention probabilities.
+        fusion_pooling (`str`): how a stream is pooled: "mean" over its real tokens, or "first" (its first token,
+            the tower's own pooled summary where the tower has one).
+        modality_dropout (`float`): in training, the probability of dropping each present modality of a sample
+            (a sample always keeps at least one).
+        classifier_dropout (`float`): dropout before the classification head.
+        exact_audio_lengths (`bool`): run audio towers that cannot take an attention mask (group-norm wav2vec2,
+            such as wav2vec2-base) one sample at a time on its true length, so zero-padding cannot change the
+            result. Slower; off by default, as in transformers, where such towers see the padding.
+        layer_norm_eps (`float`): epsilon of fusion layer norms.
+        initializer_range (`float`): std of the normal init of fusion and head weights.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, ViTConfig
+    >>> from modeling_mm import MMFusionConfig, MMFusionModel
+    >>> config = MMFusionConfig(vision_config=ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    ...     intermediate_size=37, image_size=32, patch_size=8), text_config=BertConfig(hidden_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=4, intermediate_size=37), fusion_hidden_size=32, fusion_num_heads=4)
+    >>> model = MMFusionModel(config)
+    >>> sorted(model.modalities)
+    ['text', 'vision']
+    ```
+    """
+
+    model_type = "mm_fusion"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", optional=True),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True),
+        "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="wav2vec2", optional=True),
+    }
+
+    vision_config: PreTrainedConfig | dict | None = None
+    text_config: PreTrainedConfig | dict | None = None
+    audio_config: PreTrainedConfig | dict | None = None
+    fusion_hidden_size: int = 256
+    fusion_num_layers: int = 2
+    fusion_num_heads: int = 4
+    fusion_intermediate_size: int = 1024
+    fusion_hidden_act: str = "gelu"
+    fusion_dropout: float = 0.1
+    fusion_attention_dropout: float = 0.0
+    fusion_pooling: str = "mean"
+    modality_dropout: float = 0.0
+    classifier_dropout: float = 0.1
+    exact_audio_lengths: bool = False
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        # Resolve the towers ourselves first: transformers' resolution would turn a dict of the wrong kind into a
+        # config without complaint, and full dual-encoder configs need their one tower picked out.
+        for field in ("vision_config", "text_config", "audio_config"):
+            setattr(self, field, _resolve_tower_config(field, getattr(self, field)))
+        super().__post_init__(**kwargs)
+        self._validate_fusion_settings()
+
+    def _validate_fusion_settings(self) -> None:
+        if not self.modalities:
+            raise ValueError(
+                "vision_config, text_config, audio_config: at least one tower config is required, all three are None"
+            )
+        for name in ("fusion_hidden_size", "fusion_num_layers", "fusion_num_heads", "fusion_intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "fusion_num_layers" else 1):
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.fusion_hidden_size % self.fusion_num_heads:
+            raise ValueError(
+                f"fusion_hidden_size: {self.fusion_hidden_size} is not divisible by "
+                f"fusion_num_heads={self.fusion_num_heads}"
+            )
+        for name in ("fusion_dropout", "fusion_attention_dropout", "modality_dropout", "classifier_dropout"):
+            value = getattr(self, name)
+            upper_ok = value < 1.0 if name == "modality_dropout" else value <= 1.0
+            if not isinstance(value, (int, float)) or not (0.0 <= value and upper_ok):
+                raise ValueError(f"{name}: must be a probability in [0, 1{')' if name == 'modality_dropout' else ']'}"
+                                 f", got {value!r}")
+        if self.fusion_pooling not in POOLING_MODES:
+            raise ValueError(f"fusion_pooling: must be one of {POOLING_MODES}, got {self.fusion_pooling!r}")
+        from transformers.activations import ACT2FN
+
+        if self.fusion_hidden_act not in ACT2FN:
+            raise ValueError(f"fusion_hidden_act: unknown activation {self.fusion_hidden_act!r}")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities this model has towers for, in the fixed order vision, text, audio."""
+        return tuple(m for m in MODALITIES if getattr(self, f"{m}_config", None) is not None)
+
+    def tower_config(self, modality: str) -> PreTrainedConfig:
+        return getattr(self, f"{modality}_config")
+
+
+__all__ = ["MMFusionConfig", "tower_modality", "MODALITIES"]

