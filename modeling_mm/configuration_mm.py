@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -53,6 +54,8 @@ def _resolve_tower_config(field: str, value: Any) -> PreTrainedConfig | None:
             raise ValueError(f"{field}: unknown tower model_type {model_type!r}: transformers has no such model") from None
     if not isinstance(value, PreTrainedConfig):
         raise ValueError(f"{field}: expected a transformers config or a dict, got {type(value).__name__}")
+    # a copy: the composite sets attention/dtype settings on its sub-configs, which must not leak into the caller's
+    value = copy.deepcopy(value)
     # A full dual-encoder config (CLIP, SigLIP, CLAP) contributes the tower of this field's modality only.
     inner = getattr(value, field, None)
     if isinstance(inner, PreTrainedConfig):

@@ -298,6 +298,17 @@ class MMFusionPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MMFusionStreamBlock):
             init.normal_(module.cross_attn_sink, mean=0.0, std=std)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            # One folder serves both Auto classes: a classifier checkpoint also loads as the base model (and a base
+            # checkpoint as a classifier with a new head), also through trust_remote_code.
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"{module}.MMFusionModel")
+            auto_map.setdefault("AutoModelForSequenceClassification", f"{module}.MMFusionForSequenceClassification")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_towers(
         cls,
@@ -406,7 +417,7 @@ class MMFusionModel(MMFusionPreTrainedModel):
                 # so that `from_pretrained(..., dtype=torch.bfloat16)` reaches the towers too.
                 tower = AutoModel.from_config(tower_config, dtype=torch.get_default_dtype())
             # The tower and the composite share one config object, so attention settings and saved configs agree.
-            tower_config._attn_implementation_internal = tower.config._attn_implementation
+            tower_config._attn_implementation = tower.config._attn_implementation
             tower.config = tower_config
             setattr(self, f"{modality}_model", tower)
 

@@ -195,3 +195,45 @@ def minilm_dir() -> str:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+# ---- the fused model ---------------------------------------------------------------------------------------------
+
+FUSION_KWARGS = dict(fusion_hidden_size=32, fusion_num_heads=4, fusion_intermediate_size=64, fusion_num_layers=2,
+                     fusion_dropout=0.0, classifier_dropout=0.0)
+
+
+def tiny_fusion_config(modalities=("vision", "text", "audio"), **overrides):
+    from modeling_mm import MMFusionConfig
+
+    towers = {"vision": tiny_vit_config, "text": tiny_bert_config, "audio": tiny_wav2vec2_config}
+    tower_configs = {f"{m}_config": towers[m]() for m in modalities}
+    return MMFusionConfig(**tower_configs, **{**FUSION_KWARGS, **overrides})
+
+
+def make_batch(batch_size=4, text_length=9, audio_samples=4000, seed=0, modalities=("vision", "text", "audio")):
+    """Random model inputs with ragged text/audio padding: sample i has text length text_length - i % 4 and
+    audio length audio_samples - 700 * (i % 3)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = {}
+    if "text" in modalities:
+        input_ids = torch.randint(5, len(VOCAB), (batch_size, text_length), generator=generator)
+        attention_mask = torch.ones(batch_size, text_length, dtype=torch.long)
+        for i in range(batch_size):
+            attention_mask[i, text_length - i % 4 :] = 0
+        input_ids[:, 0] = 2
+        batch.update(input_ids=input_ids * attention_mask, attention_mask=attention_mask,
+                     token_type_ids=torch.zeros_like(input_ids))
+    if "vision" in modalities:
+        batch["pixel_values"] = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    if "audio" in modalities:
+        audio_mask = torch.ones(batch_size, audio_samples, dtype=torch.long)
+        for i in range(batch_size):
+            audio_mask[i, audio_samples - 700 * (i % 3) :] = 0
+        input_values = torch.randn(batch_size, audio_samples, generator=generator) * audio_mask
+        batch.update(input_values=input_values, audio_attention_mask=audio_mask)
+    return batch
+
+
+def select_samples(batch: dict, index: list[int]) -> dict:
+    return {key: value[index] for key, value in batch.items()}
