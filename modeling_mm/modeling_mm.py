@@ -129,7 +129,12 @@ def eager_attention_forward(
 
 
 class MMFusionAttention(nn.Module):
-    """Multi-head attention of a stream over itself (fused `to_qkv`) or over a context (`to_q` + fused `to_kv`).
+    """Multi-head attention in a fusion stream, in one of two roles.
+
+    Self-attention projects the stream's tokens with one fused `to_qkv`. Its keys and values are also what the other
+    streams' cross-attention reads, so cross-attention only adds `to_q` and `to_out`: no stream projects another
+    stream's tokens again (ViLBERT-style co-attention). Cross-attention also has a learned sink key/value that every
+    query can attend to, so a sample whose other modalities are all absent still gets a well-defined softmax.
 
     Dispatches through transformers' attention functions, so `config._attn_implementation` (eager, sdpa, flash)
     applies here as it does in the towers.
@@ -147,28 +152,33 @@ class MMFusionAttention(nn.Module):
         width = config.fusion_hidden_size
         if is_cross_attention:
             self.to_q = nn.Linear(width, width)
-            self.to_kv = nn.Linear(width, 2 * width)
+            self.sink_key = nn.Parameter(torch.zeros(width))
+            self.sink_value = nn.Parameter(torch.zeros(width))
         else:
             self.to_qkv = nn.Linear(width, 3 * width)
         self.to_out = nn.Linear(width, width)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        context: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, queries, width = hidden_states.shape
-        if self.is_cross_attention:
-            query = self.to_q(hidden_states)
-            key, value = self.to_kv(context).chunk(2, dim=-1)
-        else:
-            query, key, value = self.to_qkv(hidden_states).chunk(3, dim=-1)
-        # (batch, heads, tokens, head_dim)
-        query = query.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
-        key = key.view(batch, key.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
-        value = value.view(batch, value.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+    def split_heads(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (batch, heads, tokens, head_dim)
 
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.split_heads(t) for t in self.to_qkv(hidden_states).chunk(3, dim=-1))
+
+    def project_query(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.split_heads(self.to_q(hidden_states))
+
+    def with_sink(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], query: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepend the sink to the other streams' keys and values: (batch, heads, 1 + other tokens, head_dim)."""
+        batch = query.shape[0]
+        sink_key = self.split_heads(self.sink_key.to(query.dtype).expand(batch, 1, -1))
+        sink_value = self.split_heads(self.sink_value.to(query.dtype).expand(batch, 1, -1))
+        return torch.cat([sink_key, *keys], dim=2), torch.cat([sink_value, *values], dim=2)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -181,7 +191,7 @@ class MMFusionAttention(nn.Module):
             scaling=self.scaling,
             dropout=self.attention_dropout if self.training else 0.0,
         )
-        attn_output = attn_output.reshape(batch, queries, width)
+        attn_output = attn_output.flatten(2)  # (batch, queries, width)
         return self.to_out(attn_output), attn_weights
 
 
@@ -198,10 +208,7 @@ class MMFusionMLP(nn.Module):
 
 class MMFusionStreamBlock(nn.Module):
     """The weights of one modality stream in one fusion layer: pre-LN self-attention, pre-LN cross-attention to the
-    other streams, pre-LN MLP, each added back to the residual (`x = x + f(norm(x))`).
-
-    `cross_attn_sink` is a learned context token that every query may attend to, so a sample whose other modalities
-    are all absent gets a well-defined cross-attention (no softmax over an empty set)."""
+    other streams, pre-LN MLP, each added back to the residual (`x = x + f(norm(x))`)."""
 
     def __init__(self, config: MMFusionConfig):
         super().__init__()
@@ -209,30 +216,15 @@ class MMFusionStreamBlock(nn.Module):
         self.self_attn_norm = nn.LayerNorm(width, eps=eps)
         self.self_attn = MMFusionAttention(config, is_cross_attention=False)
         self.cross_attn_norm = nn.LayerNorm(width, eps=eps)
-        self.context_norm = nn.LayerNorm(width, eps=eps)
         self.cross_attn = MMFusionAttention(config, is_cross_attention=True)
-        self.cross_attn_sink = nn.Parameter(torch.zeros(1, 1, width))
         self.mlp_norm = nn.LayerNorm(width, eps=eps)
         self.mlp = MMFusionMLP(config)
         self.dropout = nn.Dropout(config.fusion_dropout)
 
-    def self_attention(self, hidden_states, attention_mask):
-        attn_output, weights = self.self_attn(self.self_attn_norm(hidden_states), attention_mask)
-        return hidden_states + self.dropout(attn_output), weights
-
-    def cross_attention(self, hidden_states, other_streams, attention_mask):
-        sink = self.cross_attn_sink.expand(hidden_states.shape[0], -1, -1).to(hidden_states.dtype)
-        context = self.context_norm(torch.cat([sink, *other_streams], dim=1))  # (batch, 1 + other tokens, width)
-        attn_output, weights = self.cross_attn(self.cross_attn_norm(hidden_states), attention_mask, context=context)
-        return hidden_states + self.dropout(attn_output), weights
-
-    def feed_forward(self, hidden_states):
-        return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
-
 
 class MMFusionLayer(GradientCheckpointingLayer):
-    """One fusion layer over all streams: every stream runs self-attention, then cross-attends to the other streams
-    as they are after self-attention (so the result does not depend on stream order), then its MLP."""
+    """One fusion layer over all streams. Each stream runs self-attention; then cross-attends to the other streams'
+    self-attention keys and values of this layer (so the result does not depend on stream order); then its MLP."""
 
     def __init__(self, config: MMFusionConfig, modalities: tuple[str, ...]):
         super().__init__()
@@ -246,19 +238,24 @@ class MMFusionLayer(GradientCheckpointingLayer):
         cross_attn_masks: dict[str, torch.Tensor | None],
     ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor | None], dict[str, torch.Tensor | None]]:
         states = dict(zip(modalities, stream_states))
-        self_weights, cross_weights = {}, {}
+        keys, values, self_weights, cross_weights = {}, {}, {}, {}
         for modality in modalities:
-            states[modality], self_weights[modality] = self.streams[modality].self_attention(
-                states[modality], self_attn_masks[modality]
+            block = self.streams[modality]
+            query, keys[modality], values[modality] = block.self_attn.project_qkv(block.self_attn_norm(states[modality]))
+            attn_output, self_weights[modality] = block.self_attn(
+                query, keys[modality], values[modality], self_attn_masks[modality]
             )
-        after_self_attention = dict(states)
+            states[modality] = states[modality] + block.dropout(attn_output)
         for modality in modalities:
-            others = [after_self_attention[other] for other in modalities if other != modality]
-            states[modality], cross_weights[modality] = self.streams[modality].cross_attention(
-                states[modality], others, cross_attn_masks[modality]
-            )
+            block = self.streams[modality]
+            others = [other for other in modalities if other != modality]
+            query = block.cross_attn.project_query(block.cross_attn_norm(states[modality]))
+            key, value = block.cross_attn.with_sink([keys[o] for o in others], [values[o] for o in others], query)
+            attn_output, cross_weights[modality] = block.cross_attn(query, key, value, cross_attn_masks[modality])
+            states[modality] = states[modality] + block.dropout(attn_output)
         for modality in modalities:
-            states[modality] = self.streams[modality].feed_forward(states[modality])
+            block = self.streams[modality]
+            states[modality] = states[modality] + block.dropout(block.mlp(block.mlp_norm(states[modality])))
         return tuple(states[modality] for modality in modalities), self_weights, cross_weights
 
 
@@ -295,8 +292,9 @@ class MMFusionPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, MMFusionInputProjection):
             init.normal_(module.modality_embedding, mean=0.0, std=std)
-        elif isinstance(module, MMFusionStreamBlock):
-            init.normal_(module.cross_attn_sink, mean=0.0, std=std)
+        elif isinstance(module, MMFusionAttention) and module.is_cross_attention:
+            init.normal_(module.sink_key, mean=0.0, std=std)
+            init.normal_(module.sink_value, mean=0.0, std=std)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:

@@ -26,7 +26,7 @@ from transformers import (
 
 from conftest import FUSION_KWARGS, make_batch, select_samples, tiny_fusion_config
 from modeling_mm import MMFusionConfig, MMFusionForSequenceClassification, MMFusionModel
-from modeling_mm.modeling_mm import MMFusionAttention, MMFusionInputProjection, MMFusionStreamBlock
+from modeling_mm.modeling_mm import MMFusionAttention, MMFusionInputProjection, MMFusionLayer, MMFusionStreamBlock
 
 ATOL = 1e-5
 
@@ -415,34 +415,38 @@ def test_attention_implementation_per_sub_config(tmp_path):
 
 # ---- fusion building blocks --------------------------------------------------------------------------------------
 
-def test_stream_block_matches_a_plain_pre_norm_reference():
-    config = tiny_fusion_config(("text",), fusion_dropout=0.0)
+def test_fusion_layer_matches_a_plain_pre_norm_reference():
+    """Standard pre-norm residuals (x = x + f(norm(x))), self-attention, then cross-attention over [sink, the other
+    stream's self-attention keys/values], then the MLP, written out with plain torch ops."""
+    config = tiny_fusion_config(("vision", "text"))
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    block = MMFusionStreamBlock(config).eval()
-    nn.init.normal_(block.cross_attn_sink)
-    x, other = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    layer = MMFusionLayer(config, ("vision", "text")).eval()
+    for module in layer.modules():
+        if isinstance(module, MMFusionAttention) and module.is_cross_attention:
+            nn.init.normal_(module.sink_key), nn.init.normal_(module.sink_value)
+    x = {"vision": torch.randn(2, 5, 32), "text": torch.randn(2, 3, 32)}
+    heads, width = 4, 32
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
 
-    def reference_attention(attention, query_input, context):
-        heads, width = attention.num_heads, query_input.shape[-1]
-        if attention.is_cross_attention:
-            q = attention.to_q(query_input)
-            k, v = attention.to_kv(context).split(width, dim=-1)
-        else:
-            q, k, v = attention.to_qkv(query_input).split(width, dim=-1)
-        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    def attend(q, k, v):
         weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / (width // heads) ** 0.5, dim=-1)
-        return attention.to_out((weights @ split(v)).transpose(1, 2).flatten(2))
+        return (weights @ split(v)).transpose(1, 2).flatten(2)
 
     with torch.no_grad():
-        expected = x + reference_attention(block.self_attn, block.self_attn_norm(x), None)
-        context = block.context_norm(torch.cat([block.cross_attn_sink.expand(2, 1, 32), other], dim=1))
-        expected = expected + reference_attention(block.cross_attn, block.cross_attn_norm(expected), context)
-        expected = expected + block.mlp.fc_out(nn.functional.gelu(block.mlp.fc_in(block.mlp_norm(expected))))
-        got, _ = block.self_attention(x, None)
-        got, _ = block.cross_attention(got, [other], None)
-        got = block.feed_forward(got)
-    assert max_diff(got, expected) <= 1e-6
+        qkv = {m: layer.streams[m].self_attn.to_qkv(layer.streams[m].self_attn_norm(x[m])).split(width, -1) for m in x}
+        after_self = {m: x[m] + layer.streams[m].self_attn.to_out(attend(*qkv[m])) for m in x}
+        expected = {}
+        for m, other in (("vision", "text"), ("text", "vision")):
+            block = layer.streams[m]
+            sink_k, sink_v = block.cross_attn.sink_key.expand(2, 1, -1), block.cross_attn.sink_value.expand(2, 1, -1)
+            k, v = torch.cat([sink_k, qkv[other][1]], 1), torch.cat([sink_v, qkv[other][2]], 1)
+            h = after_self[m] + block.cross_attn.to_out(attend(block.cross_attn.to_q(block.cross_attn_norm(after_self[m])), k, v))
+            expected[m] = h + block.mlp.fc_out(nn.functional.gelu(block.mlp.fc_in(block.mlp_norm(h))))
+        got, _, _ = layer(x["vision"], x["text"], modalities=("vision", "text"),
+                          self_attn_masks={"vision": None, "text": None}, cross_attn_masks={"vision": None, "text": None})
+    assert max_diff(got[0], expected["vision"]) <= 1e-6
+    assert max_diff(got[1], expected["text"]) <= 1e-6
 
 
 def test_init_weights_covers_every_fusion_module():
@@ -453,7 +457,7 @@ def test_init_weights_covers_every_fusion_module():
             assert torch.equal(param, torch.ones_like(param)), name
         elif name.endswith("bias"):
             assert torch.equal(param, torch.zeros_like(param)), name
-        else:  # Linear weights, modality embeddings, cross-attention sinks: N(0, initializer_range)
+        else:  # Linear weights, modality embeddings, cross-attention sink keys/values: N(0, initializer_range)
             assert 0.03 < param.std().item() < 0.07, (name, param.std().item())
     kinds = {type(m) for m in model.modules()}
     assert {MMFusionAttention, MMFusionInputProjection, MMFusionStreamBlock} <= kinds
