@@ -677,24 +677,34 @@ class MMFusionModel(MMFusionPreTrainedModel):
         return self_attn_masks, cross_attn_masks
 
     def _unused_parameter_anchor(self, active: tuple[str, ...]) -> torch.Tensor:
-        """Zero, but computed from every trainable weight this step would otherwise leave out of the graph: all
-        weights of modalities no sample has, and the audio tower when LayerDrop or SpecAugment may skip parts of
-        it. DDP with `find_unused_parameters=False` needs every trainable parameter to get a gradient each step."""
+        """Zero, but computed from every trainable weight this step might otherwise leave out of the graph: all
+        weights of modalities no sample has, and the parts of audio towers that LayerDrop or SpecAugment skip at
+        random. DDP with `find_unused_parameters=False` needs every trainable parameter to get a gradient each step
+        (a zero gradient is what `find_unused_parameters=True` would fill in)."""
         left_out: list[nn.Parameter] = []
         for modality in self.modalities:
-            tower = self.get_tower(modality)
-            stochastic = getattr(tower.config, "layerdrop", 0.0) > 0 or hasattr(tower, "masked_spec_embed")
-            if modality not in active:
-                modules = [tower, self.input_projections[modality], self.final_norms[modality]]
-                modules += [layer.streams[modality] for layer in self.layers]
-            elif stochastic:
-                modules = [tower]
-            else:
+            if modality in active:
+                left_out += _stochastic_parameters(self.get_tower(modality))
                 continue
-            left_out += [p for module in modules for p in module.parameters() if p.requires_grad]
+            modules = [self.get_tower(modality), self.input_projections[modality], self.final_norms[modality]]
+            modules += [layer.streams[modality] for layer in self.layers]
+            left_out += [p for module in modules for p in module.parameters()]
+        left_out = [p for p in left_out if p.requires_grad]
         if not left_out:
             return torch.zeros((), device=self.device)
         return sum(p.sum() for p in left_out) * 0.0
+
+
+def _stochastic_parameters(tower: PreTrainedModel) -> list[nn.Parameter]:
+    """Weights a tower uses only on some training steps: wav2vec2-family SpecAugment's mask embedding, and the
+    encoder layers when LayerDrop may skip them."""
+    parameters = []
+    if isinstance(getattr(tower, "masked_spec_embed", None), nn.Parameter):
+        parameters.append(tower.masked_spec_embed)
+    if getattr(tower.config, "layerdrop", 0.0) > 0:
+        layers = getattr(getattr(tower, "encoder", None), "layers", None)
+        parameters += list((layers if layers is not None else tower).parameters())
+    return parameters
 
 
 def _load_tower(modality: str, source: str | PreTrainedModel, tower_kwargs: dict[str, Any]) -> PreTrainedModel:

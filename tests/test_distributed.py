@@ -1,4 +1,4 @@
-"""2-process DDP on CPU (gloo): random per-sample modality absence, modality dropout, LayerDrop in the audio tower and
+"""2-process DDP on CPU (gloo): random per-sample modality absence, modality dropout, LayerDrop and SpecAugment in the audio tower, and
 activation checkpointing, with `find_unused_parameters=False`. The ranks see different data, so some steps leave a
 whole modality out on one rank only; both ranks must still end with identical weights (Foundation acceptance 8)."""
 
@@ -31,7 +31,8 @@ def train_on_rank(rank: int, port: int, result_dir: str) -> None:
 
     torch.manual_seed(0)  # same initial weights on every rank
     config = tiny_fusion_config(modality_dropout=0.3, fusion_dropout=0.1)
-    config.audio_config = tiny_wav2vec2_config(layerdrop=0.5)  # wav2vec2's LayerDrop skips layers at random
+    # wav2vec2's LayerDrop skips layers at random; SpecAugment uses its mask embedding only when a span is masked
+    config.audio_config = tiny_wav2vec2_config(layerdrop=0.5, mask_time_prob=0.2, mask_time_length=5)
     model = MMFusionForSequenceClassification(config)
     model.activation_checkpointing_enable()
     model.train()
