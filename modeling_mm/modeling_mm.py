@@ -422,7 +422,7 @@ class MMFusionModel(MMFusionPreTrainedModel):
         self.input_projections = nn.ModuleDict(
             {m: MMFusionInputProjection(_tower_width(self.get_tower(m)), config) for m in self.modalities}
         )
-        self.layers = nn.ModuleList(
+        self.fusion_layers = nn.ModuleList(
             [MMFusionLayer(config, self.modalities) for _ in range(config.fusion_num_layers)]
         )
         self.final_norms = nn.ModuleDict(
@@ -499,7 +499,7 @@ class MMFusionModel(MMFusionPreTrainedModel):
         all_self_weights = {m: () for m in active} if output_attentions else None
         all_cross_weights = {m: () for m in active} if output_attentions else None
         stream_states = tuple(streams[m] for m in active)
-        for layer in self.layers:
+        for layer in self.fusion_layers:
             stream_states, self_weights, cross_weights = layer(
                 *stream_states, modalities=active, self_attn_masks=self_attn_masks, cross_attn_masks=cross_attn_masks
             )
@@ -687,7 +687,7 @@ class MMFusionModel(MMFusionPreTrainedModel):
                 left_out += _stochastic_parameters(self.get_tower(modality))
                 continue
             modules = [self.get_tower(modality), self.input_projections[modality], self.final_norms[modality]]
-            modules += [layer.streams[modality] for layer in self.layers]
+            modules += [layer.streams[modality] for layer in self.fusion_layers]
             left_out += [p for module in modules for p in module.parameters()]
         left_out = [p for p in left_out if p.requires_grad]
         if not left_out:

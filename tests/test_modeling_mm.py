@@ -378,7 +378,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     labels = torch.tensor([0, 1, 1, 0])
     plain = training_grads(model, batch, labels)
     model.activation_checkpointing_enable()
-    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    assert all(layer.gradient_checkpointing for layer in model.model.fusion_layers)
     checkpointed = training_grads(model, batch, labels)
     for name, grad in plain.items():
         assert max_diff(grad, checkpointed[name]) <= ATOL, name
@@ -465,6 +465,15 @@ def test_init_weights_covers_every_fusion_module():
 
 TOWER_PROJECTION_NAMES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "out_proj", "dense", "fc1", "fc2",
                           "intermediate_dense", "output_dense", "projection", "qkv", "proj", "fc"}
+
+
+def test_fusion_module_names_never_end_like_a_tower_module_name():
+    """peft matches `target_modules`/`modules_to_save` by name suffix: no fusion or head module may share one."""
+    model = build_model(head=True)
+    towers = ("model.vision_model", "model.text_model", "model.audio_model")
+    tower_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.startswith(towers)}
+    for name in ("input_projections", "fusion_layers", "final_norms", "classifier"):
+        assert name not in tower_names and any(n.endswith(name) for n, _ in model.named_modules())
 
 
 def test_fusion_linear_names_never_repeat_a_tower_projection_name():
