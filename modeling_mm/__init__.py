@@ -6,7 +6,9 @@ and marks them for `register_for_auto_class`, so that `save_pretrained` writes `
 files: a saved folder then loads with `trust_remote_code=True` where only transformers is installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoProcessor
+
+from processors.processing_mm import MMFusionProcessor
 
 from .configuration_mm import MMFusionConfig
 from .modeling_mm import (
@@ -20,7 +22,9 @@ from .modeling_mm import (
 AutoConfig.register(MMFusionConfig.model_type, MMFusionConfig, exist_ok=True)
 AutoModel.register(MMFusionConfig, MMFusionModel, exist_ok=True)
 AutoModelForSequenceClassification.register(MMFusionConfig, MMFusionForSequenceClassification, exist_ok=True)
+AutoProcessor.register(MMFusionConfig, MMFusionProcessor, exist_ok=True)
 MMFusionConfig.register_for_auto_class()
+MMFusionProcessor.register_for_auto_class("AutoProcessor")
 MMFusionModel.register_for_auto_class("AutoModel")
 MMFusionForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
@@ -31,4 +35,5 @@ __all__ = [
     "MMFusionForSequenceClassification",
     "MMFusionModelOutput",
     "MMFusionSequenceClassifierOutput",
+    "MMFusionProcessor",
 ]
