@@ -1,0 +1,240 @@
+"""Training data: load a table of text / image / audio / label with `datasets`, check every row once, and turn
+batches of rows into model inputs through the processor (in DataLoader workers).
+
+Sources (`load_table`):
+- a CSV, JSON, JSONL or Parquet file (columns named by `DataSettings`; image/audio cells are paths, relative to the
+  file's folder or absolute, or raw bytes; any of them may be empty for a row);
+- an `imagefolder`/`audiofolder`-style folder: one sub-folder per label holding image and/or audio files, with an
+  optional `metadata.csv` (`file_name` plus more columns, e.g. text) as in `datasets`;
+- a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
+- otherwise a Hub data set name (`datasets.load_dataset(name)`).
+
+Decoding always goes through `processors.media` (via the processor), so its limits and errors apply to training
+data exactly as to user input. Image/Audio features of a loaded data set are cast to `decode=False`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from processors import MMFusionProcessor
+
+logger = logging.getLogger(__name__)
+
+TABLE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
+SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
+               "dev": "validation", "test": "test"}
+
+
+@dataclass
+class DataSettings:
+    train_data: str | None = field(default=None, metadata={
+        "help": "Training data: a CSV/JSON/JSONL/Parquet file, an imagefolder/audiofolder-style folder, a folder saved "
+                "with save_to_disk (may hold train/validation/test splits), or a Hub data set name. Default: the "
+                "built-in sample."})
+    validation_data: str | None = field(default=None, metadata={
+        "help": "Validation data in the same forms. Default: the source's validation split, else validation_split "
+                "of the training data."})
+    test_data: str | None = field(default=None, metadata={"help": "Test data, evaluated once after training."})
+    text_column: str = field(default="text", metadata={"help": "Column with the text (may be empty per row)."})
+    image_column: str = field(default="image", metadata={"help": "Column with image paths or bytes."})
+    audio_column: str = field(default="audio", metadata={"help": "Column with audio paths or bytes."})
+    label_column: str = field(default="label", metadata={"help": "Column with the label (name or integer)."})
+    validation_split: float = field(default=0.1, metadata={
+        "help": "Fraction of the training data held out for validation when no validation data is given."})
+    strict: bool = field(default=False, metadata={
+        "help": "Fail on the first bad row (missing/corrupt file, missing label) instead of skipping it with a "
+                "warning."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes that run the processor."})
+
+
+# ---- loading -------------------------------------------------------------------------------------------------------
+
+def load_table(source: str) -> datasets.DatasetDict:
+    """Load `source` as a DatasetDict of its splits (see the module docstring for the forms it takes)."""
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix not in TABLE_FORMATS:
+            raise ValueError(f"data: {source!r} has suffix {suffix!r}; supported are {sorted(TABLE_FORMATS)}")
+        table = datasets.load_dataset(TABLE_FORMATS[suffix], data_files={"train": str(path)})
+        return _resolve_relative_paths(table, path.parent)
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            table = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        else:
+            table = _load_folder(path)
+        return datasets.DatasetDict({SPLIT_NAMES.get(name, name): split for name, split in table.items()})
+    if path.suffix.lower() in TABLE_FORMATS or "/" in source and path.parent.exists():
+        raise ValueError(f"data: {source!r} does not exist")
+    return datasets.load_dataset(source)  # a Hub data set
+
+
+def _load_folder(root: Path) -> datasets.DatasetDict:
+    """imagefolder/audiofolder layout: `root/[split/]label/file`, media matched to rows by file stem, so an image
+    and a clip with the same stem in one label folder form one row; `metadata.csv` adds columns by `file_name`."""
+    split_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name in SPLIT_NAMES]
+    splits = {SPLIT_NAMES[d.name]: d for d in split_dirs} or {"train": root}
+    result = {}
+    for split, folder in splits.items():
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for label_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+            for file in sorted(label_dir.iterdir()):
+                kind = "image" if file.suffix.lower() in IMAGE_SUFFIXES else "audio" if file.suffix.lower() in AUDIO_SUFFIXES else None
+                if kind is None:
+                    continue
+                row = rows.setdefault((label_dir.name, file.stem), {"label": label_dir.name, "image": None,
+                                                                    "audio": None, "file_name": f"{label_dir.name}/{file.name}"})
+                row[kind] = str(file)
+        if not rows:
+            raise ValueError(f"data: folder {folder} has no label sub-folders with image or audio files")
+        table = datasets.Dataset.from_list(list(rows.values()))
+        metadata = folder / "metadata.csv"
+        if metadata.exists():
+            extra = datasets.load_dataset("csv", data_files=str(metadata))["train"].to_pandas().set_index("file_name")
+            frame = table.to_pandas()
+            for column in extra.columns:
+                frame[column] = frame["file_name"].map(extra[column])
+            table = datasets.Dataset.from_pandas(frame, preserve_index=False)
+        result[split] = table
+    return datasets.DatasetDict(result)
+
+
+def _resolve_relative_paths(table: datasets.DatasetDict, base: Path) -> datasets.DatasetDict:
+    def resolve(row):
+        for column, value in row.items():
+            if isinstance(value, str) and Path(value).suffix.lower() in IMAGE_SUFFIXES | AUDIO_SUFFIXES:
+                if not Path(value).is_absolute():
+                    row[column] = str(base / value)
+        return row
+
+    return table.map(resolve, desc="resolving file paths")
+
+
+def prepare_splits(settings: DataSettings, seed: int) -> tuple[datasets.DatasetDict, list[str]]:
+    """Train/validation/(test) splits with media columns undecoded, and the sorted label names of the training
+    split. Splits the training data when no validation data exists."""
+    table = load_table(settings.train_data)
+    if "train" not in table:
+        raise ValueError(f"train_data: {settings.train_data!r} has no train split (it has {list(table)})")
+    splits = {"train": table["train"]}
+    if settings.validation_data:
+        splits["validation"] = load_table(settings.validation_data)["train"]
+    elif "validation" in table:
+        splits["validation"] = table["validation"]
+    elif settings.validation_split > 0:
+        held_out = table["train"].train_test_split(test_size=settings.validation_split, seed=seed)
+        splits["train"], splits["validation"] = held_out["train"], held_out["test"]
+    if settings.test_data:
+        splits["test"] = load_table(settings.test_data)["train"]
+    elif "test" in table:
+        splits["test"] = table["test"]
+    splits = {name: _undecoded(split, settings) for name, split in splits.items()}
+
+    label_feature = splits["train"].features.get(settings.label_column)
+    if label_feature is None:
+        raise ValueError(f"label_column: {settings.label_column!r} is not a column of the training data "
+                         f"(columns: {splits['train'].column_names})")
+    if isinstance(label_feature, datasets.ClassLabel):
+        label_names = list(label_feature.names)
+    else:
+        values = {str(v) for v in splits["train"][settings.label_column] if v is not None and str(v).strip() != ""}
+        label_names = sorted(values, key=lambda v: (len(v), v) if v.lstrip("-").isdigit() else (0, v))
+    if len(label_names) < 2:
+        raise ValueError(f"label_column: the training data has {len(label_names)} distinct label(s); need >= 2")
+    return datasets.DatasetDict(splits), label_names
+
+
+def _undecoded(split: datasets.Dataset, settings: DataSettings) -> datasets.Dataset:
+    for column, feature in split.features.items():
+        if isinstance(feature, datasets.Image):
+            split = split.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(feature, datasets.Audio):
+            split = split.cast_column(column, datasets.Audio(decode=False))
+    return split
+
+
+# ---- rows -> model inputs -------------------------------------------------------------------------------------------
+
+def _media(value: Any) -> Any:
+    """A cell of an image/audio column as the processor takes it: a path, bytes, or None when empty."""
+    if isinstance(value, dict):  # an undecoded datasets Image/Audio cell
+        value = value.get("bytes") or value.get("path")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return value
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, str) and not value.strip()) else str(value)
+
+
+class MMFusionCollator:
+    """Turns a list of rows into a model batch with the processor. Picklable, so it runs in DataLoader workers."""
+
+    def __init__(self, processor: MMFusionProcessor, settings: DataSettings, label_names: Sequence[str]):
+        self.processor = processor
+        self.settings = settings
+        self.label_ids = {name: i for i, name in enumerate(label_names)}
+        self.modalities = {
+            "text": processor.tokenizer is not None,
+            "image": processor.image_processor is not None,
+            "audio": processor.feature_extractor is not None,
+        }
+
+    def label_id(self, value: Any) -> int:
+        key = str(value).strip() if value is not None else ""
+        if key not in self.label_ids:
+            raise ValueError(f"label {value!r} is not one of the training labels {list(self.label_ids)}")
+        return self.label_ids[key]
+
+    def inputs(self, rows: Sequence[dict[str, Any]]) -> dict[str, list]:
+        s = self.settings
+        inputs = {}
+        if self.modalities["text"]:
+            inputs["text"] = [_text(row.get(s.text_column)) for row in rows]
+        if self.modalities["image"]:
+            inputs["images"] = [_media(row.get(s.image_column)) for row in rows]
+        if self.modalities["audio"]:
+            inputs["audio"] = [_media(row.get(s.audio_column)) for row in rows]
+        # a modality column that is empty for the whole batch is left out, as the processor expects
+        return {key: values for key, values in inputs.items() if any(v is not None for v in values)}
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = dict(self.processor(**self.inputs(rows)))
+        batch["labels"] = torch.tensor([self.label_id(row.get(self.settings.label_column)) for row in rows])
+        return batch
+
+
+def find_bad_rows(split: datasets.Dataset, collator: MMFusionCollator, split_name: str,
+                  strict: bool) -> list[tuple[int, str]]:
+    """Check every row once (decode its media, map its label). Returns (row index, reason) for each bad row; with
+    `strict`, raises ValueError naming the first. Done before training so that every process sees the same rows and
+    a run never stops half-way on a bad file."""
+    from tqdm.auto import tqdm
+
+    bad = []
+    for index in tqdm(range(len(split)), desc=f"checking {split_name} rows", leave=False):
+        row = split[index]
+        try:
+            collator([row])
+        except ValueError as error:
+            reason = str(error)
+            if strict:
+                raise ValueError(f"{split_name} row {index}: {reason}") from None
+            bad.append((index, reason))
+    for index, reason in bad[:20]:
+        logger.warning("skipping %s row %d: %s", split_name, index, reason)
+    if len(bad) > 20:
+        logger.warning("... and %d more bad %s rows", len(bad) - 20, split_name)
+    return bad
