@@ -13,6 +13,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import numpy as np
 import pytest
 import torch
+
+# pytest -n 2 runs two workers on this 2-core machine: one thread each, or small matmuls stall on contention
+torch.set_num_threads(1)
 from transformers import (
     BertConfig,
     BertModel,

@@ -1,0 +1,265 @@
+"""The built-in sample: a coloured shape, a tone and a caption that does or does not describe both.
+
+Each row shows an image (a red/green/blue/yellow circle/square/triangle on a plain background), a tone (low 220 Hz
+or high 880 Hz) and a caption naming a colour, a shape and a pitch. The label is `match` when the caption names
+all three correctly, else `mismatch`; half the rows of every split match, and a mismatch gets exactly one of
+colour, shape or pitch wrong, each a third of the time. So no single modality says anything about the label;
+image + text can catch colour and shape mismatches only (best accuracy 5/6, about 83%), text + audio pitch
+mismatches only (2/3, about 67%), and only all three reach 100%.
+
+The folder holds real files, read back through `datasets` like any user data:
+
+    images/00000.png ...   audio/00000.wav ...   train.csv  validation.csv  test.csv (80/10/10)   COMPLETE.json
+
+CSV columns: `text, image, audio, label`, where `image`/`audio` are paths relative to the CSV's folder (so the
+folder can move, and loading works from any working directory), plus what each row really shows: `colour, shape,
+pitch`, what its caption says: `caption_colour, caption_shape, caption_pitch`, and `mismatch` (`none` or the
+attribute the caption gets wrong).
+
+Generation is deterministic: the same parameters give byte-identical files on every run. The folder is written
+to a temporary sibling and renamed into place with a `COMPLETE.json` marker holding the parameters, so an
+interrupted run never leaves a half-written sample behind; a complete folder with the same parameters is reused.
+
+    python -m training.sample_data --output DIR [--rows 3000 --seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import tempfile
+import wave
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Bump when the generator's output changes, so that cached samples of an older version are regenerated.
+GENERATOR_VERSION = 1
+COMPLETE_MARKER = "COMPLETE.json"
+SPLITS = {"train": 0.8, "validation": 0.1, "test": 0.1}
+LABELS = ("match", "mismatch")
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
+SHAPES = ("circle", "square", "triangle")
+PITCHES = {"low": 220.0, "high": 880.0}
+MISMATCH_KINDS = ("colour", "shape", "pitch")
+# Words are those of the tests' tiny tokenizer vocabulary, so a test tokenizer sees whole words.
+CAPTION_TEMPLATES = (
+    "a {colour} {shape} with a {pitch} tone",
+    "the {shape} is {colour} and the tone is {pitch}",
+    "a {pitch} beep and a {colour} {shape}",
+    "{colour} {shape}, {pitch} tone",
+)
+COLUMNS = ("text", "image", "audio", "label", "colour", "shape", "pitch", "caption_colour", "caption_shape",
+           "caption_pitch", "mismatch")
+
+
+def default_sample_dir() -> Path:
+    """Where the sample is cached: `$MM_FUSION_CACHE/sample`, by default `~/.cache/mm-fusion/sample`."""
+    cache = os.environ.get("MM_FUSION_CACHE") or Path("~/.cache/mm-fusion").expanduser()
+    return Path(cache) / "sample"
+
+
+def generate_sample(
+    root: str | os.PathLike | None = None,
+    rows: int = 3000,
+    seed: int = 0,
+    image_size: int = 32,
+    audio_seconds: float = 1.0,
+    sampling_rate: int = 16_000,
+) -> Path:
+    """Write the sample to `root` (default: `default_sample_dir()`) and return its path.
+
+    Reuses `root` when it already holds a complete sample with the same parameters; regenerates it when it holds a
+    sample with other parameters. Raises `ValueError` when a parameter is out of range, or when `root` is a
+    non-empty folder that is not a sample (it is never deleted).
+    """
+    root = Path(root) if root is not None else default_sample_dir()
+    parameters = _checked_parameters(rows, seed, image_size, audio_seconds, sampling_rate)
+    existing = _read_marker(root)
+    if existing == parameters:
+        return root
+    if existing is None and root.exists() and any(root.iterdir()):
+        raise ValueError(f"root: {str(root)!r} exists, is not empty and holds no {COMPLETE_MARKER}; "
+                         "refusing to overwrite it")
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the sample is a shared cache
+    try:
+        _write_sample(staging, parameters)
+        _write_marker(staging, parameters)
+        _move_into_place(staging, root, parameters)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def _checked_parameters(rows: int, seed: int, image_size: int, audio_seconds: float, sampling_rate: int) -> dict:
+    if rows < 20:
+        raise ValueError(f"rows: {rows} is too few; need >= 20 so every split has both labels")
+    if image_size < 16:
+        raise ValueError(f"image_size: {image_size} is too small; need >= 16 pixels to tell the shapes apart")
+    if not audio_seconds > 0:
+        raise ValueError(f"audio_seconds: {audio_seconds} must be > 0")
+    highest = max(PITCHES.values()) * 1.05
+    if sampling_rate < 4 * highest:
+        raise ValueError(f"sampling_rate: {sampling_rate} Hz is too low for a {highest:.0f} Hz tone; need >= "
+                         f"{int(4 * highest)} Hz")
+    return {"version": GENERATOR_VERSION, "rows": int(rows), "seed": int(seed), "image_size": int(image_size),
+            "audio_seconds": float(audio_seconds), "sampling_rate": int(sampling_rate)}
+
+
+def _read_marker(root: Path) -> dict | None:
+    try:
+        return json.loads((root / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(folder: Path, parameters: dict) -> None:
+    (folder / COMPLETE_MARKER).write_text(json.dumps(parameters, indent=2, sort_keys=True) + "\n")
+
+
+def _move_into_place(staging: Path, root: Path, parameters: dict) -> None:
+    """Rename the finished folder to `root`. An older sample is moved aside first and deleted after; if another
+    process finished the same sample meanwhile, keep theirs."""
+    old = None
+    if root.exists():
+        old = root.with_name(f".{root.name}.old-{os.getpid()}")
+        os.rename(root, old)
+    try:
+        os.rename(staging, root)
+    except OSError:
+        if _read_marker(root) != parameters:
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- the rows ------------------------------------------------------------------------------------------------------
+
+def _split_sizes(rows: int) -> dict[str, int]:
+    validation = test = int(round(rows * SPLITS["test"]))
+    return {"train": rows - validation - test, "validation": validation, "test": test}
+
+
+def _balanced(values: tuple, count: int, rng: np.random.Generator) -> list:
+    """`count` values, each as often as possible equally, in random order."""
+    repeated = [values[i % len(values)] for i in range(count)]
+    return [repeated[i] for i in rng.permutation(count)]
+
+
+def _make_rows(parameters: dict) -> dict[str, list[dict]]:
+    """The table of every split: what each row shows and what its caption says. Labels and mismatch kinds are
+    balanced within each split; shown attributes and templates are drawn independently of the label."""
+    rng = np.random.default_rng([parameters["seed"], 0])
+    colours, pitches = tuple(COLOURS), tuple(PITCHES)
+    splits, index = {}, 0
+    for split, size in _split_sizes(parameters["rows"]).items():
+        labels = _balanced(LABELS, size, rng)
+        kinds = iter(_balanced(MISMATCH_KINDS, labels.count("mismatch"), rng))
+        split_rows = []
+        for label in labels:
+            shown = {"colour": colours[rng.integers(4)], "shape": SHAPES[rng.integers(3)],
+                     "pitch": pitches[rng.integers(2)]}
+            caption = dict(shown)
+            kind = next(kinds) if label == "mismatch" else "none"
+            if kind != "none":
+                choices = {"colour": colours, "shape": SHAPES, "pitch": pitches}[kind]
+                others = [value for value in choices if value != shown[kind]]
+                caption[kind] = others[rng.integers(len(others))]
+            template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
+            split_rows.append({
+                "text": template.format(**caption),
+                "image": f"images/{index:05d}.png",
+                "audio": f"audio/{index:05d}.wav",
+                "label": label,
+                **shown,
+                **{f"caption_{key}": value for key, value in caption.items()},
+                "mismatch": kind,
+            })
+            index += 1
+        splits[split] = split_rows
+    return splits
+
+
+# ---- the media -----------------------------------------------------------------------------------------------------
+
+def _draw_image(colour: str, shape: str, size: int, rng: np.random.Generator) -> Image.Image:
+    background = int(rng.integers(200, 241))
+    image = Image.new("RGB", (size, size), (background,) * 3)
+    fill = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour])
+    extent = size * rng.uniform(0.45, 0.7)  # side / diameter of the shape
+    centre = size / 2 + rng.uniform(-0.12, 0.12, size=2) * size
+    left, top = centre - extent / 2
+    right, bottom = centre + extent / 2
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((left, top, right, bottom), fill=fill)
+    elif shape == "square":
+        draw.rectangle((left, top, right, bottom), fill=fill)
+    else:
+        draw.polygon([(centre[0], top), (right, bottom), (left, bottom)], fill=fill)
+    return image
+
+
+def _tone(pitch: str, seconds: float, sampling_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """A sine at the pitch's frequency (+-3%) with random amplitude and phase, 5 ms fades and faint noise: int16."""
+    samples = int(round(seconds * sampling_rate))
+    time = np.arange(samples) / sampling_rate
+    frequency = PITCHES[pitch] * rng.uniform(0.97, 1.03)
+    signal = rng.uniform(0.3, 0.6) * np.sin(2 * np.pi * frequency * time + rng.uniform(0, 2 * np.pi))
+    fade = min(samples // 2, int(0.005 * sampling_rate))
+    if fade:
+        ramp = np.linspace(0.0, 1.0, fade)
+        signal[:fade] *= ramp
+        signal[samples - fade :] *= ramp[::-1]
+    signal += rng.normal(0.0, 0.01, samples)
+    return np.round(np.clip(signal, -1.0, 1.0) * 32767).astype("<i2")
+
+
+def _write_wav(path: Path, samples: np.ndarray, sampling_rate: int) -> None:
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(sampling_rate)
+        file.writeframes(samples.tobytes())
+
+
+def _write_sample(folder: Path, parameters: dict) -> None:
+    (folder / "images").mkdir()
+    (folder / "audio").mkdir()
+    for split, split_rows in _make_rows(parameters).items():
+        for row in split_rows:
+            index = int(Path(row["image"]).stem)
+            # one generator per row: a file depends only on (seed, row), never on the order of writing
+            rng = np.random.default_rng([parameters["seed"], 1, index])
+            _draw_image(row["colour"], row["shape"], parameters["image_size"], rng).save(folder / row["image"])
+            tone = _tone(row["pitch"], parameters["audio_seconds"], parameters["sampling_rate"], rng)
+            _write_wav(folder / row["audio"], tone, parameters["sampling_rate"])
+        with open(folder / f"{split}.csv", "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(split_rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default=None, help="Folder to write (default: the cache, see default_sample_dir).")
+    parser.add_argument("--rows", type=int, default=3000, help="Rows over all splits (80/10/10).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the rows and the media.")
+    parser.add_argument("--image_size", type=int, default=32, help="Image side in pixels.")
+    parser.add_argument("--audio_seconds", type=float, default=1.0, help="Length of each tone.")
+    parser.add_argument("--sampling_rate", type=int, default=16_000, help="Sampling rate of the WAV files.")
+    args = parser.parse_args(argv)
+    root = generate_sample(args.output, args.rows, args.seed, args.image_size, args.audio_seconds, args.sampling_rate)
+    print(root)
+
+
+if __name__ == "__main__":
+    main()
