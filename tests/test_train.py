@@ -1,0 +1,266 @@
+"""mm-train: exact resume after SIGKILL (also in the middle of writing a checkpoint), 2-process training, non-finite
+losses, bad rows, and LoRA training through the real loop (Training acceptance 1-5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training.data
+from training.sample_data import generate_sample
+from training.train import NonFiniteLossError, complete_checkpoints, main, parse_settings, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_sample(tmp_path_factory) -> Path:
+    # 128 training rows = 16 batches of 8; tones of 0.25 s keep the tiny wav2vec2 fast
+    return generate_sample(tmp_path_factory.mktemp("sample") / "sample", rows=160, audio_seconds=0.25)
+
+
+def train_args(sample: Path, output_dir: Path, vit_dir, bert_dir, wav2vec2_dir, **overrides) -> list[str]:
+    settings = {
+        "train_data": sample / "train.csv", "validation_data": sample / "validation.csv",
+        "test_data": sample / "test.csv", "vision": vit_dir, "text": bert_dir, "audio": wav2vec2_dir,
+        "fusion_hidden_size": 32, "fusion_num_heads": 4, "per_device_batch_size": 8, "num_workers": 0,
+        "output_dir": output_dir, "report_to": "none", "logging_steps": 1, "max_steps": 4,
+        "text_mode": "lora", "vision_mode": "full", "audio_mode": "frozen", "learning_rate": 1e-3,
+    }
+    settings.update(overrides)
+    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+
+
+@pytest.fixture
+def args(small_sample, vit_dir, bert_dir, wav2vec2_dir):
+    def make(output_dir, **overrides):
+        return train_args(small_sample, output_dir, vit_dir, bert_dir, wav2vec2_dir, **overrides)
+
+    return make
+
+
+def run_training(arguments: list[str], env: dict | None = None, wait: bool = True):
+    command = [sys.executable, "-m", "training.train", *arguments]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if wait:
+        return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+# a test-only hook: makes the training process hang at a chosen point of checkpointing so the test can SIGKILL it
+HANG_HOOK = """
+import os, time
+_replace = os.replace
+def replace(source, target, *args, **kwargs):
+    _replace(source, target, *args, **kwargs)
+    if str(target).endswith(os.environ.get("MM_TEST_HANG_AFTER_COMPLETE", "\\0")):
+        time.sleep(600)
+os.replace = replace
+if os.environ.get("MM_TEST_HANG_INSIDE"):
+    import accelerate
+    _save_state = accelerate.Accelerator.save_state
+    def save_state(self, output_dir=None, **kwargs):
+        result = _save_state(self, output_dir, **kwargs)
+        if str(output_dir).endswith(os.environ["MM_TEST_HANG_INSIDE"]):
+            time.sleep(600)
+        return result
+    accelerate.Accelerator.save_state = save_state
+"""
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise AssertionError(f"training ended before the kill point: {process.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError("the kill point was never reached")
+        time.sleep(0.2)
+    process.kill()  # SIGKILL: no cleanup, no atexit
+    process.wait()
+
+
+def checkpoint_contents(folder: Path) -> dict:
+    state = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)
+    return {"weights": load_file(folder / "model.safetensors"),
+            "optimizer": torch.load(folder / "optimizer.bin", weights_only=False), "state": state}
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    first, second = checkpoint_contents(a), checkpoint_contents(b)
+    assert first["weights"].keys() == second["weights"].keys()
+    for name, tensor in first["weights"].items():
+        assert torch.equal(tensor, second["weights"][name]), name
+    for index, slot in first["optimizer"]["state"].items():
+        for key, value in slot.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(second["optimizer"]["state"][index][key])), key
+    assert first["state"]["losses"] == second["state"]["losses"]
+    assert len(first["state"]["losses"]) == 12
+
+
+def test_a_killed_run_resumes_exactly_and_a_half_written_checkpoint_is_ignored(tmp_path, args):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HANG_HOOK)
+    common = dict(max_steps=12, save_steps=6, save_total_limit=3, modality_dropout=0.3, fusion_dropout=0.1)
+
+    reference = tmp_path / "uninterrupted"
+    result = run_training(args(reference, **common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in complete_checkpoints(reference)] == ["checkpoint-6", "checkpoint-12"]
+
+    # killed right after the step-6 checkpoint is complete
+    killed = tmp_path / "killed"
+    process = run_training(args(killed, **common), env={"PYTHONPATH": str(hook),
+                                                        "MM_TEST_HANG_AFTER_COMPLETE": "checkpoint-6"}, wait=False)
+    kill_when(process, lambda: (killed / "checkpoints" / "checkpoint-6" / "COMPLETE").exists())
+    result = run_training(args(killed, resume_from_checkpoint="latest", **common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and "step 6" in result.stderr
+    assert_same_checkpoint(reference / "checkpoints" / "checkpoint-12", killed / "checkpoints" / "checkpoint-12")
+
+    # killed while writing the step-12 checkpoint: step 6 stays intact and resume starts from it
+    torn = tmp_path / "torn"
+    process = run_training(args(torn, **common), env={"PYTHONPATH": str(hook),
+                                                      "MM_TEST_HANG_INSIDE": "checkpoint-12"}, wait=False)
+    kill_when(process, lambda: (torn / "checkpoints" / ".tmp-checkpoint-12" / "model.safetensors").exists()
+              and (torn / "checkpoints" / ".tmp-checkpoint-12" / "custom_checkpoint_0.pkl").exists())
+    assert [p.name for p in complete_checkpoints(torn)] == ["checkpoint-6"]
+    result = run_training(args(torn, resume_from_checkpoint="latest", **common))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint-6" in result.stderr
+    assert_same_checkpoint(reference / "checkpoints" / "checkpoint-12", torn / "checkpoints" / "checkpoint-12")
+
+
+def with_random_missing_cells(sample: Path, folder: Path) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = datasets.load_dataset("csv", data_files=str(sample / "train.csv"))["train"].to_list()
+    for row in rows:
+        row["image"], row["audio"] = str(sample / row["image"]), str(sample / row["audio"])
+        keep = rng.random(3) < 0.6
+        if not keep.any():
+            keep[rng.integers(3)] = True
+        for column, kept in zip(("text", "image", "audio"), keep):
+            row[column] = row[column] if kept else ""
+    datasets.Dataset.from_list(rows).to_csv(str(folder / "train.csv"))
+    return folder / "train.csv"
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, small_sample, args):
+    train_csv = with_random_missing_cells(small_sample, tmp_path / "data")
+    deterministic = dict(train_data=train_csv, validation_data=small_sample / "validation.csv", max_steps=4,
+                         modality_dropout=0.0, fusion_dropout=0.0, classifier_dropout=0.0, lora_dropout=0.0,
+                         activation_checkpointing=True, audio_mode="full")
+    single = run_training(args(tmp_path / "one", per_device_batch_size=8, **deterministic))
+    assert single.returncode == 0, single.stderr[-3000:]
+    # `--multi_gpu` selects accelerate's torchrun launcher; without CUDA, mm-train runs DDP on the CPU with gloo
+    # (`accelerate launch --cpu` would start one process only: it needs MPI for more)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train",
+              *args(tmp_path / "two", per_device_batch_size=4, **deterministic)]
+    double = subprocess.run(launch, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one_metrics = json.loads((tmp_path / "one" / "model" / "metrics.json").read_text())
+    two_metrics = json.loads((tmp_path / "two" / "model" / "metrics.json").read_text())
+    assert (one_metrics["num_processes"], two_metrics["num_processes"]) == (1, 2)
+    one, two = one_metrics["losses"], two_metrics["losses"]
+    assert [step for step, _ in one] == [step for step, _ in two] == [1, 2, 3, 4]
+    # same samples per optimizer step, all dropout off: only the order of floating-point sums differs
+    for (_, a), (_, b) in zip(one, two):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one, two)
+
+
+def test_non_finite_losses_are_skipped_and_too_many_abort_without_a_checkpoint(tmp_path, args, monkeypatch):
+    original = training.data.MMFusionCollator.__call__
+    poisoned_calls: set[int] = set()
+    calls = {"n": 0}
+
+    def poisoning_call(self, rows):
+        batch = original(self, rows)
+        if len(rows) == 8 and "pixel_values" in batch:  # training/eval batches, not the one-row checks
+            calls["n"] += 1
+            if calls["n"] in poisoned_calls:
+                batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+        return batch
+
+    monkeypatch.setattr(training.data.MMFusionCollator, "__call__", poisoning_call)
+
+    poisoned_calls.update({3})
+    metrics = train(*parse_settings(args(tmp_path / "skip", max_steps=6, eval_steps=100)))
+    assert metrics["skipped_nonfinite_steps"] == 1 and metrics["global_step"] == 6
+    model_dir = tmp_path / "skip" / "model"
+    assert all(torch.isfinite(t).all() for t in load_file(model_dir / "model.safetensors").values())
+
+    calls["n"] = 0
+    poisoned_calls.clear()
+    poisoned_calls.update(range(3, 20))
+    with pytest.raises(NonFiniteLossError, match="max_nonfinite_steps: 3 non-finite losses in a row"):
+        train(*parse_settings(args(tmp_path / "abort", max_steps=10, save_steps=1, max_nonfinite_steps=3)))
+    assert [p.name for p in complete_checkpoints(tmp_path / "abort")] == ["checkpoint-1", "checkpoint-2"]
+    assert not (tmp_path / "abort" / "model").exists()
+
+
+def test_bad_rows_are_reported_and_skipped_and_strict_fails_on_the_first(tmp_path, small_sample, args, capsys):
+    rows = datasets.load_dataset("csv", data_files=str(small_sample / "train.csv"))["train"].to_list()
+    for row in rows:
+        row["image"], row["audio"] = str(small_sample / row["image"]), str(small_sample / row["audio"])
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    rows[3]["image"] = str(tmp_path / "does_not_exist.png")
+    rows[7]["image"] = str(tmp_path / "corrupt.png")
+    rows[11]["label"] = None
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "bad.csv"))
+
+    assert main(args(tmp_path / "lenient", train_data=tmp_path / "bad.csv", max_steps=2)) == 0
+    metrics = json.loads((tmp_path / "lenient" / "model" / "metrics.json").read_text())
+    assert [bad["row"] for bad in metrics["bad_rows"]["train"]] == [3, 7, 11]
+    assert "does_not_exist.png" in metrics["bad_rows"]["train"][0]["reason"]
+
+    assert main(args(tmp_path / "strict", train_data=tmp_path / "bad.csv", max_steps=2, strict=True)) == 2
+    assert "train row 3: images[0]" in capsys.readouterr().err
+
+
+def test_lora_training_through_the_loop_keeps_base_weights_and_writes_loadable_folders(tmp_path, args, bert_dir,
+                                                                                       vit_dir, wav2vec2_dir):
+    from transformers import AutoModelForSequenceClassification, BertModel, Wav2Vec2Model
+
+    import modeling_mm  # noqa: F401
+    from processors import MMFusionProcessor
+    from training.lora import load_trained_model
+
+    for merge in (True, False):
+        output = tmp_path / f"merge_{merge}"
+        assert main(args(output, max_steps=3, merge_lora=merge)) == 0
+        model_dir = output / "model"
+        assert {"training_args.json", "metrics.json", "processor_config.json"} <= {p.name for p in model_dir.iterdir()}
+        trained = load_trained_model(model_dir).eval()
+        if merge:
+            plain = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+            assert type(plain).__name__ == "MMFusionForSequenceClassification"
+            # frozen audio tower: bit-identical to the checkpoint it came from
+            audio_alone = Wav2Vec2Model.from_pretrained(wav2vec2_dir).state_dict()
+            for name, tensor in plain.model.audio_model.state_dict().items():
+                assert torch.equal(tensor, audio_alone[name]), name
+            # LoRA on the text tower: merged weights differ from the base where LoRA was applied
+            text_alone = BertModel.from_pretrained(bert_dir).state_dict()
+            changed = [n for n, t in plain.model.text_model.state_dict().items() if not torch.equal(t, text_alone[n])]
+            assert changed and all(any(k in n for k in ("q_proj", "k_proj", "v_proj", "query", "key", "value",
+                                                          "attention.output.dense", "o_proj")) for n in changed)
+        processor = MMFusionProcessor.from_pretrained(model_dir)
+        batch = processor(text=["a red circle with a high tone"], images=[np.zeros((32, 32, 3), np.uint8)],
+                          audio=[np.zeros(4000, np.float32)], sampling_rate=16_000)
+        with torch.no_grad():
+            assert torch.isfinite(trained(**batch).logits).all()

