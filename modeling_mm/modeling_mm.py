@@ -696,11 +696,14 @@ class MMFusionModel(MMFusionPreTrainedModel):
 
 
 def _stochastic_parameters(tower: PreTrainedModel) -> list[nn.Parameter]:
-    """Weights a tower uses only on some training steps: wav2vec2-family SpecAugment's mask embedding, and the
-    encoder layers when LayerDrop may skip them."""
+    """Weights a tower uses only on some training steps, or only in pre-training: wav2vec2-family SpecAugment's
+    mask embedding, the encoder layers when LayerDrop may skip them, and masked-image-modelling mask tokens
+    (DINOv2, ViT with `use_mask_token`), which a forward without `bool_masked_pos` never reads."""
     parameters = []
     if isinstance(getattr(tower, "masked_spec_embed", None), nn.Parameter):
         parameters.append(tower.masked_spec_embed)
+    if isinstance(getattr(getattr(tower, "embeddings", None), "mask_token", None), nn.Parameter):
+        parameters.append(tower.embeddings.mask_token)
     if getattr(tower.config, "layerdrop", 0.0) > 0:
         layers = getattr(getattr(tower, "encoder", None), "layers", None)
         parameters += list((layers if layers is not None else tower).parameters())

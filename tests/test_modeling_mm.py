@@ -384,6 +384,41 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert max_diff(grad, checkpointed[name]) <= ATOL, name
 
 
+def small_tower_configs():
+    from transformers import (ConvNextConfig, Dinov2Config, DistilBertConfig, HubertConfig, RobertaConfig,
+                              SiglipVisionConfig, WavLMConfig)
+    from conftest import tiny_wav2vec2_config
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    audio = {k: v for k, v in tiny_wav2vec2_config().to_dict().items() if k.startswith(("conv_", "num_conv_"))
+             or k in ("feat_extract_norm", "do_stable_layer_norm")}
+    return {
+        "distilbert": {"text_config": DistilBertConfig(vocab_size=80, dim=32, n_layers=2, n_heads=4, hidden_dim=37)},
+        "roberta": {"text_config": RobertaConfig(vocab_size=80, max_position_embeddings=70, **small)},
+        "dinov2": {"vision_config": Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4)},
+        "siglip_vision": {"vision_config": SiglipVisionConfig(image_size=32, patch_size=8, **small)},
+        "convnext": {"vision_config": ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)},
+        "hubert": {"audio_config": HubertConfig(**small, **audio)},
+        "wavlm": {"audio_config": WavLMConfig(**small, **audio)},
+    }
+
+
+@pytest.mark.parametrize("tower", ["distilbert", "roberta", "dinov2", "siglip_vision", "convnext", "hubert", "wavlm"])
+def test_other_tower_types_train_with_every_weight_in_the_graph(tower):
+    """DDP without find_unused_parameters needs a gradient for every trainable weight, whatever the tower keeps
+    for pre-training only (DINOv2's mask token, HuBERT/WavLM's SpecAugment embedding)."""
+    towers = small_tower_configs()[tower]
+    model = MMFusionForSequenceClassification(MMFusionConfig(**towers, **FUSION_KWARGS)).train()
+    batch = make_batch(modalities=tuple(key.removesuffix("_config") for key in towers))
+    if "input_ids" in batch:
+        batch["input_ids"] = batch["input_ids"].clamp(max=79)
+    model(**batch, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 # ---- 7. attention implementations --------------------------------------------------------------------------------
 
 def test_eager_and_sdpa_give_the_same_outputs(tmp_path):
