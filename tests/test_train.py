@@ -226,6 +226,10 @@ def test_bad_rows_are_reported_and_skipped_and_strict_fails_on_the_first(tmp_pat
 
     assert main(args(tmp_path / "lenient", train_data=tmp_path / "bad.csv", max_steps=2)) == 0
     metrics = json.loads((tmp_path / "lenient" / "model" / "metrics.json").read_text())
+    assert set(metrics["test_by_modalities"]) == {"vision", "text", "audio", "vision+text", "vision+audio",
+                                                  "text+audio"}
+    assert all(0.0 <= m["accuracy"] <= 1.0 and m["samples"] == metrics["test"]["samples"]
+               for m in metrics["test_by_modalities"].values())
     assert [bad["row"] for bad in metrics["bad_rows"]["train"]] == [3, 7, 11]
     assert "does_not_exist.png" in metrics["bad_rows"]["train"][0]["reason"]
 

@@ -458,6 +458,12 @@ def _finish(accelerator, model, processor, eval_loader, test_loader, state, sett
     if test_loader is not None:
         metrics["test"] = evaluate(accelerator, model, test_loader, desc="test")
         logger.info("test accuracy %.4f, macro-F1 %.4f", metrics["test"]["accuracy"], metrics["test"]["macro_f1"])
+        # the same test set with only some modalities: what each one adds (a sample left with none counts as wrong)
+        subsets = [s for n in (1, 2) for s in itertools.combinations(("vision", "text", "audio"), n)]
+        metrics["test_by_modalities"] = {
+            "+".join(subset): evaluate(accelerator, model, test_loader, modalities=subset, desc="+".join(subset))
+            for subset in subsets
+        }
     model_dir = output_dir / "model"
     if accelerator.is_main_process:
         save_trained_model(unwrapped, model_dir, merge=settings.merge_lora)
