@@ -39,7 +39,7 @@ def tower_modality(model_type: str) -> str | None:
     return None
 
 
-def _resolve_tower_config(field: str, value: Any) -> PreTrainedConfig | None:
+def resolve_tower_config(field: str, value: Any) -> PreTrainedConfig | None:
     """Turn a dict/config given for `field` into the config of one tower of the right modality, or raise."""
     if value is None:
         return None
@@ -140,7 +140,7 @@ class MMFusionConfig(PreTrainedConfig):
         # Resolve the towers ourselves first: transformers' resolution would turn a dict of the wrong kind into a
         # config without complaint, and full dual-encoder configs need their one tower picked out.
         for field in ("vision_config", "text_config", "audio_config"):
-            setattr(self, field, _resolve_tower_config(field, getattr(self, field)))
+            setattr(self, field, resolve_tower_config(field, getattr(self, field)))
         super().__post_init__(**kwargs)
         self._validate_fusion_settings()
 
@@ -180,4 +180,4 @@ class MMFusionConfig(PreTrainedConfig):
         return getattr(self, f"{modality}_config")
 
 
-__all__ = ["MMFusionConfig", "tower_modality", "MODALITIES"]
+__all__ = ["MMFusionConfig", "tower_modality", "resolve_tower_config", "MODALITIES"]

@@ -23,12 +23,17 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_mm import MODALITIES, MMFusionConfig, _resolve_tower_config
+from .configuration_mm import MODALITIES, MMFusionConfig, resolve_tower_config
 
 logger = logging.get_logger(__name__)
 
 # Presence-mask names of the batch (DESIGN.md): the vision tower reads images.
 PRESENCE_KEYS = {"vision": "has_image", "text": "has_text", "audio": "has_audio"}
+
+
+def _nested_to_tuple(output: ModelOutput) -> tuple[Any, ...]:
+    # the towers' own outputs nest inside ours: flatten them too, as CLIPOutput does
+    return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in output.values())
 
 
 @dataclass
@@ -81,8 +86,7 @@ class MMFusionModelOutput(ModelOutput):
     text_model_output: ModelOutput | None = None
     audio_model_output: ModelOutput | None = None
 
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+    to_tuple = _nested_to_tuple
 
 
 @dataclass
@@ -102,8 +106,7 @@ class MMFusionSequenceClassifierOutput(ModelOutput):
     pooler_output: torch.FloatTensor | None = None
     fusion_output: MMFusionModelOutput | None = None
 
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+    to_tuple = _nested_to_tuple
 
 
 def eager_attention_forward(
@@ -329,7 +332,7 @@ class MMFusionPreTrainedModel(PreTrainedModel):
         towers = {}
         for modality, source in (("vision", vision), ("text", text), ("audio", audio)):
             if source is not None:
-                towers[f"{modality}_model"] = _load_tower(modality, source, tower_kwargs or {})
+                towers[f"{modality}_model"] = load_tower(modality, source, tower_kwargs or {})
         if not towers:
             raise ValueError("vision, text, audio: at least one tower is required, all three are None")
         tower_configs = {f"{name.removesuffix('_model')}_config": tower.config for name, tower in towers.items()}
@@ -710,25 +713,24 @@ def _stochastic_parameters(tower: PreTrainedModel) -> list[nn.Parameter]:
     return parameters
 
 
-def _load_tower(modality: str, source: str | PreTrainedModel, tower_kwargs: dict[str, Any]) -> PreTrainedModel:
+def load_tower(modality: str, source: str | PreTrainedModel, tower_kwargs: dict[str, Any]) -> PreTrainedModel:
     """Load one tower with its own class's from_pretrained; from a dual-encoder checkpoint, take this modality's."""
-    argument = modality
     if isinstance(source, PreTrainedModel):
-        _resolve_tower_config(f"{modality}_config", source.config)  # raises for the wrong modality
+        resolve_tower_config(f"{modality}_config", source.config)  # raises for the wrong modality
         return source
     config = AutoConfig.from_pretrained(source, **{k: v for k, v in tower_kwargs.items() if k in ("revision", "token")})
     try:
-        tower_config = _resolve_tower_config(f"{modality}_config", config)
+        tower_config = resolve_tower_config(f"{modality}_config", config)
     except ValueError as error:
         message = str(error).split(": ", 1)[-1]
-        raise ValueError(f"{argument}: checkpoint {source!r} ({message})") from None
+        raise ValueError(f"{modality}: checkpoint {source!r} ({message})") from None
     model_class = AutoModel._model_mapping[type(tower_config)]
     tower, loading_info = model_class.from_pretrained(
         source, config=tower_config, output_loading_info=True, **tower_kwargs
     )
     if loading_info["missing_keys"]:
         raise ValueError(
-            f"{argument}: checkpoint {source!r} lacks weights of its {modality} tower "
+            f"{modality}: checkpoint {source!r} lacks weights of its {modality} tower "
             f"({len(loading_info['missing_keys'])} missing, e.g. {sorted(loading_info['missing_keys'])[:3]})"
         )
     return tower

@@ -34,6 +34,7 @@ def processor(vit_dir, bert_dir, wav2vec2_dir):
 @pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl", ".parquet"])
 def test_table_files_load_with_paths_relative_to_the_file(tmp_path, suffix):
     rows = write_media(tmp_path / "data")
+    rows[0]["text"] = "see photo.png"  # text that looks like a file name stays text
     path = tmp_path / "data" / f"table{suffix}"
     frame = datasets.Dataset.from_list(rows)
     {".csv": frame.to_csv, ".json": lambda p: frame.to_json(p, lines=False), ".jsonl": frame.to_json,
@@ -42,6 +43,7 @@ def test_table_files_load_with_paths_relative_to_the_file(tmp_path, suffix):
     assert len(table) == 6
     assert Path(table[0]["image"]).is_absolute() and Path(table[0]["image"]).exists()
     assert Path(table[3]["audio"]) == tmp_path / "data" / "clip3.wav"
+    assert table[0]["text"] == "see photo.png"
 
 
 def test_imagefolder_style_folder_with_metadata(tmp_path):

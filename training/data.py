@@ -59,15 +59,16 @@ class DataSettings:
 
 # ---- loading -------------------------------------------------------------------------------------------------------
 
-def load_table(source: str) -> datasets.DatasetDict:
-    """Load `source` as a DatasetDict of its splits (see the module docstring for the forms it takes)."""
+def load_table(source: str, media_columns: Sequence[str] = ("image", "audio")) -> datasets.DatasetDict:
+    """Load `source` as a DatasetDict of its splits (see the module docstring for the forms it takes); relative
+    paths in `media_columns` of a table file are resolved against the file's folder."""
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix not in TABLE_FORMATS:
             raise ValueError(f"data: {source!r} has suffix {suffix!r}; supported are {sorted(TABLE_FORMATS)}")
         table = datasets.load_dataset(TABLE_FORMATS[suffix], data_files={"train": str(path)})
-        return _resolve_relative_paths(table, path.parent)
+        return _resolve_relative_paths(table, path.parent, media_columns)
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             loaded = datasets.load_from_disk(str(path))
@@ -110,12 +111,13 @@ def _load_folder(root: Path) -> datasets.DatasetDict:
     return datasets.DatasetDict(result)
 
 
-def _resolve_relative_paths(table: datasets.DatasetDict, base: Path) -> datasets.DatasetDict:
+def _resolve_relative_paths(table: datasets.DatasetDict, base: Path,
+                            media_columns: Sequence[str]) -> datasets.DatasetDict:
     def resolve(row):
-        for column, value in row.items():
-            if isinstance(value, str) and Path(value).suffix.lower() in IMAGE_SUFFIXES | AUDIO_SUFFIXES:
-                if not Path(value).is_absolute():
-                    row[column] = str(base / value)
+        for column in media_columns:
+            value = row.get(column)
+            if isinstance(value, str) and value.strip() and not Path(value).is_absolute():
+                row[column] = str(base / value)
         return row
 
     return table.map(resolve, desc="resolving file paths")
@@ -124,19 +126,20 @@ def _resolve_relative_paths(table: datasets.DatasetDict, base: Path) -> datasets
 def prepare_splits(settings: DataSettings, seed: int) -> tuple[datasets.DatasetDict, list[str]]:
     """Train/validation/(test) splits with media columns undecoded, and the sorted label names of the training
     split. Splits the training data when no validation data exists."""
-    table = load_table(settings.train_data)
+    media_columns = (settings.image_column, settings.audio_column)
+    table = load_table(settings.train_data, media_columns)
     if "train" not in table:
         raise ValueError(f"train_data: {settings.train_data!r} has no train split (it has {list(table)})")
     splits = {"train": table["train"]}
     if settings.validation_data:
-        splits["validation"] = load_table(settings.validation_data)["train"]
+        splits["validation"] = load_table(settings.validation_data, media_columns)["train"]
     elif "validation" in table:
         splits["validation"] = table["validation"]
     elif settings.validation_split > 0:
         held_out = table["train"].train_test_split(test_size=settings.validation_split, seed=seed)
         splits["train"], splits["validation"] = held_out["train"], held_out["test"]
     if settings.test_data:
-        splits["test"] = load_table(settings.test_data)["train"]
+        splits["test"] = load_table(settings.test_data, media_columns)["train"]
     elif "test" in table:
         splits["test"] = table["test"]
     splits = {name: _undecoded(split, settings) for name, split in splits.items()}

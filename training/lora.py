@@ -43,7 +43,7 @@ from transformers import AutoConfig, PreTrainedModel
 import modeling_mm  # noqa: F401  (registers the Auto classes, so merged folders get auto_map and code files)
 from modeling_mm import MMFusionForSequenceClassification, MMFusionModel
 from modeling_mm.configuration_mm import MODALITIES
-from modeling_mm.modeling_mm import _load_tower
+from modeling_mm.modeling_mm import load_tower
 
 TOWER_MODES = ("lora", "full", "frozen")
 
@@ -318,6 +318,6 @@ def load_trained_model(path: str | os.PathLike) -> PreTrainedModel | PeftModel:
         # the head may have other labels than the checkpoint's; its trained weights come from the adapter
         base = model_class.from_pretrained(base_path, config=config, ignore_mismatched_sizes=True)
     else:
-        towers = {f"{m}_model": _load_tower(m, config.tower_config(m)._name_or_path, {}) for m in config.modalities}
+        towers = {f"{m}_model": load_tower(m, config.tower_config(m)._name_or_path, {}) for m in config.modalities}
         base = model_class(config, **towers)
     return PeftModel.from_pretrained(base, path).eval()

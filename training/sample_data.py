@@ -248,6 +248,28 @@ def _write_sample(folder: Path, parameters: dict) -> None:
             writer.writerows(split_rows)
 
 
+def save_sample_towers(folder: Path, image_size: int = 32) -> None:
+    """Small random-init vision (ViT) and audio (wav2vec2, layer-norm encoder) towers with their processors, saved
+    like Hub checkpoints: the sample's shapes and tones need no pretrained features. Idempotent."""
+    import torch  # imported here: generating the sample itself needs no torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    vision, audio = folder / "vision", folder / "audio"
+    if not (vision / "config.json").exists():
+        torch.manual_seed(0)
+        ViTModel(ViTConfig(image_size=image_size, patch_size=8, **small)).save_pretrained(vision)
+        ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(vision)
+    if not (audio / "config.json").exists():
+        torch.manual_seed(0)
+        # 320x downsampling (20 ms frames like wav2vec2-base, in 4 instead of 7 convolutions): 50 frames per second
+        config = Wav2Vec2Config(conv_dim=(32, 32, 32, 32), conv_stride=(5, 4, 4, 4), conv_kernel=(10, 8, 4, 4),
+                                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="layer",
+                                do_stable_layer_norm=True, mask_time_prob=0.0, layerdrop=0.0, **small)
+        Wav2Vec2Model(config).save_pretrained(audio)
+        Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True).save_pretrained(audio)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=None, help="Folder to write (default: the cache, see default_sample_dir).")

