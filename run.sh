@@ -15,4 +15,4 @@ echo "==> installing torch 2.14.1 and mm-fusion[dev,demo] into .venv"
 .venv/bin/python -m pip install -q -e ".[dev,demo]"
 
 echo "==> main job"
-exec .venv/bin/python -m training.selfcheck "$@"
+exec .venv/bin/python -m training.main_job "$@"

@@ -7,6 +7,7 @@ files: a saved folder then loads with `trust_remote_code=True` where only transf
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoProcessor
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from processors.processing_mm import MMFusionProcessor
 
@@ -18,6 +19,7 @@ from .modeling_mm import (
     MMFusionPreTrainedModel,
     MMFusionSequenceClassifierOutput,
 )
+from .pipeline_mm import PIPELINE_TASK, MMFusionClassificationPipeline
 
 AutoConfig.register(MMFusionConfig.model_type, MMFusionConfig, exist_ok=True)
 AutoModel.register(MMFusionConfig, MMFusionModel, exist_ok=True)
@@ -27,6 +29,8 @@ MMFusionConfig.register_for_auto_class()
 MMFusionProcessor.register_for_auto_class("AutoProcessor")
 MMFusionModel.register_for_auto_class("AutoModel")
 MMFusionForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=MMFusionClassificationPipeline,
+                                    pt_model=AutoModelForSequenceClassification, type="multimodal")
 
 __all__ = [
     "MMFusionConfig",
@@ -36,4 +40,5 @@ __all__ = [
     "MMFusionModelOutput",
     "MMFusionSequenceClassifierOutput",
     "MMFusionProcessor",
+    "MMFusionClassificationPipeline",
 ]

@@ -240,3 +240,39 @@ def make_batch(batch_size=4, text_length=9, audio_samples=4000, seed=0, modaliti
 
 def select_samples(batch: dict, index: list[int]) -> dict:
     return {key: value[index] for key, value in batch.items()}
+
+
+# ---- the built-in sample and the model the README's main job trains on it ------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The built-in sample (default parameters), generated once into the cache."""
+    from filelock import FileLock
+
+    from training.sample_data import default_sample_dir, generate_sample
+
+    default_sample_dir().parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(default_sample_dir()) + ".lock"):  # two xdist workers must not generate it side by side
+        return generate_sample()
+
+
+@pytest.fixture(scope="session")
+def sample_model_dir(sample_dir) -> Path:
+    """The model folder the README's main job writes (`outputs/sample/model`): reused when the main job has run
+    (as in CI), else trained here once with the main job's own settings. `MM_FUSION_SAMPLE_MODEL` overrides."""
+    from filelock import FileLock
+
+    from training.main_job import SAMPLE_OUTPUT_DIR, sample_job_args
+    from training.train import main as train_main
+
+    if os.environ.get("MM_FUSION_SAMPLE_MODEL"):
+        return Path(os.environ["MM_FUSION_SAMPLE_MODEL"])
+    output_dir = REPO_ROOT / SAMPLE_OUTPUT_DIR
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(output_dir) + ".lock"):
+        if not (output_dir / "model" / "metrics.json").exists():
+            assert train_main(sample_job_args(output_dir)) == 0
+    return output_dir / "model"

@@ -36,6 +36,7 @@ def train_args(sample: Path, output_dir: Path, vit_dir, bert_dir, wav2vec2_dir, 
         "fusion_hidden_size": 32, "fusion_num_heads": 4, "per_device_batch_size": 8, "num_workers": 0,
         "output_dir": output_dir, "report_to": "none", "logging_steps": 1, "max_steps": 4,
         "text_mode": "lora", "vision_mode": "full", "audio_mode": "frozen", "learning_rate": 1e-3,
+        "evaluation_report": False,
     }
     settings.update(overrides)
     return [item for key, value in settings.items() for item in (f"--{key}", str(value))]

@@ -165,7 +165,7 @@ def _make_rows(parameters: dict) -> dict[str, list[dict]]:
         kinds = iter(_balanced(MISMATCH_KINDS, labels.count("mismatch"), rng))
         split_rows = []
         for label in labels:
-            shown = {"colour": colours[rng.integers(4)], "shape": SHAPES[rng.integers(3)],
+            shown = {"colour": colours[rng.integers(len(colours))], "shape": SHAPES[rng.integers(len(SHAPES))],
                      "pitch": pitches[rng.integers(2)]}
             caption = dict(shown)
             kind = next(kinds) if label == "mismatch" else "none"
@@ -246,6 +246,30 @@ def _write_sample(folder: Path, parameters: dict) -> None:
             writer = csv.DictWriter(file, fieldnames=COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows(split_rows)
+
+
+def write_examples(sample: str | os.PathLike, folder: str | os.PathLike, per_kind: int = 2) -> Path:
+    """Copy a few test rows (`per_kind` matches and `per_kind` of each mismatch kind) with their files into
+    `folder`: `examples.csv` (text, image, audio, label; paths relative to the CSV) plus the files. A model trained on
+    the sample ships them, so its demo works on the first click. Returns `folder`."""
+    sample, folder = Path(sample), Path(folder)
+    with open(sample / "test.csv", newline="") as file:
+        test_rows = list(csv.DictReader(file))
+    chosen = []
+    for kind in ("none", *MISMATCH_KINDS):
+        chosen += [row for row in test_rows if row["mismatch"] == kind][:per_kind]
+    chosen.sort(key=lambda row: row["image"])
+    for sub in ("images", "audio"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for row in chosen:
+        shutil.copyfile(sample / row["image"], folder / row["image"])
+        shutil.copyfile(sample / row["audio"], folder / row["audio"])
+    with open(folder / "examples.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=("text", "image", "audio", "label"), lineterminator="\n",
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(chosen)
+    return folder
 
 
 def save_sample_towers(folder: Path, image_size: int = 32) -> None:

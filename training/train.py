@@ -98,6 +98,9 @@ class TrainingSettings:
         "help": "Abort after this many non-finite losses in a row (each one is skipped with a warning)."})
     merge_lora: bool = field(default=True, metadata={
         "help": "Write a merged model (loads without peft); otherwise the peft adapter with fusion and head."})
+    evaluation_report: bool = field(default=True, metadata={
+        "help": "After training, write mm-eval's full report on the test split (quality, modality ablation, "
+                "robustness, calibration, efficiency) to <output_dir>/model/evaluation."})
     report_to: str = field(default="auto", metadata={"help": "auto (TensorBoard if installed), tensorboard, none."})
 
 
@@ -278,6 +281,7 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(settings.seed)
 
+    sample = None
     if data_settings.train_data is None:
         from training.sample_data import default_sample_dir, generate_sample
 
@@ -417,7 +421,7 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
     progress.close()
 
     return _finish(accelerator, model, processor, eval_loader, test_loader, state, settings, model_settings,
-                   data_settings, lora_settings, bad_rows, output_dir)
+                   data_settings, lora_settings, bad_rows, output_dir, sample, splits, label_names)
 
 
 def _evaluate_and_track(accelerator, model, eval_loader, state, settings, output_dir) -> bool:
@@ -443,7 +447,7 @@ def _evaluate_and_track(accelerator, model, eval_loader, state, settings, output
 
 
 def _finish(accelerator, model, processor, eval_loader, test_loader, state, settings, model_settings,
-            data_settings, lora_settings, bad_rows, output_dir) -> dict[str, Any]:
+            data_settings, lora_settings, bad_rows, output_dir, sample, splits, label_names) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     best_path = output_dir / "best_trainable_weights.pt"
     unwrapped = accelerator.unwrap_model(model)
@@ -480,6 +484,18 @@ def _finish(accelerator, model, processor, eval_loader, test_loader, state, sett
                      "training": asdict(settings)}
         (model_dir / "training_args.json").write_text(json.dumps(arguments, indent=2, default=str))
         (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if sample is not None:  # a few test rows travel with the model, so its demo works on the first click
+            from training.sample_data import write_examples
+
+            write_examples(sample, model_dir / "examples")
+        if settings.evaluation_report and "test" in splits:
+            from training.evaluation import EvaluationSettings, evaluate_model
+
+            evaluate_model(unwrapped, processor, splits["test"], model_dir / "evaluation",
+                           EvaluationSettings(seed=settings.seed, num_workers=data_settings.num_workers),
+                           label_names, validation=splits.get("validation"), data_settings=data_settings,
+                           data_source=data_settings.test_data, model_path=str(model_dir),
+                           skipped_rows=bad_rows.get("test"))
         best_path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,0 +1,521 @@
+"""mm-publish: the release folder loads where only transformers is installed and predicts like the original, the card
+parses and validates, the upload sends exactly the allow-listed files and never the token, an adapter-only release
+loads onto its base like the merged model, and forbidden files stay behind (Publishing acceptance 1-5); and the
+`mm-fusion-classification` pipeline."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from fnmatch import fnmatch
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from huggingface_hub.utils import filter_repo_objects
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoProcessor, pipeline
+
+import training.publish as publish
+from conftest import FUSION_KWARGS, IMAGE_SIZE, SAMPLING_RATE
+from modeling_mm import MMFusionForSequenceClassification
+from modeling_mm.pipeline_mm import PIPELINE_TASK
+from processors import MMFusionProcessor
+from training.lora import LoraSettings, apply_lora, load_trained_model, save_trained_model
+from training.publish import ALLOWED_FILES, check_card, main
+
+PROJECT_PACKAGES = ("modeling_mm", "processors", "training", "demo")
+FAKE_TOKEN = "hf_FAKEtoken1234567890"
+CODE_FILES = {"configuration_mm.py", "modeling_mm.py", "processing_mm.py", "media.py", "pipeline_mm.py"}
+# the tiny towers stand in for these Hub checkpoints (served from a fake offline Hub cache)
+TOWER_IDS = {"vision": "mm-fusion-test/tiny-vit", "text": "mm-fusion-test/tiny-bert",
+             "audio": "mm-fusion-test/tiny-wav2vec2"}
+BASE_ID = "mm-fusion-test/tiny-base"  # an mm-fusion model the adapter could have been fine-tuned from
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+# A fresh interpreter in which the project cannot be imported however it is installed (editable here): the release
+# must load from its own files. Runs first in every subprocess script.
+WITHOUT_PROJECT = textwrap.dedent(f"""
+    import importlib.abc, sys
+
+    class BlockProject(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {PROJECT_PACKAGES!r}:
+                raise ModuleNotFoundError(f"{{name}} is blocked in this test")
+
+    sys.meta_path.insert(0, BlockProject())
+    for package in {PROJECT_PACKAGES!r}:
+        try:
+            __import__(package)
+        except ImportError:
+            continue
+        raise SystemExit(f"{{package}} is importable")
+""")
+
+# How both sides predict on the sample's test split: the original model in this process, the release in the subprocess.
+PREDICT = textwrap.dedent("""
+    import csv, os
+    import torch
+
+    def read_rows(csv_path):
+        folder = os.path.dirname(csv_path)
+        with open(csv_path, newline="") as file:
+            return [{"text": row["text"] or None,
+                     "image": os.path.join(folder, row["image"]) if row["image"] else None,
+                     "audio": os.path.join(folder, row["audio"]) if row["audio"] else None}
+                    for row in csv.DictReader(file)]
+
+    def predict(model, processor, rows, batch_size=60):
+        logits = []
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start:start + batch_size]
+                inputs = processor(text=[r["text"] for r in batch], images=[r["image"] for r in batch],
+                                   audio=[r["audio"] for r in batch])
+                logits.append(model(**inputs).logits)
+        return torch.cat(logits).numpy()
+""")
+
+
+def run_without_project(parts: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run the script made of `parts` (each dedented on its own) in a fresh interpreter in `tmp_path`."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+                   "OMP_NUM_THREADS": "1", **env}
+    environment.pop("PYTHONPATH", None)
+    script = "\n".join(textwrap.dedent(part) for part in [WITHOUT_PROJECT, *parts])
+    return subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=environment, capture_output=True,
+                          text=True, timeout=300)
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+# ---- fixtures: the sample model's release, and tiny merged/adapter models ------------------------------------------
+
+# an mm-eval report.json, cut down to what the card reads
+REPORT = {
+    "model": {"modalities": ["image", "text", "audio"], "labels": ["match", "mismatch"]},
+    "problem_type": "single_label_classification",
+    "headline": {"accuracy": 0.9133, "macro_f1": 0.9021, "ece": 0.031, "brier": None},
+    "data": {"source": "/data/private/test.csv", "split": "test", "rows": 300},
+    "ablation": [{"modalities": ["image"], "accuracy": 0.5, "macro_f1": 0.49},
+                 {"modalities": ["image", "text"], "accuracy": 0.8, "macro_f1": 0.79},
+                 {"modalities": ["image", "text", "audio"], "accuracy": 0.9133, "macro_f1": 0.9021}],
+    "fusion_gain": {"metric": "macro_f1", "all_modalities": ["image", "text", "audio"], "all_modalities_value": 0.9021,
+                    "best_single_modality": "image", "best_single_modality_value": 0.49, "gain": 0.4121},
+}
+
+
+@pytest.fixture(scope="module")
+def sample_release(sample_model_dir, tmp_path_factory) -> Path:
+    """The sample model's release (dry run), with a hand-made report and small shards so that sharding is exercised."""
+    root = tmp_path_factory.mktemp("sample_release")
+    (root / "report.json").write_text(json.dumps(REPORT))
+    code = main(["--model", str(sample_model_dir), "--repo-id", "mm-fusion/sample", "--dry-run", "--out",
+                 str(root / "release"), "--report", str(root / "report.json"), "--max-shard-size", "40MB",
+                 "--base-model", "text=sentence-transformers/all-MiniLM-L6-v2"])
+    assert code == 0
+    return root / "release"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, vit_dir, bert_dir, wav2vec2_dir) -> dict:
+    """A tiny LoRA-trained model saved both ways (adapter folder, merged folder), and an offline Hub cache that
+    serves its towers under TOWER_IDS."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = MMFusionForSequenceClassification.from_towers(
+        vision=vit_dir, text=bert_dir, audio=wav2vec2_dir, num_labels=2, id2label={0: "match", 1: "mismatch"},
+        label2id={"match": 0, "mismatch": 1}, **FUSION_KWARGS)
+    model.save_pretrained(root / "base")  # the untrained base, as a published mm-fusion model would hold it
+    peft_model = apply_lora(model, LoraSettings(vision_mode="lora", text_mode="lora", audio_mode="full"))
+    with torch.no_grad():  # stands in for training: LoRA's B starts at zero, fusion and head at their init
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    processor = MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir, audio=wav2vec2_dir)
+    folders = {"adapter": save_trained_model(peft_model, root / "adapter", merge=False),
+               "merged": save_trained_model(peft_model, root / "merged", merge=True)}
+    for folder in folders.values():
+        processor.save_pretrained(folder)
+    cache = root / "hub"
+    for repo_id, source in ((TOWER_IDS["vision"], vit_dir), (TOWER_IDS["text"], bert_dir),
+                            (TOWER_IDS["audio"], wav2vec2_dir), (BASE_ID, root / "base")):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(source, repo / "snapshots" / FAKE_COMMIT)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(FAKE_COMMIT)
+    return {**folders, "hub_cache": cache, "root": root}
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs() -> dict:
+    """Raw inputs with missing modalities: sample 1 has no image, sample 2 only an image, sample 3 only text."""
+    rng = np.random.default_rng(0)
+    texts = ["a red circle with a high tone", "the square is blue", None, "a blue star"]
+    images = [rng.integers(0, 256, (IMAGE_SIZE + 8, IMAGE_SIZE, 3), dtype=np.uint8) for _ in range(4)]
+    audio = [rng.standard_normal(3000 + 500 * i).astype(np.float32) * 0.1 for i in range(4)]
+    images[1] = images[3] = audio[2] = audio[3] = None
+    return {"text": texts, "images": images, "audio": audio}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """HfApi replaced at publish's call boundary by a recorder that keeps every byte it would upload."""
+    hub = SimpleNamespace(calls=[], uploads={}, existing_public_repo=False)
+    calls, uploads = hub.calls, hub.uploads
+
+    class FakeHfApi:
+        def __init__(self, token=None, **kwargs):
+            calls.append(("HfApi", {"token": token, **kwargs}))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+        def repo_info(self, repo_id, **kwargs):
+            calls.append(("repo_info", {"repo_id": repo_id, **kwargs}))
+            return SimpleNamespace(private=not hub.existing_public_repo)
+
+        def create_branch(self, repo_id, **kwargs):
+            calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+        def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+            calls.append(("upload_folder", {"repo_id": repo_id, "allow_patterns": allow_patterns, **kwargs}))
+            folder = Path(folder_path)
+            paths = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+            for name in filter_repo_objects(paths, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+                uploads[name] = (folder / name).read_bytes()
+            return SimpleNamespace(oid=FAKE_COMMIT)
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            calls.append(("create_commit", {"repo_id": repo_id, **kwargs}))
+            for operation in operations:
+                uploads[operation.path_in_repo] = operation.path_or_fileobj
+
+    monkeypatch.setattr(publish, "HfApi", FakeHfApi)
+    return hub
+
+
+# ---- 1. the release loads where only transformers is installed, and predicts like the original ---------------------
+
+def test_release_loads_without_the_project_and_predicts_like_the_original(sample_release, sample_model_dir,
+                                                                          sample_dir, tmp_path):
+    files = {p.name for p in sample_release.iterdir()}
+    assert CODE_FILES <= files and "model.safetensors.index.json" in files and "model.safetensors" not in files
+    # saving again changed no weight
+    original, released = (
+        {key: value for shard in folder.glob("model*.safetensors") for key, value in load_file(shard).items()}
+        for folder in (sample_model_dir, sample_release))
+    assert original.keys() == released.keys()
+    assert all(torch.equal(original[key], released[key]) for key in original)
+
+    namespace: dict = {}
+    exec(PREDICT, namespace)
+    rows = namespace["read_rows"](str(sample_dir / "test.csv"))
+    model = load_trained_model(sample_model_dir)
+    expected = namespace["predict"](model, AutoProcessor.from_pretrained(sample_model_dir), rows)
+
+    result = run_without_project([PREDICT, f"""
+        import json
+        import numpy as np
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoProcessor, pipeline
+        folder = {str(sample_release)!r}
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        classifier = pipeline("{PIPELINE_TASK}", model=folder, trust_remote_code=True)
+        for loaded in (config, model, processor, classifier):
+            assert type(loaded).__module__.startswith("transformers_modules."), type(loaded).__module__
+        rows = read_rows({str(sample_dir / "test.csv")!r})
+        np.save("logits.npy", predict(model, processor, rows))
+        samples = [{{k: v for k, v in row.items() if v is not None}} for row in rows]
+        with open("pipeline.json", "w") as file:
+            json.dump(classifier(samples, batch_size=60, top_k=None), file)
+        loaded = [name for name in sys.modules if name.split(".")[0] in {PROJECT_PACKAGES!r}]
+        assert not loaded, loaded
+        print("OK")
+    """], tmp_path)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+    logits = np.load(tmp_path / "logits.npy")
+    assert logits.shape == expected.shape == (len(rows), 2)
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+    assert (logits.argmax(1) == expected.argmax(1)).all()
+    probabilities = torch.softmax(torch.from_numpy(expected), -1).numpy()
+    id2label = model.config.id2label
+    for row, ranked in enumerate(json.loads((tmp_path / "pipeline.json").read_text())):
+        assert ranked[0]["label"] == id2label[int(expected[row].argmax())]
+        assert {r["label"]: r["score"] for r in ranked} == pytest.approx(
+            {id2label[i]: float(p) for i, p in enumerate(probabilities[row])}, abs=1e-5)
+
+
+def test_release_code_imports_only_torch_numpy_pil_and_transformers(sample_release):
+    """DESIGN.md: the flat files import nothing else at import time, and their relative imports are in the release."""
+    allowed = {"torch", "numpy", "PIL", "transformers", *sys.stdlib_module_names}
+    for name in CODE_FILES:
+        for node in ast.parse((sample_release / name).read_text()).body:
+            if isinstance(node, ast.Import):
+                assert {alias.name.split(".")[0] for alias in node.names} <= allowed, (name, ast.dump(node))
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                assert (sample_release / f"{node.module}.py").is_file(), (name, node.module)
+            elif isinstance(node, ast.ImportFrom):
+                assert node.module.split(".")[0] in allowed, (name, node.module)
+
+
+# ---- 2. the card parses, validates and holds the evaluation ----------------------------------------------------------
+
+def test_card_parses_validates_and_holds_the_evaluation(sample_release, sample_model_dir):
+    card = ModelCard.load(sample_release / "README.md")
+    check_card(card)
+    data = card.data
+    assert data.library_name == "transformers" and data.license == "apache-2.0"
+    assert data.pipeline_tag == "text-classification"  # the Hub has no multimodal-classification tag
+    assert data.base_model == ["sentence-transformers/all-MiniLM-L6-v2"]  # the sample's other towers are local
+    assert {"mm-fusion", "multimodal", "image", "text", "audio"} <= set(data.tags)
+    results = {(r.metric_type, r.dataset_split): r.metric_value for r in data.eval_results}
+    assert results == {("accuracy", "test"): 0.9133, ("f1", "test"): 0.9021}
+
+    body = card.text
+    assert 'revision="main"' in body and 'pipeline("mm-fusion-classification"' in body
+    assert "## Training" in body and "| towers |" in body and "| learning rate |" in body
+    assert "| image + text + audio | 0.9133 | 0.9021 |" in body and "### Modality ablation" in body
+    assert "| ece | 0.0310 |" in body and "brier" not in body  # every headline number, no empty ones
+    assert "vs the best single modality (image) 0.4900: +0.4121" in body
+    assert "local data (`test.csv`)" in body  # a local source is named by its file name only
+    for path in sample_release.glob("*.json"):  # and no local path travels in the metadata files
+        text = path.read_text()
+        assert str(sample_model_dir) not in text and "site-packages" not in text, path.name
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"base_model": ["not//an id"]}, r"card: base_model\[0\]"),
+    ({"library_name": "pytorch"}, "card: library_name"),
+    ({"license": "Apache 2"}, "card: license"),
+    ({"model-index": [{"name": "x", "results": [{"task": {"type": "other"}, "dataset": {"name": "d", "type": "d"},
+                                                 "metrics": [{"type": "accuracy", "value": "high"}]}]}]},
+     "card: model-index result 0"),
+])
+def test_card_check_refuses_bad_metadata(sample_release, changes, message):
+    card = ModelCard.load(sample_release / "README.md")
+    metadata = {**card.data.to_dict(), **changes}
+    with pytest.raises(ValueError, match=message):
+        check_card(ModelCard("---\n" + yaml.safe_dump(metadata) + "---\n" + card.text))
+
+
+# ---- 3. the upload sends exactly the allow-list and never the token ------------------------------------------------
+
+TINY_RELEASE = {"README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+                "tokenizer_config.json", *CODE_FILES}
+
+
+def test_upload_sends_exactly_the_allow_list_and_never_the_token(tiny, fake_hub, monkeypatch, capsys, caplog):
+    calls, uploads = fake_hub.calls, fake_hub.uploads
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    caplog.set_level("DEBUG")
+    assert main(["--model", str(tiny["merged"]), "--repo-id", "mm-fusion/tiny", "--private", "--revision", "v1"]) == 0
+
+    names = [name for name, _ in calls]
+    assert names == ["HfApi", "create_repo", "repo_info", "create_branch", "upload_folder", "create_commit"]
+    arguments = dict(calls)
+    assert arguments["HfApi"]["token"] == FAKE_TOKEN  # handed to huggingface_hub, and nowhere else
+    assert arguments["create_repo"]["repo_id"] == "mm-fusion/tiny" and arguments["create_repo"]["private"] is True
+    assert arguments["create_branch"]["branch"] == "v1"
+    assert arguments["upload_folder"]["revision"] == arguments["create_commit"]["revision"] == "v1"
+    assert set(uploads) == TINY_RELEASE
+    assert all(any(fnmatch(name, pattern) for pattern in ALLOWED_FILES) for name in uploads)
+    # the card's snippets are pinned to the commit that holds the weights
+    assert f'revision="{FAKE_COMMIT}"' in uploads["README.md"].decode()
+
+    captured = capsys.readouterr()
+    for name, content in uploads.items():
+        assert FAKE_TOKEN.encode() not in content, name
+    assert FAKE_TOKEN not in captured.out and FAKE_TOKEN not in captured.err
+    assert FAKE_TOKEN not in caplog.text
+    assert all(FAKE_TOKEN not in record.getMessage() for record in caplog.records)
+    assert f"commit {FAKE_COMMIT}" in captured.out
+
+
+def test_upload_without_a_token_is_refused(tiny, fake_hub, monkeypatch, capsys):
+    calls = fake_hub.calls
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(publish, "get_token", lambda: None)
+    assert main(["--model", str(tiny["merged"]), "--repo-id", "mm-fusion/tiny"]) == 2
+    assert "mm-publish: error: token:" in capsys.readouterr().err and not calls
+
+
+def test_private_upload_refuses_an_existing_public_repo(tiny, fake_hub, monkeypatch, capsys):
+    fake_hub.existing_public_repo = True
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    assert main(["--model", str(tiny["merged"]), "--repo-id", "mm-fusion/tiny", "--private"]) == 2
+    assert "private: mm-fusion/tiny already exists and is public" in capsys.readouterr().err
+    assert not fake_hub.uploads
+
+
+def test_dry_run_prints_files_sizes_and_card_and_uploads_nothing(tiny, fake_hub, capsys):
+    calls, uploads = fake_hub.calls, fake_hub.uploads
+    assert main(["--model", str(tiny["merged"]), "--repo-id", "mm-fusion/tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not calls and not uploads
+    for name in TINY_RELEASE:
+        assert re.search(rf"^  {re.escape(name)} +\d+(\.\d)? (B|kB|MB)$", out, flags=re.M), name
+    assert "README.md:\n---\n" in out and "library_name: transformers" in out
+    assert "Not evaluated" in out  # no report for this model
+    assert "dry run: nothing uploaded" in out
+
+
+# ---- 4. adapter-only: loads onto the base and predicts like the merged model ---------------------------------------
+
+def test_adapter_only_release_loads_onto_the_base_like_the_merged_model(tiny, tiny_inputs, tmp_path):
+    """Two releases of one adapter: the base rebuilt from the towers' Hub ids, or a published mm-fusion model."""
+    variants = {"towers": TOWER_IDS, "model": {"model": BASE_ID}}
+    snippets = {}
+    for variant, bases in variants.items():
+        release = tmp_path / variant
+        assert main(["--model", str(tiny["adapter"]), "--repo-id", "mm-fusion/tiny-lora", "--adapter-only",
+                     "--dry-run", "--out", str(release),
+                     *[f"--base-model={key}={repo_id}" for key, repo_id in bases.items()]]) == 0
+        files = {p.name for p in release.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "config.json", *CODE_FILES} <= files
+        assert not any(name.startswith("model") and name.endswith(".safetensors") for name in files)
+        adapter_base = json.loads((release / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert adapter_base == bases.get("model")
+        card = ModelCard.load(release / "README.md")
+        check_card(card)
+        assert card.data.base_model == list(bases.values()) and card.data.base_model_relation == "adapter"
+        assert card.data.library_name == "peft"
+        # the card's own loading snippet, pointed at the local folder
+        snippet = python_blocks(card.text)[0]
+        snippet = re.sub(r'^repo_id = ".*"$', f"repo_id = {str(release)!r}", snippet, flags=re.M)
+        snippets[variant] = re.sub(r'^revision = ".*"$', "revision = None", snippet, flags=re.M)
+
+    merged = load_trained_model(tiny["merged"])
+    processor = AutoProcessor.from_pretrained(tiny["merged"])
+    with torch.no_grad():
+        expected = merged(**processor(**tiny_inputs, sampling_rate=SAMPLING_RATE)).logits.numpy()
+    np.savez(tmp_path / "inputs.npz", **{f"{key}{i}": value for key in ("images", "audio")
+                                         for i, value in enumerate(tiny_inputs[key]) if value is not None})
+    (tmp_path / "texts.json").write_text(json.dumps(tiny_inputs["text"]))
+
+    # each snippet runs with only transformers + peft; the Hub ids resolve in an offline Hub cache
+    result = run_without_project([f"""
+        import json
+        import numpy as np
+        import torch
+        arrays = np.load("inputs.npz")
+        texts = json.load(open("texts.json"))
+        images, audio = ([arrays[f"{{key}}{{i}}"] if f"{{key}}{{i}}" in arrays.files else None for i in range(4)]
+                         for key in ("images", "audio"))
+        for variant, snippet in {snippets!r}.items():
+            names = {{}}
+            exec(snippet, names)
+            model, processor = names["model"], names["processor"]
+            assert type(model.base_model.model).__module__.startswith("transformers_modules."), variant
+            with torch.no_grad():
+                inputs = processor(text=texts, images=images, audio=audio, sampling_rate={SAMPLING_RATE})
+                np.save(f"logits_{{variant}}.npy", model(**inputs).logits.numpy())
+        print("OK")
+    """], tmp_path, HF_HUB_CACHE=str(tiny["hub_cache"]))
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    for variant in variants:
+        np.testing.assert_allclose(np.load(tmp_path / f"logits_{variant}.npy"), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("folder, message", [
+    ("adapter", "--base-model vision=ORG/NAME"),  # its towers are local folders, which others cannot download
+    ("merged", "adapter_only: .* holds a merged model"),
+])
+def test_adapter_only_refuses_what_others_could_not_load(tiny, capsys, folder, message):
+    assert main(["--model", str(tiny[folder]), "--repo-id", "mm-fusion/x", "--adapter-only", "--dry-run"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+# ---- 5. forbidden files in the model folder stay behind, and the command says so --------------------------------
+
+def test_forbidden_files_are_left_out_and_reported(tiny, fake_hub, monkeypatch, tmp_path, capsys):
+    calls, uploads = fake_hub.calls, fake_hub.uploads
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    model_dir = shutil.copytree(tiny["merged"], tmp_path / "model")
+    junk = {"optimizer.pt": "optimizer state", "rng_state.pkl": "RNG state", "scheduler.pt": "scheduler state",
+            "training_args.bin": "pickled training arguments", "extra.pkl": "pickle",
+            "events.out.tfevents.1.host": "TensorBoard log", "checkpoint-5/": "training checkpoint",
+            "logs/": "logs", "notes.txt": "not on the allow-list"}
+    for name in junk:
+        path = model_dir / name.rstrip("/")
+        if name.endswith("/"):
+            path.mkdir()
+            (path / "model.safetensors").write_bytes(b"checkpoint weights")
+        else:
+            path.write_bytes(b"\x80\x04 pickled state")
+    assert main(["--model", str(model_dir), "--repo-id", "mm-fusion/tiny"]) == 0
+    assert set(uploads) == TINY_RELEASE
+    out = capsys.readouterr().out
+    assert "left out of the model folder" in out
+    for name, reason in junk.items():
+        assert re.search(rf"^  {re.escape(name)}  \(.*{re.escape(reason.split()[0])}", out, flags=re.M), name
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classifier(tiny):
+    model = load_trained_model(tiny["merged"])
+    return pipeline(PIPELINE_TASK, model=model, processor=AutoProcessor.from_pretrained(tiny["merged"]))
+
+
+def test_pipeline_takes_any_subset_as_paths_pil_and_arrays(classifier, tmp_path):
+    image_path, audio_path = tmp_path / "image.png", tmp_path / "audio.wav"
+    Image.new("RGB", (40, 30), "red").save(image_path)
+    soundfile.write(audio_path, np.sin(np.arange(8000) / 10).astype(np.float32) * 0.3, 8000)
+    cases = [
+        dict(text="a red circle"),
+        dict(image=Image.new("RGB", (40, 30), "blue")),
+        dict(audio=np.zeros(4000, np.float32) + 0.1, sampling_rate=SAMPLING_RATE),
+        dict(image=str(image_path), audio=str(audio_path)),
+        dict(text="a red circle", image=np.zeros((30, 40, 3), np.uint8), audio=(8000, np.ones(8000, np.float32) * .1)),
+    ]
+    for case in cases:
+        result = classifier(**case)
+        assert [r["label"] for r in result] in (["match", "mismatch"], ["mismatch", "match"]), case
+        assert result[0]["score"] >= result[1]["score"] and sum(r["score"] for r in result) == pytest.approx(1.0)
+    assert len(classifier(text="a red circle", top_k=1)) == 1
+    assert classifier({"text": "a red circle"}) == classifier(text="a red circle")
+
+
+def test_pipeline_batches_give_the_single_sample_results(classifier):
+    samples = [{"text": "a red circle"}, {"image": Image.new("RGB", (40, 30), "blue")},
+               {"text": "the square is blue", "audio": np.zeros(4000, np.float32) + 0.1, "sampling_rate": 16000},
+               {"text": "a green star", "image": Image.new("RGB", (40, 30), "green")}]
+    one_by_one = [classifier(sample) for sample in samples]
+    for batched in (classifier(samples, batch_size=3), classifier(samples)):
+        assert len(batched) == len(samples)
+        for single, batch in zip(one_by_one, batched):
+            assert [r["label"] for r in single] == [r["label"] for r in batch]
+            assert [r["score"] for r in single] == pytest.approx([r["score"] for r in batch], abs=1e-5)
+    keyword = classifier(text=["a red circle", "a blue square"], image=[None, Image.new("RGB", (40, 30), "blue")])
+    assert len(keyword) == 2 and keyword[0] == one_by_one[0]
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(), "text, image, audio: give at least one"),
+    (dict(inputs={"video": "x.mp4"}), r"inputs\[0\]: unknown keys \['video'\]"),
+    (dict(inputs=[{"text": "a"}, {}]), r"inputs\[1\]: the sample has no text, image or audio"),
+    (dict(text=["a", "b"], image=[None]), "lists of one length"),
+    (dict(text="a", top_k=0), "top_k: expected a positive int"),
+    (dict(text="a", colour="red"), "colour: not a parameter"),
+])
+def test_pipeline_refuses_bad_input_naming_the_argument(classifier, call, message):
+    with pytest.raises(ValueError, match=message):
+        classifier(**call)

@@ -1,0 +1,755 @@
+"""`mm-publish`: a trained mm-fusion model as a Hub-ready folder (weights, code, processor, pipeline, model card), and
+a safe upload.
+
+    mm-publish --model outputs/sample/model --repo-id ORG/NAME --dry-run
+    mm-publish --model outputs/sample/model --repo-id ORG/NAME --private --revision v1 \\
+        --base-model text=sentence-transformers/all-MiniLM-L6-v2
+    mm-publish --model outputs/run/model --repo-id ORG/NAME-lora --adapter-only \\
+        --base-model vision=google/vit-base-patch16-224-in21k --base-model audio=facebook/wav2vec2-base
+
+The release folder is rebuilt from the model, never copied wholesale, and holds only files on `ALLOWED_FILES`:
+`config.json` (with `auto_map` for AutoConfig, AutoModel, AutoModelForSequenceClassification and AutoProcessor, and
+`custom_pipelines` for the `mm-fusion-classification` pipeline), safetensors weights (sharded above
+`--max-shard-size`) or, with `--adapter-only`, the peft adapter, the processor and tokenizer files, the flat code
+files (`configuration_mm.py`, `modeling_mm.py`, `processing_mm.py`, `media.py`, `pipeline_mm.py`) and a `README.md`
+model card. Everything else in the model folder (optimizer and RNG states, pickles, checkpoints, logs, the training
+records) is left out, and the command lists what it left out. The upload names each file of the release, so nothing
+else can travel with it.
+
+Local paths stay local: a tower loaded from a local folder is named in the release only by the Hub id given with
+`--base-model MODALITY=ORG/NAME`. An adapter-only release needs those ids for every tower (or `--base-model
+model=ORG/NAME`, a published mm-fusion model it was fine-tuned from), since it loads onto them.
+
+The token is found by huggingface_hub (`HF_TOKEN`, then the stored login of `hf auth login`), handed to `HfApi`, and
+never printed, logged or written into any file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from huggingface_hub.utils import validate_repo_id
+from peft import PeftModel
+from transformers import AutoConfig, AutoProcessor, PreTrainedConfig
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils.hub import convert_file_size_to_int
+
+import modeling_mm.modeling_mm
+import modeling_mm.pipeline_mm
+import processors.processing_mm
+from modeling_mm.pipeline_mm import PIPELINE_TASK, MMFusionClassificationPipeline
+from training.lora import load_trained_model
+from training.sample_data import default_sample_dir
+
+logger = logging.getLogger("mm_fusion.publish")
+
+# The modules whose files travel with a model; the files they import relatively travel too.
+CODE_MODULES = (modeling_mm.modeling_mm, processors.processing_mm, modeling_mm.pipeline_mm)
+
+
+def _code_files() -> dict[str, Path]:
+    files = {}
+    for module in CODE_MODULES:
+        for path in (module.__file__, *get_relative_import_files(module.__file__)):
+            files[Path(path).name] = Path(path)
+    return files
+
+
+CODE_FILES = _code_files()
+
+# What a release may hold (fnmatch patterns on file names; no subfolders). The weights are safetensors only.
+ALLOWED_FILES = (
+    "README.md",
+    "config.json",
+    "model.safetensors",
+    "model-?????-of-?????.safetensors",
+    "model.safetensors.index.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "spm.model",
+    "tokenizer.model",
+    *sorted(CODE_FILES),
+)
+
+# Why a file of the model folder stays behind, first match wins (fnmatch on the name; a folder's name ends in "/").
+_LEFT_OUT_REASONS = (
+    ("checkpoint-*/", "training checkpoint"),
+    ("optimizer*", "optimizer state"),
+    ("scheduler*", "learning-rate scheduler state"),
+    ("rng_state*", "RNG state"),
+    ("random_states*", "RNG state"),
+    ("training_args.bin", "pickled training arguments"),
+    ("*.pkl", "pickle"),
+    ("*.pickle", "pickle"),
+    ("*.bin", "pickle (PyTorch .bin)"),
+    ("*.pt", "pickle (PyTorch .pt)"),
+    ("*.pth", "pickle (PyTorch .pth)"),
+    ("*.ckpt", "pickle (checkpoint)"),
+    ("*.log", "log"),
+    ("logs/", "logs"),
+    ("runs/", "logs"),
+    ("events.out.tfevents*", "TensorBoard log"),
+    ("training_args.json", "training record (summarised in the model card)"),
+    ("metrics.json", "training record (summarised in the model card)"),
+    ("evaluation/", "evaluation report (summarised in the model card)"),
+)
+
+BASE_KEYS = ("vision", "text", "audio", "model")
+_DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt")
+MODALITY_NAMES = {"vision": "image", "text": "text", "audio": "audio"}
+LOCAL_SOURCE = "a local checkpoint"
+
+
+@dataclass
+class Release:
+    """A release folder, built by `build_release`.
+
+    `files` are the names of its files (all of them, sorted); `left_out` maps each file or folder of the model folder
+    that was not carried over to the reason; `card` is the model card in `README.md`, and `card_for(revision)` the
+    same card with its usage snippets pinned to `revision`.
+
+    Example:
+
+    ```python
+    >>> release = build_release("outputs/sample/model", "outputs/release", "ORG/NAME")  # doctest: +SKIP
+    >>> release.files  # doctest: +SKIP
+    ['README.md', 'config.json', 'configuration_mm.py', 'media.py', 'model.safetensors', 'modeling_mm.py', ...]
+    >>> commit = upload_release(release, "ORG/NAME", private=True)  # doctest: +SKIP
+    ```
+    """
+
+    folder: Path
+    files: list[str]
+    left_out: dict[str, str]
+    card: ModelCard
+    card_for: Callable[[str], ModelCard]
+    adapter_only: bool
+
+    def describe(self) -> str:
+        """The file list with sizes, and what was left out of the model folder."""
+        lines = [f"release folder {self.folder} ({len(self.files)} files):"]
+        sizes = {name: (self.folder / name).stat().st_size for name in self.files}
+        width = max(len(name) for name in self.files)
+        lines += [f"  {name:<{width}}  {_human_size(size):>9}" for name, size in sizes.items()]
+        lines.append(f"  {'total':<{width}}  {_human_size(sum(sizes.values())):>9}")
+        if self.left_out:
+            lines.append(f"left out of the model folder ({len(self.left_out)}; not on the allow-list, never uploaded):")
+            lines += [f"  {name}  ({reason})" for name, reason in self.left_out.items()]
+        return "\n".join(lines)
+
+
+# ---- building the release folder -----------------------------------------------------------------------------------
+
+def build_release(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    repo_id: str,
+    *,
+    adapter_only: bool = False,
+    report: str | Path | None = None,
+    base_models: dict[str, str] | None = None,
+    dataset: str | None = None,
+    license: str = "apache-2.0",
+    revision: str | None = None,
+    max_shard_size: str | int = "5GB",
+) -> Release:
+    """Build the release folder of the model in `model_dir` (what `mm-train` writes: a merged model, or a peft
+    adapter folder) in `out_dir`, which must not exist or be empty. Returns the `Release`.
+
+    The model is loaded and saved again (so a broken folder fails here, not for the people who download it), merged
+    when `model_dir` holds an adapter, unless `adapter_only` asks to publish the adapter itself. `report` is the
+    `mm-eval` report.json for the card (default `<model_dir>/evaluation/report.json` when it exists; without one the
+    card says the model was not evaluated). `base_models` maps "vision"/"text"/"audio" to the Hub id of that tower
+    and "model" to the Hub id of an mm-fusion model it was fine-tuned from. `dataset` is the Hub id of the training
+    data for the card. `revision` is the branch the card's snippets name until an upload pins them to its commit.
+
+    Raises `ValueError` naming the argument for: a folder that is not a model or has no processor, `adapter_only`
+    for a merged model, an adapter whose base cannot be named by Hub ids, a bad repo id, base model, shard size or
+    report, and a non-empty `out_dir`.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    _check_repo_id("repo_id", repo_id, namespaced=True)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"model: {model_dir} is not a model folder (it has no config.json)")
+    if not (model_dir / "processor_config.json").is_file():
+        raise ValueError(f"model: {model_dir} has no processor_config.json; save the processor with the model")
+    is_adapter = (model_dir / "adapter_config.json").is_file()
+    if adapter_only and not is_adapter:
+        raise ValueError(f"adapter_only: {model_dir} holds a merged model, not a peft adapter "
+                         "(train with --merge_lora false to keep the adapter)")
+    if adapter_only and not (model_dir / "adapter_model.safetensors").is_file():
+        raise ValueError(f"adapter_only: {model_dir} has no adapter_model.safetensors (pickled adapters are refused)")
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise ValueError(f"max_shard_size: {max_shard_size!r} is not a size such as '5GB' or '500MB'") from None
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"out: {out_dir} is not empty; give a new or empty folder")
+    report_path = Path(report) if report else model_dir / "evaluation" / "report.json"
+    if report is not None and not report_path.is_file():
+        raise ValueError(f"report: {report_path} does not exist")
+    evaluation = read_report(report_path) if report_path.is_file() else None
+    training_args = _read_json(model_dir / "training_args.json")
+    metrics = _read_json(model_dir / "metrics.json")
+
+    config = AutoConfig.from_pretrained(model_dir)
+    adapter_base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") \
+        if is_adapter else None
+    trained_from = ((training_args or {}).get("model") or {}).get("model")
+    bases = resolve_base_models(config, base_models or {}, adapter_base or trained_from)
+    if adapter_only and bases["model"] is None and adapter_base:
+        # its frozen weights are that model's, which the towers' own checkpoints need not match
+        raise ValueError(f"base_model: the adapter was trained on the mm-fusion model in {adapter_base}, which others "
+                         "cannot download; publish that model first and pass --base-model model=ORG/NAME, or "
+                         "publish the merged model (without --adapter-only)")
+    if adapter_only and bases["model"] is None:
+        for modality in config.modalities:
+            if bases[modality] is None:
+                source = config.tower_config(modality)._name_or_path or "(unknown)"
+                raise ValueError(
+                    f"base_model: the adapter loads onto its towers, but the {modality} tower came from {source}, "
+                    f"which others cannot download; pass --base-model {modality}=ORG/NAME (its Hub id), or publish "
+                    "the merged model (without --adapter-only)")
+
+    card_for = functools.partial(
+        render_card, repo_id=repo_id, config=config, adapter_only=adapter_only, bases=bases,
+        training_args=training_args, metrics=metrics, report=evaluation, dataset=dataset, license=license,
+        pipeline_tag=default_pipeline_tag(config),
+    )
+    card = card_for(revision or "main")
+    check_card(card)
+
+    logger.info("building the release of %s in %s", model_dir, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if adapter_only:
+            _save_adapter(model_dir, out_dir, config, bases)
+        else:
+            _save_merged(model_dir, out_dir, bases, max_shard_size)
+        AutoProcessor.from_pretrained(model_dir).save_pretrained(out_dir)
+        for name, path in CODE_FILES.items():  # the current code, also where save_pretrained copied none (adapters)
+            shutil.copyfile(path, out_dir / name)
+        card.save(out_dir / "README.md")
+    except BaseException:
+        # a half-built release must not be mistaken for a whole one (out_dir was empty or new)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    for name in files:
+        if not any(fnmatch(name, pattern) for pattern in ALLOWED_FILES):
+            raise ValueError(f"out: the release would hold {name}, which is not on the allow-list")
+    left_out = _left_out(model_dir)
+    if left_out:
+        logger.warning("left out of the release (not on the allow-list): %s",
+                       ", ".join(f"{name} ({reason})" for name, reason in left_out.items()))
+    return Release(out_dir, files, left_out, card, card_for, adapter_only)
+
+
+def resolve_base_models(config: PreTrainedConfig, given: dict[str, str], trained_from: str | None
+                        ) -> dict[str, str | None]:
+    """The Hub id of each tower ("vision", "text", "audio") and of the mm-fusion model the model was fine-tuned from
+    ("model"), or None where none is known: `given` first, else the recorded source when it is a Hub id rather than a
+    local path. Raises `ValueError` for an unknown key, a modality the model has no tower for, or a bad Hub id."""
+    for key, repo_id in given.items():
+        if key not in BASE_KEYS:
+            raise ValueError(f"base_model: unknown key {key!r}; expected one of {BASE_KEYS}")
+        if key != "model" and key not in config.modalities:
+            raise ValueError(f"base_model: {key}: the model has no {key} tower (towers: {list(config.modalities)})")
+        _check_repo_id(f"base_model: {key}", repo_id)
+    bases: dict[str, str | None] = {"model": given.get("model") or _hub_id(trained_from)}
+    for modality in config.modalities:
+        bases[modality] = given.get(modality) or _hub_id(config.tower_config(modality)._name_or_path)
+    return bases
+
+
+def _save_merged(model_dir: Path, out_dir: Path, bases: dict[str, str | None], max_shard_size: str | int) -> None:
+    model = load_trained_model(model_dir)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    _set_release_config(model.config, bases)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+
+
+def _save_adapter(model_dir: Path, out_dir: Path, config: PreTrainedConfig, bases: dict[str, str | None]) -> None:
+    adapter_config = json.loads((model_dir / "adapter_config.json").read_text())
+    # the base the adapter loads onto, as a Hub id; None means "rebuild it from the towers named in config.json"
+    adapter_config["base_model_name_or_path"] = bases["model"]
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(model_dir / "adapter_model.safetensors", out_dir / "adapter_model.safetensors")
+    config = copy.deepcopy(config)  # the card reads the caller's
+    architecture = (config.architectures or ["MMFusionForSequenceClassification"])[0]
+    _set_release_config(config, bases)
+    # an adapter folder's config names only AutoConfig: the base has to be buildable from the code in the release
+    config.auto_map = {**(config.auto_map or {}), "AutoModel": "modeling_mm.MMFusionModel",
+                       "AutoModelForSequenceClassification": "modeling_mm.MMFusionForSequenceClassification"}
+    config.architectures = [architecture]
+    config.save_pretrained(out_dir)
+
+
+def _set_release_config(config: PreTrainedConfig, bases: dict[str, str | None]) -> None:
+    """auto_map for the processor and the pipeline entry; towers named by Hub id, never by a local path."""
+    for modality in config.modalities:
+        config.tower_config(modality)._name_or_path = bases[modality] or ""
+    config.auto_map = {**(config.auto_map or {}), "AutoProcessor": "processing_mm.MMFusionProcessor"}
+    impl = MMFusionClassificationPipeline
+    config.custom_pipelines = {
+        PIPELINE_TASK: {"impl": f"{impl.__module__.rsplit('.', 1)[-1]}.{impl.__name__}",
+                        "pt": ["AutoModelForSequenceClassification"], "type": "multimodal"},
+    }
+
+
+def _left_out(model_dir: Path) -> dict[str, str]:
+    left_out = {}
+    for path in sorted(model_dir.iterdir()):
+        name = path.name + ("/" if path.is_dir() else "")
+        if path.is_file() and any(fnmatch(path.name, pattern) for pattern in ALLOWED_FILES):
+            continue  # rebuilt in the release rather than copied
+        left_out[name] = next((reason for pattern, reason in _LEFT_OUT_REASONS if fnmatch(name, pattern)),
+                              "not on the allow-list")
+    return left_out
+
+
+# ---- the model card ------------------------------------------------------------------------------------------------
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """Read an `mm-eval` report.json and check the fields the card reads: `headline` (metric -> number), `data.source`,
+    `data.split`, `data.rows`, `model.modalities`, `problem_type`, and `ablation` rows with a `modalities` list.
+    Raises `ValueError` naming the file and the field."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"report: cannot read {path}: {error}") from None
+    for section in ("headline", "data", "model"):
+        if not isinstance(report.get(section), dict):
+            raise ValueError(f"report: {path} has no '{section}' section; is it an mm-eval report.json?")
+    if not any(_is_number(value) for value in report["headline"].values()):
+        raise ValueError(f"report: headline in {path} holds no metric values")
+    for field in ("source", "split", "rows"):
+        if field not in report["data"]:
+            raise ValueError(f"report: data.{field} is missing in {path}")
+    if not isinstance(report["model"].get("modalities"), list):
+        raise ValueError(f"report: model.modalities is missing in {path}")
+    if not isinstance(report.get("problem_type"), str):
+        raise ValueError(f"report: problem_type is missing in {path}")
+    for index, row in enumerate(report.get("ablation") or []):
+        if not isinstance(row, dict) or not isinstance(row.get("modalities"), list):
+            raise ValueError(f"report: ablation[{index}] in {path} has no 'modalities' list")
+    return report
+
+
+def default_pipeline_tag(config: PreTrainedConfig) -> str:
+    """The Hub has no tag for a classifier over image + text + audio: `text-classification` when the model reads text,
+    else `image-classification` or `audio-classification` (the rule of `training.evaluation.model_index_results`,
+    so the tag and the model-index task agree)."""
+    for modality in ("text", "vision", "audio"):
+        if modality in config.modalities:
+            return f"{MODALITY_NAMES[modality]}-classification"
+    raise ValueError("config: the model has no tower")
+
+
+def render_card(
+    revision: str,
+    *,
+    repo_id: str,
+    config: PreTrainedConfig,
+    adapter_only: bool,
+    bases: dict[str, str | None],
+    training_args: dict[str, Any] | None,
+    metrics: dict[str, Any] | None,
+    report: dict[str, Any] | None,
+    dataset: str | None,
+    license: str,
+    pipeline_tag: str,
+) -> ModelCard:
+    """The model card: YAML metadata (license, library, pipeline tag, tags, base models, data sets, model-index from
+    the evaluation report) and a body with usage snippets pinned to `revision`, the training settings, the evaluation
+    tables and the modality ablation."""
+    train_source = ((training_args or {}).get("data") or {}).get("train_data")
+    datasets = [dataset] if dataset else [d for d in [_hub_id(train_source)] if d]
+    base_model = [bases["model"]] if bases["model"] else [bases[m] for m in config.modalities if bases[m]]
+    modalities = [MODALITY_NAMES[m] for m in config.modalities]
+    data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        license=license,
+        library_name="peft" if adapter_only else "transformers",
+        pipeline_tag=pipeline_tag,
+        tags=["mm-fusion", "multimodal", *modalities, "custom_code", *(["peft", "lora"] if adapter_only else [])],
+        base_model=base_model or None,
+        datasets=datasets or None,
+        eval_results=_eval_results(report, dataset) if report else None,
+        # several base models read as a merge on the Hub unless the relation is stated
+        base_model_relation=("adapter" if adapter_only else "finetune") if base_model else None,
+    )
+    sections = [
+        _summary(repo_id, config, adapter_only, bases),
+        _usage(repo_id, revision, config, adapter_only, bases),
+        _training_section(config, training_args, metrics),
+        _evaluation_section(report),
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def check_card(card: ModelCard) -> None:
+    """Check the card's metadata offline, for the fields mm-publish writes, as the Hub would (`ModelCard.validate`
+    asks the Hub, which needs the network): a license id, `library_name`, a pipeline tag, tags, base models and data
+    sets that are valid Hub ids, and a model-index whose every result parses and has a finite value.
+    Raises `ValueError` naming the field."""
+    metadata = card.data.to_dict()
+    for field in ("license", "pipeline_tag"):
+        value = metadata.get(field)
+        if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.\-]*", value):
+            raise ValueError(f"card: {field} {value!r} is not a Hub id such as 'apache-2.0' / 'other'")
+    if metadata.get("library_name") not in ("transformers", "peft"):
+        raise ValueError(f"card: library_name {metadata.get('library_name')!r} is not 'transformers' or 'peft'")
+    if not all(isinstance(tag, str) and tag for tag in metadata.get("tags") or []):
+        raise ValueError(f"card: tags {metadata.get('tags')!r} must be non-empty strings")
+    for field in ("base_model", "datasets"):
+        values = metadata.get(field) or []
+        for index, value in enumerate([values] if isinstance(values, str) else values):
+            _check_repo_id(f"card: {field}[{index}]", value)
+    if "model-index" in metadata:
+        try:
+            _, results = model_index_to_eval_results(metadata["model-index"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"card: model-index does not parse: {error!r}") from None
+        for index, result in enumerate(results):
+            if not _is_number(result.metric_value):
+                raise ValueError(f"card: model-index result {index} ({result.metric_type}) has value "
+                                 f"{result.metric_value!r}, not a finite number")
+
+
+def _eval_results(report: dict[str, Any], dataset: str | None) -> list[EvalResult]:
+    # imported here: it pulls in scipy, scikit-learn and datasets, which only a card with results needs
+    from training.evaluation import model_index_results
+
+    name, kind = _source_name(str(report["data"]["source"]))
+    return model_index_results(report, dataset_name=dataset or name, dataset_type=dataset or kind)
+
+
+def _summary(repo_id: str, config: PreTrainedConfig, adapter_only: bool, bases: dict[str, str | None]) -> str:
+    towers = "; ".join(
+        f"{MODALITY_NAMES[m]}: `{bases[m]}`" if bases[m] else f"{MODALITY_NAMES[m]}: {LOCAL_SOURCE} "
+        f"({config.tower_config(m).model_type})" for m in config.modalities)
+    labels = ", ".join(f"`{config.id2label[i]}`" for i in sorted(config.id2label))
+    text = (f"# {repo_id.split('/')[-1]}\n\n"
+            f"A multimodal classifier made with mm-fusion: pretrained towers ({towers}) joined by "
+            f"{config.fusion_num_layers} cross-attention fusion layers (width {config.fusion_hidden_size}, "
+            f"{config.fusion_num_heads} heads) and a classification head over {config.num_labels} labels: {labels}. "
+            f"Each sample may have any subset of {', '.join(MODALITY_NAMES[m] for m in config.modalities)}.")
+    if adapter_only:
+        base = f"the mm-fusion model `{bases['model']}`" if bases["model"] else "the pretrained towers above"
+        text += (f"\n\nThis repository holds a peft LoRA adapter, with the fusion layers, the head and any tower "
+                 f"trained in full saved alongside it. It loads onto {base}, as shown below.")
+    return text
+
+
+def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: bool,
+           bases: dict[str, str | None]) -> str:
+    examples = {"vision": ("image", '"image.png"'), "text": ("text", '"a caption"'), "audio": ("audio", '"audio.wav"')}
+    # the pipeline takes one sample per keyword (`image=`), the processor a batch (`images=[...]`)
+    pipe_call = ", ".join(f"{examples[m][0]}={examples[m][1]}" for m in config.modalities)
+    call = ", ".join(f"{examples[m][0] + ('s' if m == 'vision' else '')}=[{examples[m][1]}]" for m in config.modalities)
+    if adapter_only:
+        if bases["model"]:
+            load_base = (f'base = AutoModelForSequenceClassification.from_pretrained(\n'
+                         f'    "{bases["model"]}", config=config, ignore_mismatched_sizes=True, trust_remote_code=True)')
+            imports = ("from peft import PeftModel\n"
+                       "from transformers import AutoConfig, AutoModelForSequenceClassification, AutoProcessor")
+        else:
+            load_base = (
+                'model_class = get_class_from_dynamic_module(\n'
+                '    "modeling_mm.MMFusionForSequenceClassification", repo_id, revision=revision)\n'
+                "# the base: the pretrained towers named in the config (fusion layers and head come from the adapter)\n"
+                "modeling = sys.modules[model_class.__module__]\n"
+                "towers = {f\"{m}_model\": modeling.load_tower(m, getattr(config, f\"{m}_config\")._name_or_path, {})\n"
+                "          for m in config.modalities}\n"
+                "base = model_class(config, **towers)")
+            imports = ("import sys\n\nfrom peft import PeftModel\nfrom transformers import AutoConfig, AutoProcessor\n"
+                       "from transformers.dynamic_module_utils import get_class_from_dynamic_module")
+        return (
+            "## Usage\n\nThe adapter loads with `transformers` and `peft` (the model code comes from this repository, "
+            "hence `trust_remote_code=True`):\n\n"
+            f"```python\n{imports}\n\n"
+            f'repo_id = "{repo_id}"\nrevision = "{revision}"\n'
+            "config = AutoConfig.from_pretrained(repo_id, revision=revision, trust_remote_code=True)\n"
+            f"{load_base}\n"
+            "model = PeftModel.from_pretrained(base, repo_id, revision=revision).eval()\n"
+            "processor = AutoProcessor.from_pretrained(repo_id, revision=revision, trust_remote_code=True)\n```\n\n"
+            "Then, for a batch (leave out a modality a sample lacks, or pass `None` in its place):\n\n"
+            f"```python\ninputs = processor({call})\n"
+            "labels = [model.config.id2label[i] for i in model(**inputs).logits.argmax(-1).tolist()]\n```\n\n"
+            "`model.merge_and_unload()` gives a plain transformers model."
+        )
+    return (
+        "## Usage\n\nWith only `transformers` installed (the model code comes from this repository, hence "
+        "`trust_remote_code=True`; the revision pins the exact files):\n\n"
+        f"```python\nfrom transformers import pipeline\n\n"
+        f'classifier = pipeline("{PIPELINE_TASK}", model="{repo_id}", revision="{revision}",\n'
+        "                      trust_remote_code=True)\n"
+        f"classifier({pipe_call})  # any subset; paths, PIL images, arrays\n"
+        f"# [{{'label': '{config.id2label[0]}', 'score': ...}}, ...]\n```\n\n"
+        "Or step by step:\n\n"
+        "```python\nfrom transformers import AutoModelForSequenceClassification, AutoProcessor\n\n"
+        f'processor = AutoProcessor.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)\n'
+        f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id}", revision="{revision}",\n'
+        "                                                           trust_remote_code=True)\n"
+        f"inputs = processor({call})\n"
+        "labels = [model.config.id2label[i] for i in model(**inputs).logits.argmax(-1).tolist()]\n```"
+    )
+
+
+def _training_section(config: PreTrainedConfig, training_args: dict[str, Any] | None,
+                      metrics: dict[str, Any] | None) -> str:
+    rows = [("fusion", f"{config.fusion_num_layers} layers, width {config.fusion_hidden_size}, "
+                       f"{config.fusion_num_heads} heads, pooling {config.fusion_pooling}")]
+    if not training_args:
+        return "## Training\n\n" + _table(("setting", "value"), rows) + \
+            "\n\nThe training settings were not recorded with this model."
+    data, lora, training = (training_args.get(k) or {} for k in ("data", "lora", "training"))
+    model = training_args.get("model") or {}
+    rows.append(("training data", _public_source(str(data.get("train_data"))) if data.get("train_data")
+                 else "the built-in mm-fusion sample"))
+    modes = ", ".join(f"{MODALITY_NAMES[m]} {lora.get(f'{m}_mode')}" for m in config.modalities)
+    rows.append(("towers", modes))
+    if any(lora.get(f"{m}_mode") == "lora" for m in config.modalities):
+        rows.append(("LoRA", f"r={lora.get('lora_r')}, alpha={lora.get('lora_alpha')}, "
+                             f"dropout={lora.get('lora_dropout')}"))
+    steps = (metrics or {}).get("global_step")
+    rows += [
+        ("epochs / max steps", f"{training.get('num_train_epochs')} / {training.get('max_steps')}"
+                               + (f" ({steps} steps run)" if steps is not None else "")),
+        ("batch", f"{training.get('per_device_batch_size')} per device x {training.get('gradient_accumulation_steps')}"
+                  f" accumulation x {(metrics or {}).get('num_processes', 1)} processes"),
+        ("learning rate", f"{training.get('learning_rate')} ({training.get('lr_scheduler')}, warmup ratio "
+                          f"{training.get('warmup_ratio')}), weight decay {training.get('weight_decay')}"),
+        ("dropout", f"fusion {model.get('fusion_dropout')}, classifier {model.get('classifier_dropout')}, "
+                    f"modality {model.get('modality_dropout')}"),
+        ("mixed precision", str(training.get("mixed_precision"))),
+        ("seed", str(training.get("seed"))),
+    ]
+    return "## Training\n\n" + _table(("setting", "value"), rows)
+
+
+def _evaluation_section(report: dict[str, Any] | None) -> str:
+    if report is None:
+        return ("## Evaluation\n\nNot evaluated: no evaluation report was published with this model "
+                "(`mm-eval --model MODEL` writes one, `mm-publish --report` takes it).")
+    data, headline = report["data"], report["headline"]
+    rows = [(key, _format(value)) for key, value in headline.items() if _is_number(value)]
+    text = (f"## Evaluation\n\nOn {data['rows']} rows of the `{data['split']}` split of "
+            f"{_public_source(str(data['source']))}:\n\n" + _table(("metric", "value"), rows))
+    ablation = report.get("ablation") or []
+    if ablation:
+        columns = [key for key in ablation[0] if key != "modalities"]
+        table = [(" + ".join(row["modalities"]), *(_format(row.get(key)) for key in columns)) for row in ablation]
+        text += ("\n\n### Modality ablation\n\nThe same rows with only some modalities given (the others withheld; "
+                 "a sample left with none counts as wrong):\n\n" + _table(("modalities", *columns), table))
+    gain = report.get("fusion_gain")
+    if isinstance(gain, dict) and {"metric", "gain", "best_single_modality"} <= gain.keys():
+        text += (f"\n\nFusion gain: {gain['metric']} with all modalities {_format(gain.get('all_modalities_value'))} "
+                 f"vs the best single modality ({gain['best_single_modality']}) "
+                 f"{_format(gain.get('best_single_modality_value'))}: {gain['gain']:+.4f}.")
+    return text
+
+
+# ---- the upload ----------------------------------------------------------------------------------------------------
+
+def upload_release(release: Release, repo_id: str, *, private: bool = False, revision: str | None = None) -> str:
+    """Upload the release folder to the model repo `repo_id` (created if needed, `private` when new) on branch
+    `revision` (created from main if needed; default main), then pin the card's snippets to the uploaded commit.
+    Returns that commit's id. Only the release's files are uploaded; files of the kinds a release holds that the
+    repo has from an earlier upload (stale shards, an adapter) are deleted in the same commit.
+    Raises `ValueError` when no token is found, or when `private` is asked for a repo that exists and is public."""
+    _check_repo_id("repo_id", repo_id, namespaced=True)
+    token = get_token()
+    if not token:
+        raise ValueError("token: no Hugging Face token found; set HF_TOKEN or log in with `hf auth login`")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    if private and not api.repo_info(repo_id, repo_type="model").private:
+        # create_repo leaves an existing repo as it is: never put weights meant to be private into a public repo
+        raise ValueError(f"private: {repo_id} already exists and is public; make it private on the Hub first, "
+                         "or publish without --private")
+    if revision:
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    logger.info("uploading %d files to %s (%s)", len(release.files), repo_id, revision or "main")
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=release.folder, repo_type="model", revision=revision,
+        allow_patterns=list(release.files), delete_patterns=list(ALLOWED_FILES),
+        commit_message=f"Upload {'adapter' if release.adapter_only else 'model'} with mm-publish",
+    )
+    # the card cannot name the commit it is part of: pin its snippets to the commit that holds the weights
+    card = release.card_for(commit.oid)
+    api.create_commit(
+        repo_id, repo_type="model", revision=revision,
+        operations=[CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode())],
+        commit_message=f"Model card: pin the usage snippets to {commit.oid[:12]}",
+    )
+    return commit.oid
+
+
+# ---- small helpers -------------------------------------------------------------------------------------------------
+
+def _check_repo_id(field: str, repo_id: Any, namespaced: bool = False) -> None:
+    if not isinstance(repo_id, str) or (namespaced and repo_id.count("/") != 1):
+        raise ValueError(f"{field}: expected a Hub id ORG/NAME, got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise ValueError(f"{field}: {repo_id!r} is not a valid Hub id ({error})") from None
+
+
+def _hub_id(source: str | None) -> str | None:
+    """`source` when it names a Hub repo, None when it is empty or a local path (which others cannot download)."""
+    if not source or Path(source).expanduser().exists() or source.startswith(("/", ".", "~")):
+        return None
+    if Path(source).suffix.lower() in _DATA_FILE_SUFFIXES:  # "data/test.csv" is a relative path, not a repo
+        return None
+    try:
+        validate_repo_id(source)
+    except ValueError:
+        return None
+    return source
+
+
+def _source_name(source: str) -> tuple[str, str]:
+    """The name and the model-index type of a data source: a Hub id as is, the built-in sample by name, a local file
+    by its name only (a full path would publish the author's folder layout)."""
+    if _hub_id(source):
+        return source, source
+    path = Path(source).expanduser().resolve()
+    if default_sample_dir().resolve() in (path, path.parent):
+        return "mm-fusion built-in sample", "mm-fusion-sample"
+    return path.name, "local"
+
+
+def _public_source(source: str) -> str:
+    """`_source_name` as the card's text says it."""
+    name, kind = _source_name(source)
+    return {"mm-fusion-sample": "the built-in mm-fusion sample", "local": f"local data (`{name}`)"}.get(kind,
+                                                                                                     f"`{name}`")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def _human_size(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+# ---- command line --------------------------------------------------------------------------------------------------
+
+def _base_model_argument(value: str) -> tuple[str, str]:
+    key, separator, repo_id = value.partition("=")
+    if not separator:
+        raise argparse.ArgumentTypeError(f"expected MODALITY=ORG/NAME (vision, text, audio or model), got {value!r}")
+    return key.strip(), repo_id.strip()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mm-publish", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="The model folder mm-train wrote (OUTPUT_DIR/model).")
+    parser.add_argument("--repo-id", required=True, help="The Hub model repo to upload to, ORG/NAME.")
+    parser.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps its "
+                                                                "visibility).")
+    parser.add_argument("--revision", help="The branch to upload to (created from main if needed); default main.")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="Publish the peft adapter (with fusion and head weights) instead of the merged model.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Build the release, print its files, sizes and model card; upload nothing.")
+    parser.add_argument("--out", help="Write the release folder here (new or empty) and keep it; default: a "
+                                      "temporary folder.")
+    parser.add_argument("--report", help="The mm-eval report.json for the card; default MODEL/evaluation/report.json "
+                                         "when it exists.")
+    parser.add_argument("--base-model", action="append", type=_base_model_argument, default=[],
+                        metavar="MODALITY=ORG/NAME",
+                        help="The Hub id of a tower (vision, text, audio), or of the mm-fusion model it was "
+                             "fine-tuned from (model=ORG/NAME), where the model folder records a local path. "
+                             "Repeat for several.")
+    parser.add_argument("--dataset", help="The Hub id of the training data set, for the card's metadata.")
+    parser.add_argument("--license", default="apache-2.0", help="The license id for the card (default apache-2.0; "
+                                                                "mind the towers' licenses).")
+    parser.add_argument("--max-shard-size", default="5GB", help="Largest weights file before sharding (default 5GB).")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    base_models = dict(args.base_model)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mm-publish-") as temporary:
+            out = Path(args.out) if args.out else Path(temporary) / "release"
+            release = build_release(
+                args.model, out, args.repo_id, adapter_only=args.adapter_only, report=args.report,
+                base_models=base_models, dataset=args.dataset, license=args.license,
+                revision=args.revision, max_shard_size=args.max_shard_size,
+            )
+            print(release.describe())
+            if args.dry_run:
+                print(f"\nREADME.md:\n{release.card}")
+                print(f"dry run: nothing uploaded to {args.repo_id}")
+                return 0
+            commit = upload_release(release, args.repo_id, private=args.private, revision=args.revision)
+    except ValueError as error:
+        print(f"mm-publish: error: {error}", file=sys.stderr)
+        return 2
+    except HfHubHTTPError as error:
+        print(f"mm-publish: error: the Hub refused the upload: {error}", file=sys.stderr)
+        return 1
+    print(f"uploaded to https://huggingface.co/{args.repo_id}/tree/{args.revision or 'main'} (commit {commit})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
