@@ -1,0 +1,741 @@
+"""mm-demo (`demo/app.py`): the page in a real browser, the API, load, a soak, file-access safety, and the UI of a
+model with two modalities.
+
+The sample model's server is started once per module through `main()` in a subprocess (the way `mm-demo` runs), on
+127.0.0.1 and a free port, with its own temporary folder under the test's; it is stopped with SIGTERM and must then
+exit cleanly and remove that folder. Tests that need a server of their own (queue full) launch a tiny model
+in-process. Everything is offline; the browser is Debian's Chromium driven by Playwright.
+"""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+gr = pytest.importorskip("gradio")  # the `demo` extra
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.utils import QueueError  # noqa: E402
+
+from conftest import FUSION_KWARGS, REPO_ROOT  # noqa: E402
+from demo.app import (  # noqa: E402
+    DEFAULT_MODEL,
+    _first_paragraph,
+    build_demo,
+    classify,
+    decode_sample,
+    load_model,
+    parse_args,
+)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+SERVER_START_SECONDS = 300  # imports and model loading on a shared 2-core machine
+REQUEST_TIMEOUT_SECONDS = 120  # the load test's stated limit: no request may take longer
+MAX_FILE_SIZE = "1mb"  # the test server's upload limit (the default is 20mb), so the 413 test sends little
+SOAK_REQUESTS = 300
+SOAK_ROWS = 20  # the soak cycles over these rows, so the uploads it makes are a fixed set of files
+SOAK_RSS_GROWTH_MB = 50  # the stated bound on resident-memory growth over the soak, after one warm-up cycle
+EXAMPLE_ROWS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_rows(csv_path: Path) -> list[dict[str, str | None]]:
+    """A sample CSV's rows with absolute media paths and None for empty cells."""
+    rows = []
+    with open(csv_path, newline="") as file:
+        for record in csv.DictReader(file):
+            row = {key: (value or None) for key, value in record.items()}
+            for key in ("image", "audio"):
+                if row[key]:
+                    row[key] = str(csv_path.parent / row[key])
+            rows.append(row)
+    return rows
+
+
+def write_wav(path: Path, samples: np.ndarray, sampling_rate: int) -> Path:
+    """int16 PCM, (frames,) or (frames, channels)."""
+    samples = samples.reshape(len(samples), -1)
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(samples.shape[1])
+        file.setsampwidth(2)
+        file.setframerate(sampling_rate)
+        file.writeframes(samples.astype("<i2").tobytes())
+    return path
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as file:
+        return next(int(line.split()[1]) for line in file if line.startswith("VmRSS")) / 1024
+
+
+def count_files(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+# ---- fixtures --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def gradio_upload_folder(monkeypatch, tmp_path) -> Path:
+    """Pages built in this process keep their uploads and example copies in the test's folder, not in /tmp/gradio."""
+    folder = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def test_rows(sample_dir) -> list[dict]:
+    return read_rows(Path(sample_dir) / "test.csv")
+
+
+@pytest.fixture(scope="module")
+def examples_dir(sample_model_dir, tmp_path_factory, test_rows) -> Path:
+    """The sample model's own examples folder when mm-train wrote one; else one built the same way (examples.csv,
+    media beside it) from the sample's test split."""
+    if (Path(sample_model_dir) / "examples" / "examples.csv").is_file():
+        return Path(sample_model_dir) / "examples"
+    folder = tmp_path_factory.mktemp("examples")
+    with open(folder / "examples.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "image", "audio", "label"])
+        for row in test_rows[:EXAMPLE_ROWS]:
+            for key in ("image", "audio"):
+                shutil.copy(row[key], folder / Path(row[key]).name)
+            writer.writerow([row["text"], Path(row["image"]).name, Path(row["audio"]).name, row["label"]])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def example_rows(examples_dir) -> list[dict]:
+    return read_rows(examples_dir / "examples.csv")
+
+
+@pytest.fixture(scope="module")
+def own_model(sample_model_dir):
+    """The sample model and processor as a user loads them, to compare the demo's answers with."""
+    import modeling_mm  # noqa: F401
+    from transformers import AutoModelForSequenceClassification, AutoProcessor
+
+    model = AutoModelForSequenceClassification.from_pretrained(sample_model_dir).eval()
+    return model, AutoProcessor.from_pretrained(sample_model_dir)
+
+
+def own_probabilities(own_model, rows: list[dict]) -> np.ndarray:
+    """The model's own probabilities for `rows` (text, image and audio paths, or None)."""
+    model, processor = own_model
+    batch = processor(text=[r["text"] for r in rows], images=[r["image"] for r in rows],
+                      audio=[r["audio"] for r in rows])
+    with torch.no_grad():
+        return model(**batch).logits.softmax(-1).numpy()
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    process: subprocess.Popen
+    temp_root: Path  # TMPDIR of the server: its own upload folder is the one mm-demo-* inside
+    log: Path
+
+    @property
+    def upload_folder(self) -> Path:
+        (folder,) = self.temp_root.glob("mm-demo-*")
+        return folder
+
+
+@pytest.fixture(scope="module")
+def server(sample_model_dir, examples_dir, tmp_path_factory) -> Server:
+    """`python -m demo.app` on the sample model; stopped with SIGTERM, after which it must exit with 0 and leave no
+    temporary folder behind."""
+    root = tmp_path_factory.mktemp("server")
+    temp_root = root / "tmp"
+    temp_root.mkdir()
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(temp_root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    env.pop("GRADIO_TEMP_DIR", None)
+    log_path = root / "server.log"
+    log = open(log_path, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "demo.app", "--model", str(sample_model_dir), "--examples", str(examples_dir),
+         "--port", str(port), "--max_file_size", MAX_FILE_SIZE],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while True:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"the server did not answer in {SERVER_START_SECONDS} s"
+            time.sleep(1)
+        yield Server(url, port, process, temp_root, log_path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            returncode = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        finally:
+            log.close()
+    assert returncode == 0, log_path.read_text()[-3000:]
+    # Gradio itself leaves an empty vibe_edit_history folder in the system temp folder; no files, though
+    assert not list(temp_root.glob("mm-demo-*")) and count_files(temp_root) == 0, "temporary files were left behind"
+
+
+def clients(server: Server, count: int) -> list[Client]:
+    """One gradio_client per simulated user: each has its own session and event stream, as separate people do (one
+    Client shared by many threads races on its own event stream)."""
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: Client(server.url, verbose=False), range(count)))
+
+
+def predict(client: Client, image=None, text=None, audio=None) -> tuple:
+    return client.predict(image=handle_file(str(image)) if image else None, text=text or "",
+                          audio=handle_file(str(audio)) if audio else None, api_name="/predict")
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad")
+    corrupt = folder / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 64)
+    text_as_image = folder / "notes.png"
+    text_as_image.write_text("just text\n" * 50)
+    short = write_wav(folder / "short.wav", np.zeros(100, dtype=np.int16), 16_000)  # 6 ms
+    return {"corrupt_image": corrupt, "text_as_image": text_as_image, "short_audio": short}
+
+
+# ---- 1. a real browser -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_browser_example_upload_and_corrupt_image(server, example_rows, test_rows, own_model, bad_files, tmp_path):
+    """Chromium clicks an example and submits, then uploads an image, types text, uploads a WAV and submits, reading
+    the predicted label each time; then a corrupt image shows its error in the page and the server stays up."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    labels = own_model[0].config.id2label
+    texts = [row["text"] for row in example_rows]
+    example = next(row for row in example_rows if row["text"] and texts.count(row["text"]) == 1)
+    uploaded = {"image": test_rows[5]["image"], "text": "a blue square with a low tone", "audio": test_rows[5]["audio"]}
+    expected = own_probabilities(own_model, [example, uploaded]).argmax(-1)
+    label = "#mm-label [data-testid=label-output-value]"
+    latency = "#mm-latency textarea, #mm-latency input"
+    answered = f"document.querySelector('{latency}').value.length > 0"
+    audio_loaded = "#mm-audio audio, #mm-audio [data-testid=waveform-Audio]"
+
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(server.url, wait_until="domcontentloaded")
+            page.wait_for_selector("#mm-submit")
+            header = page.locator("#mm-header").inner_text()
+            assert all(name in header for name in labels.values())
+            assert "http" not in header
+
+            page.get_by_text(example["text"], exact=True).click()  # the example's row in the table
+            # the example fills the inputs asynchronously: submit once they all hold it
+            playwright_api.expect(page.locator("#mm-text textarea")).to_have_value(example["text"])
+            if example["image"]:
+                page.locator("#mm-image img").wait_for()
+            if example["audio"]:
+                page.locator(audio_loaded).first.wait_for(state="attached")
+            page.locator("#mm-submit").click()
+            page.wait_for_function(answered)
+            page.locator(label).wait_for()
+            assert page.locator(label).inner_text() == labels[int(expected[0])]
+            assert page.locator("#mm-error").inner_text().strip() == ""
+
+            page.locator("#mm-clear").click()
+            page.wait_for_function(f"!({answered})")
+            page.locator("#mm-image input[type=file]").set_input_files(uploaded["image"])
+            page.locator("#mm-text textarea").fill(uploaded["text"])
+            page.locator("#mm-audio input[type=file]").set_input_files(uploaded["audio"])
+            page.locator("#mm-image img").wait_for()
+            page.locator(audio_loaded).first.wait_for(state="attached")
+            page.locator("#mm-submit").click()
+            page.wait_for_function(answered)
+            page.locator(label).wait_for()
+            assert page.locator(label).inner_text() == labels[int(expected[1])]
+            page.screenshot(path=tmp_path / "prediction.png", full_page=True)
+
+            page.locator("#mm-clear").click()
+            page.wait_for_function(f"!({answered})")
+            page.locator("#mm-image input[type=file]").set_input_files(bad_files["corrupt_image"])
+            page.locator("#mm-image img").wait_for(state="attached")
+            page.locator("#mm-submit").click()
+            page.wait_for_function(answered)
+            error = page.locator("#mm-error").inner_text()
+            assert error.startswith("image:") and "Traceback" not in error
+            alert = page.locator("[data-testid=toast-body]").first
+            alert.wait_for()
+            assert "image:" in alert.inner_text()
+            assert page.locator(label).count() == 0
+            page.screenshot(path=tmp_path / "corrupt_image.png", full_page=True)
+        except Exception:
+            page.screenshot(path=tmp_path / "failure.png", full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert (tmp_path / "prediction.png").stat().st_size > 0
+    assert server.process.poll() is None
+
+
+# ---- 2. the API ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_api_predictions_equal_the_models_own_on_the_test_split(server, test_rows, own_model):
+    """Every row of the sample's test split, sent through gradio_client by 16 users at once (so the server batches
+    them): the same predicted label and probabilities as the model itself gives."""
+    labels = own_model[0].config.id2label
+    expected = np.concatenate([own_probabilities(own_model, test_rows[i:i + 50]) for i in range(0, len(test_rows), 50)])
+    users = clients(server, 16)
+    with ThreadPoolExecutor(len(users)) as pool:
+        results = list(pool.map(lambda i, row: predict(users[i % len(users)], row["image"], row["text"], row["audio"]),
+                                range(len(test_rows)), test_rows))
+    for index, (probabilities, _, latency, error) in enumerate(results):
+        assert error == "", (index, error)
+        assert latency.endswith(")") and " ms " in latency
+        given = {item["label"]: item["confidence"] for item in probabilities["confidences"]}
+        np.testing.assert_allclose([given[labels[i]] for i in range(len(labels))], expected[index], atol=1e-4,
+                                   err_msg=f"row {index}")
+        top = np.sort(expected[index])[-2:]
+        if top[1] - top[0] > 1e-4:  # a tie within the tolerance may go either way
+            assert probabilities["label"] == labels[int(expected[index].argmax())], index
+
+
+# ---- 3. load ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_40_concurrent_requests_with_bad_inputs_all_finish_with_a_result_or_a_clear_error(server, test_rows,
+                                                                                          bad_files):
+    """40 submissions at once, 12 of them bad: each finishes within REQUEST_TIMEOUT_SECONDS with a label (good
+    input), the input's error (bad input), or an explicit queue-full error; p50/p95 latency is reported."""
+    good = [(row["image"], row["text"], row["audio"]) for row in test_rows[:28]]
+    bad = [
+        *[(bad_files["corrupt_image"], "a red circle", None, "image:")] * 3,
+        *[(bad_files["text_as_image"], None, test_rows[0]["audio"], "image:")] * 3,
+        *[(None, "a high tone", bad_files["short_audio"], "audio:")] * 2,
+        *[(None, None, bad_files["corrupt_image"], "audio:")] * 2,
+        *[(None, "   ", None, "no input")] * 2,
+    ]
+    requests = [(*inputs, None) for inputs in good] + bad
+    order = np.random.default_rng(0).permutation(len(requests))
+    requests = [requests[i] for i in order]
+    users = clients(server, len(requests))
+
+    def send(client: Client, request: tuple):
+        image, text, audio, expected_error = request
+        start = time.perf_counter()
+        try:
+            job = client.submit(image=handle_file(str(image)) if image else None, text=text or "",
+                                audio=handle_file(str(audio)) if audio else None, api_name="/predict")
+            outcome = job.result(timeout=REQUEST_TIMEOUT_SECONDS)
+        except QueueError as error:
+            outcome = error
+        return expected_error, outcome, time.perf_counter() - start
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        finished = list(pool.map(send, users, requests, timeout=REQUEST_TIMEOUT_SECONDS + 60))
+
+    seconds, in_server, queue_full = [], [], 0
+    for expected_error, outcome, elapsed in finished:
+        assert elapsed < REQUEST_TIMEOUT_SECONDS
+        if isinstance(outcome, QueueError):
+            queue_full += 1
+            continue
+        probabilities, _, latency, error = outcome
+        if expected_error is None:
+            assert error == "" and probabilities["label"] in ("match", "mismatch"), error
+            seconds.append(elapsed)
+            in_server.append(float(latency.split(" ms")[0]) / 1000)
+        else:
+            assert error.startswith(expected_error) and not probabilities.get("label"), error
+    assert seconds, "no request got a result"
+    p50, p95 = np.percentile(seconds, [50, 95])
+    batch_p50, batch_p95 = np.percentile(in_server, [50, 95])
+    print(f"\nload: {len(requests)} concurrent requests ({len(bad)} bad), {queue_full} refused as queue full; "
+          f"good ones end to end (upload, queue, batch) p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms; "
+          f"their batch's time in the app p50 {batch_p50 * 1000:.0f} ms, p95 {batch_p95 * 1000:.0f} ms")
+
+
+# ---- 4. soak ---------------------------------------------------------------------------------------------------------
+
+
+def rest_predict(http: httpx.Client, url: str, image: str | None, text: str | None, audio: str | None) -> list:
+    """One request through Gradio's REST API, as curl would send it: upload the files, queue the call, read the
+    answer (server-sent events). Returns the four outputs."""
+    def upload(path: str | None) -> dict | None:
+        if path is None:
+            return None
+        with open(path, "rb") as file:
+            (uploaded,) = http.post(f"{url}gradio_api/upload", files=[("files", (Path(path).name, file))]).json()
+        return {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+
+    data = [upload(image), text or "", upload(audio)]
+    event = http.post(f"{url}gradio_api/call/predict", json={"data": data}).json()["event_id"]
+    answer = http.get(f"{url}gradio_api/call/predict/{event}").text
+    assert answer.startswith("event: complete"), answer
+    return json.loads(answer.split("data:", 1)[1])
+
+
+@pytest.mark.timeout(600)
+def test_soak_300_sequential_requests_keep_memory_and_temp_files_bounded(server, test_rows):
+    """300 requests one after another (each uploads its image and WAV; REST API with one keep-alive connection, so
+    the test measures the server rather than the client), cycling over SOAK_ROWS rows: after one warm-up cycle,
+    resident memory grows by less than SOAK_RSS_GROWTH_MB and the upload folder holds no more files than it did."""
+    rows = test_rows[:SOAK_ROWS]
+    pid = server.process.pid
+    rss, files = [], []
+    with httpx.Client(timeout=REQUEST_TIMEOUT_SECONDS) as http:
+        for index in range(SOAK_REQUESTS):
+            row = rows[index % SOAK_ROWS]
+            probabilities, _, _, error = rest_predict(http, server.url, row["image"], row["text"], row["audio"])
+            assert error == "" and probabilities["label"], (index, error)
+            if index % SOAK_ROWS == SOAK_ROWS - 1:
+                rss.append(rss_mb(pid))
+                files.append(count_files(server.upload_folder))
+    growth = rss[-1] - rss[0]
+    print(f"\nsoak: {SOAK_REQUESTS} requests; resident memory {rss[0]:.0f} MB after the first {SOAK_ROWS}, "
+          f"{rss[-1]:.0f} MB at the end (growth {growth:+.0f} MB, max {max(rss):.0f} MB); "
+          f"{files[-1]} files in the upload folder, as after the first {SOAK_ROWS}")
+    assert growth < SOAK_RSS_GROWTH_MB, rss
+    assert files[-1] == files[0], files
+
+
+# ---- 5. file-access safety -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [
+    "{examples}/../../../../../../etc/passwd",
+    "{examples}/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "{examples}/..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "../../../../../../etc/passwd",
+    "/etc/passwd",
+    "/proc/self/environ",
+    "{model}/config.json",
+    "{model}/model.safetensors",
+    "{sample}/test.csv",
+    "{examples}/examples.csv",  # the examples are served from Gradio's copies, not from their folder
+    "{example_file}",
+    "{log}",
+    "{examples}/../{log_from_examples}",
+    str(REPO_ROOT / "demo" / "app.py"),
+    "http://127.0.0.1:{port}/gradio_api/info",  # the file route fetches URLs: never an internal one
+])
+def test_files_outside_the_allowed_set_are_refused(server, examples_dir, sample_model_dir, sample_dir, path):
+    example_file = next(p for p in sorted(examples_dir.rglob("*")) if p.is_file() and p.suffix != ".csv")
+    path = path.format(examples=examples_dir, example_file=example_file, model=sample_model_dir, sample=sample_dir,
+                       log=server.log,
+                       log_from_examples=os.path.relpath(server.log, examples_dir.parent), port=server.port)
+    # http.client sends the target as written; httpx would resolve the ../ segments itself
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request("GET", "/gradio_api/file=" + path)
+        status = connection.getresponse().status
+    finally:
+        connection.close()
+    assert status in (403, 404), (path, status)
+
+
+def test_the_examples_and_uploads_are_served(server, test_rows):
+    """The allowed set is not empty: the server's copies of the examples and its uploads."""
+    config = httpx.get(f"{server.url}config").json()
+    (examples,) = [c for c in config["components"] if c["type"] == "dataset"]
+    first_image = examples["props"]["samples"][0][0]
+    assert Path(first_image["path"]).is_relative_to(server.upload_folder)
+    assert httpx.get(first_image["url"]).status_code == 200
+    with open(test_rows[0]["image"], "rb") as file:
+        (uploaded,) = httpx.post(f"{server.url}gradio_api/upload", files=[("files", ("x.png", file))]).json()
+    assert httpx.get(f"{server.url}gradio_api/file={uploaded}").status_code == 200
+
+
+def test_uploads_over_max_file_size_are_refused_with_413(server):
+    too_big = os.urandom(1_500_000)  # MAX_FILE_SIZE is 1mb
+    response = httpx.post(f"{server.url}gradio_api/upload", files=[("files", ("big.png", too_big))], timeout=60)
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("input_index", [0, 2], ids=["image", "audio"])
+@pytest.mark.parametrize("reference", [
+    lambda path: {"path": path, "meta": {"_type": "gradio.FileData"}},  # Gradio refuses it
+    lambda path: {"path": path},  # Gradio passes it on: the app refuses it
+    lambda path: path,
+    lambda path: {"path": None, "url": f"file://{path}", "meta": {"_type": "gradio.FileData"}},
+], ids=["file-data", "dict-without-meta", "bare-path", "file-url"])
+def test_a_request_cannot_make_the_server_read_its_own_files(server, test_rows, input_index, reference):
+    """A file reference that was not uploaded (a path on the server, in every form the JSON API can carry) is
+    refused, by Gradio or by the app, before any decoding: no prediction comes back."""
+    data = [None, "a red circle", None]
+    data[input_index] = reference(test_rows[0]["image" if input_index == 0 else "audio"])
+    api = f"{server.url}gradio_api/call/predict"
+    event = httpx.post(api, json={"data": data}, timeout=30).json()["event_id"]
+    answer = httpx.get(f"{api}/{event}", timeout=REQUEST_TIMEOUT_SECONDS).text
+    if answer.startswith("event: complete"):
+        probabilities, _, _, error = json.loads(answer.split("data:", 1)[1])
+        assert not probabilities.get("label") and error.startswith(("image:", "audio:")), answer
+    else:
+        assert answer.startswith("event: error"), answer
+
+
+# ---- 6. a model with two modalities ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vision_text_model_dir(tmp_path_factory, vit_dir, bert_dir) -> Path:
+    """A tiny image + text classifier with three labels, saved with its processor and an examples folder."""
+    from modeling_mm import MMFusionForSequenceClassification
+    from processors import MMFusionProcessor
+
+    folder = tmp_path_factory.mktemp("vision_text") / "model"
+    torch.manual_seed(0)
+    labels = {0: "cat", 1: "dog", 2: "bird"}
+    model = MMFusionForSequenceClassification.from_towers(
+        vision=vit_dir, text=bert_dir, num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()},
+        **FUSION_KWARGS)
+    model.save_pretrained(folder)
+    MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir).save_pretrained(folder)
+    examples = folder / "examples"
+    examples.mkdir()
+    Image.new("RGB", (40, 30), "red").save(examples / "red.png")
+    (examples / "examples.csv").write_text("text,image,audio,label\na red cat,red.png,,cat\n")
+    return folder
+
+
+def test_the_ui_of_a_two_modality_model_shows_only_its_inputs(vision_text_model_dir):
+    demo = build_demo(str(vision_text_model_dir))
+    components = list(demo.blocks.values())
+    assert any(isinstance(c, gr.Image) for c in components)
+    assert any(isinstance(c, gr.Textbox) and c.label == "Text" for c in components)
+    assert not any(isinstance(c, gr.Audio) for c in components)
+    header = next(c for c in components if isinstance(c, gr.Markdown) and c.elem_id == "mm-header").value
+    assert "cat, dog, bird" in header and "image, text;" in header and "audio" not in header
+    assert demo.examples_dir == str(vision_text_model_dir / "examples")  # the model folder's own examples
+    (examples,) = [c for c in components if isinstance(c, gr.Dataset)]
+    assert len(examples.samples) == 1 and len(examples.samples[0]) == 2
+    parameters = demo.get_api_info()["named_endpoints"]["/predict"]["parameters"]
+    assert [p["parameter_name"] for p in parameters] == ["image", "text"]
+
+
+def predict_fn(demo: gr.Blocks):
+    return next(fn.fn for fn in demo.fns.values() if fn.api_name == "predict")
+
+
+def test_one_bad_item_does_not_fail_its_batch(vision_text_model_dir, gradio_upload_folder):
+    """The batched function answers each item: the good ones get labels, a corrupt image, an empty request and a
+    file outside the upload folder get their errors, and every item reports the latency of the whole call."""
+    uploads = gradio_upload_folder
+    uploads.mkdir()
+    demo = build_demo(str(vision_text_model_dir))
+    Image.new("RGB", (40, 30), "red").save(uploads / "red.png")
+    (uploads / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 100)
+    outside = str(vision_text_model_dir / "examples" / "red.png")
+    labels, charts, latencies, errors = predict_fn(demo)(
+        image=[{"path": str(uploads / "red.png")}, {"path": str(uploads / "corrupt.jpg")}, None, None,
+               {"path": outside}],
+        text=["a red cat", "a cat", "a dog", "", "a cat"])
+    assert labels[0] and labels[2] and set(labels[0]) == {"cat", "dog", "bird"}
+    assert list(charts[0]["input"]) == ["image", "text"] and list(charts[2]["input"]) == ["text"]
+    assert labels[1] is None and errors[1].startswith("image:")
+    assert labels[3] is None and errors[3].startswith("no input")
+    assert labels[4] is None and errors[4] == "image: not a file uploaded to this server"
+    assert errors[0] == errors[2] == ""
+    assert len(set(latencies)) == 1 and latencies[0].endswith("batch of 5)")
+
+
+@pytest.mark.timeout(300)
+def test_queue_full_is_an_explicit_error(vision_text_model_dir, monkeypatch):
+    """With room for one waiting request and a slow model, a burst of 6 gets results and explicit queue-full errors,
+    nothing else."""
+    demo = build_demo(str(vision_text_model_dir), max_queue_size=1, max_batch_size=1)
+    forward = demo.model.forward
+    monkeypatch.setattr(demo.model, "forward", lambda *args, **kwargs: (time.sleep(1.0), forward(*args, **kwargs))[1])
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        users = [Client(demo.local_url, verbose=False) for _ in range(6)]
+        jobs = [user.submit(image=None, text=f"a cat {i}", api_name="/predict") for i, user in enumerate(users)]
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(job.result(timeout=REQUEST_TIMEOUT_SECONDS))
+            except QueueError as error:
+                outcomes.append(error)
+    finally:
+        demo.close()
+    refused = [o for o in outcomes if isinstance(o, QueueError)]
+    answered = [o for o in outcomes if not isinstance(o, QueueError)]
+    assert refused and answered
+    assert all("queue is full" in str(o).lower() for o in refused)
+    assert all(o[0]["label"] in ("cat", "dog", "bird") for o in answered)
+
+
+def test_uploads_are_deleted_when_the_server_closes(vision_text_model_dir):
+    demo = build_demo(str(vision_text_model_dir))
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        image = Image.new("RGB", (40, 30), "blue")
+        (uploaded,) = httpx.post(f"{demo.local_url}gradio_api/upload",
+                                 files=[("files", ("blue.png", png_bytes(image)))]).json()
+        client = Client(demo.local_url, verbose=False)
+        assert client.predict(image={"path": uploaded, "meta": {"_type": "gradio.FileData"}}, text="a cat",
+                              api_name="/predict")[3] == ""
+        assert Path(uploaded).is_file()
+    finally:
+        demo.close()
+    assert not Path(uploaded).exists()
+
+
+# ---- decoding, the per-sample view, the header -----------------------------------------------------------------------
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("image", [
+    Image.new("RGBA", (40, 30), (255, 0, 0, 128)),
+    Image.new("L", (40, 30), 128),
+    Image.new("P", (40, 30)),
+    Image.new("CMYK", (40, 30)),
+    Image.new("I;16", (40, 30), 40_000),
+    np.zeros((30, 40, 4), dtype=np.uint8),
+    {"path": None, "bytes": png_bytes(Image.new("LA", (40, 30)))},
+], ids=["RGBA", "L", "P", "CMYK", "I;16", "RGBA-array", "bytes"])
+def test_images_of_any_mode_decode_to_rgb(image):
+    sample = decode_sample(image=image)
+    assert sample.image.mode == "RGB" and sample.image.size == (40, 30)
+
+
+@pytest.mark.parametrize("as_file", [False, True], ids=["tuple", "wav-file"])
+@pytest.mark.parametrize("rate,channels", [(48_000, 2), (44_100, 1), (8_000, 2), (16_000, 1)])
+def test_microphone_int16_audio_at_any_rate_and_channel_count_is_resampled(rate, channels, as_file, tmp_path):
+    """Gradio's microphone gives (rate, int16 array) in Python and a WAV file (the browser's rate) to the app."""
+    samples = (np.random.default_rng(0).standard_normal((rate // 2, channels)) * 3000).astype(np.int16)
+    audio = (rate, samples if channels > 1 else samples[:, 0])
+    if as_file:
+        audio = {"path": str(write_wav(tmp_path / "microphone.wav", samples, rate))}
+    sample = decode_sample(audio=audio, sampling_rate=16_000)
+    assert sample.audio.dtype == np.float32 and sample.audio.shape == (8_000,)
+    assert np.abs(sample.audio).max() < 1.0
+
+
+@pytest.mark.parametrize("given,message", [
+    (dict(image=b"\x89PNG\r\n\x1a\n" + b"x" * 50), "image:"),
+    (dict(image=np.zeros((4, 4, 3), dtype=np.uint8)), "image:"),
+    (dict(audio=(16_000, np.zeros(100, dtype=np.int16))), "audio:"),
+    (dict(audio=(16_000, np.full(16_000, np.nan, dtype=np.float32))), "audio:"),
+    (dict(audio=(16_000, np.zeros((16_000, 20), dtype=np.int16))), "audio:"),
+    (dict(text="x" * 10_001), "text:"),
+    (dict(text="\ud800 lone surrogate"), "text:"),
+    (dict(text="   "), "no input"),
+    (dict(), "no input"),
+], ids=["corrupt-png", "tiny-image", "short-audio", "nan-audio", "20-channels", "long-text", "surrogate",
+        "blank-text", "nothing"])
+def test_bad_input_is_refused_with_a_readable_value_error(given, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        decode_sample(**given)
+
+
+@pytest.mark.timeout(300)
+def test_batched_contributions_equal_the_per_sample_view(sample_model_dir, test_rows):
+    """classify's batch (with rows that lack a modality) gives explain_sample's probabilities and contributions."""
+    explain_sample = pytest.importorskip("training.evaluation").explain_sample
+    model, processor = load_model(str(sample_model_dir), device="cpu")
+    cases = [
+        dict(image=test_rows[0]["image"], text=test_rows[0]["text"], audio=test_rows[0]["audio"]),
+        dict(image=test_rows[1]["image"], text=test_rows[1]["text"]),
+        dict(text=test_rows[2]["text"], audio=test_rows[2]["audio"]),
+        dict(audio=test_rows[3]["audio"]),
+    ]
+    results = classify(model, processor, [decode_sample(**case) for case in cases])
+    for case, result in zip(cases, results):
+        view = explain_sample(model, processor, **case)
+        assert result["predicted"] == view["predicted"]
+        assert result["contributions"].keys() == view["contributions"].keys()
+        for name, value in view["contributions"].items():
+            assert result["contributions"][name] == pytest.approx(value, abs=1e-4), (case, name)
+        for name, value in view["probabilities"].items():
+            assert result["probabilities"][name] == pytest.approx(value, abs=1e-4)
+
+
+def test_the_header_description_is_the_cards_first_paragraph_without_links():
+    card = (
+        "# my-model\n\n<img src='x.png'>\n\n"
+        "A classifier made with [mm-fusion](https://github.com/x/y) ![badge](https://img.shields.io/b.svg) from "
+        "`google/vit-base` towers, see https://example.com/docs or www.example.org for more.\n\n"
+        "## Usage\n\nmore text"
+    )
+    description = _first_paragraph(card)
+    assert description.startswith("A classifier made with mm-fusion from google/vit-base towers")
+    assert "http" not in description and "www." not in description and "](" not in description
+    assert "Usage" not in description
+
+
+def test_server_settings_default_to_safe_values_and_spaces_set_them_through_the_environment(monkeypatch):
+    for name in ("MM_FUSION_MODEL", "MM_FUSION_TRUST_REMOTE_CODE", "MM_FUSION_EXAMPLES", "GRADIO_SERVER_NAME",
+                 "GRADIO_SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    args = parse_args([])
+    assert (args.model, args.host, args.share, args.trust_remote_code) == (DEFAULT_MODEL, "127.0.0.1", False, False)
+    assert args.max_file_size == "20mb" and args.max_queue_size > 0 and args.concurrency_limit >= 1
+    monkeypatch.setenv("MM_FUSION_MODEL", "user/model")
+    monkeypatch.setenv("MM_FUSION_TRUST_REMOTE_CODE", "1")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")  # what Spaces set
+    args = parse_args([])
+    assert (args.model, args.host, args.trust_remote_code) == ("user/model", "0.0.0.0", True)
+
+
+def test_the_app_file_builds_demo_for_hosts_that_import_it(vision_text_model_dir, monkeypatch):
+    """Loaded as a file (as Spaces and `gradio demo/app.py` do) with MM_FUSION_MODEL set, it exposes `demo`."""
+    import importlib.util
+
+    monkeypatch.setenv("MM_FUSION_MODEL", str(vision_text_model_dir))
+    spec = importlib.util.spec_from_file_location("space_app", REPO_ROOT / "demo" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "space_app", module)  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    assert isinstance(module.demo, gr.Blocks) and module.demo.examples_dir.endswith("examples")
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "outputs/no-such-run/model", "./model"])
+def test_a_missing_model_folder_is_a_plain_error(path):
+    with pytest.raises(ValueError, match="^model: no folder"):
+        load_model(path)
