@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -25,6 +24,7 @@ from training.evaluation import (
     FIGURE_DPI,
     FIGURE_SIZE,
     EvaluationSettings,
+    bootstrap_intervals,
     classification_metrics,
     corrupt_audio,
     corrupt_text,
@@ -39,6 +39,14 @@ from training.evaluation import (
     negative_log_likelihood,
     quality_metrics,
     regression_metrics,
+    robustness_conditions,
+)
+from training.evaluation import (
+    _classifier,
+    _EvaluationCollator,
+    _forward,
+    _headline_statistics,
+    _reusing_tower_outputs,
 )
 from training.lora import load_trained_model
 from training.sample_data import generate_sample
@@ -161,6 +169,28 @@ def test_regression_metrics_equal_sklearn_and_scipy(rng):
     constant = regression_metrics(y, np.zeros(30))
     assert constant["pearson"] is None and constant["spearman"] is None
     assert "constant" in constant["undefined"]["pearson"]
+
+
+@pytest.mark.parametrize("case", ["random", "class never predicted", "with samples without prediction"])
+def test_vectorised_bootstrap_statistics_equal_the_reported_metrics(case, rng):
+    """The bootstrap computes accuracy, macro F1 and balanced accuracy with numpy over all resamples at once: on
+    any resample they equal `classification_metrics` (scikit-learn) on that resample."""
+    labels = rng.integers(0, 3, 60)
+    logits = rng.normal(size=(60, 3))
+    if case == "class never predicted":
+        logits[:, 2] = -10.0
+    if case == "with samples without prediction":
+        logits[::7] = np.nan
+    samples, statistics = _headline_statistics(labels, logits, LABELS3, "single_label_classification")
+    indices = rng.integers(0, samples, (20, samples))
+    indices[0] = np.where(labels == 0)[0][0]  # one class only in this resample
+    vectorised = {name: statistic(indices) for name, statistic in statistics.items()}
+    for r, resample in enumerate(indices):
+        expected = quality_metrics(logits[resample], labels[resample], LABELS3, "single_label_classification")
+        for name in ("accuracy", "macro_f1", "balanced_accuracy"):
+            assert vectorised[name][r] == pytest.approx(expected[name], abs=1e-12), (name, r)
+    intervals = bootstrap_intervals(statistics, samples, 200, seed=0)
+    assert all(low <= high for low, high in intervals.values())
 
 
 # ---- 4. calibration ------------------------------------------------------------------------------------------------
@@ -391,6 +421,46 @@ def test_explain_sample_matches_withholding_through_the_masks(tiny_reports, tiny
     assert model.config._attn_implementation == "sdpa"  # switched to eager for the weights, then restored
     with pytest.raises(ValueError, match=r"text\[0\]: empty"):
         explain_sample(model, processor, text="   ")
+
+
+def test_towers_run_once_per_batch_and_per_corruption_of_their_modality(tiny_reports, tiny_run):
+    """Within a batch, every modality subset and every corruption of another modality give a tower the same inputs:
+    `_reusing_tower_outputs` runs it once for them, and the logits are exactly those of running it every time."""
+    model, processor = tiny_reports["model"], tiny_reports["processor"]
+    fusion = _classifier(model).model
+    modalities = tuple(fusion.modalities)
+    test = load_split(str(tiny_run["sample"] / "test.csv"), "test", DataSettings())
+    settings = EvaluationSettings(audio_snr_db=[0.0], image_blur_radii=[2.0], image_noise_std=[],
+                                  text_typo_rates=[0.3])
+    corruptions = robustness_conditions(settings, modalities)
+    collator = _EvaluationCollator(processor, DataSettings(), ["match", "mismatch"], "single_label_classification",
+                                   corruptions, seed=0)
+    batches, _, _ = collator([(i, test[i]) for i in range(4)])
+    subsets = [modalities, ("vision", "text"), ("audio",)]
+
+    def every_pass():
+        return ([_forward(model, batches["clean"], subset, 2)[0] for subset in subsets]
+                + [_forward(model, batches[c.name], modalities, 2)[0] for c in corruptions])
+
+    runs: dict[str, int] = {}
+    hooks = [next(fusion.get_tower(m).children()).register_forward_hook(
+        lambda *_, m=m: runs.__setitem__(m, runs.get(m, 0) + 1)) for m in modalities]
+    was_training = model.training
+    model.eval()
+    try:
+        expected = every_pass()
+        assert runs == {m: 2 + len(corruptions) for m in modalities}  # two subsets have each, and 3 corruptions
+        runs.clear()
+        with _reusing_tower_outputs(model):
+            reused = every_pass()
+        assert runs == {m: 1 + 1 for m in modalities}  # clean, and the one corruption of its own modality
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    for a, b in zip(expected, reused):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert not any("forward" in fusion.get_tower(m).__dict__ for m in modalities)
 
 
 # ---- 6. mm-eval in a fresh process, and its errors -------------------------------------------------------------------

@@ -64,18 +64,18 @@ from transformers.utils import logging as hf_logging
 import modeling_mm  # noqa: F401  (registers the Auto classes)
 from modeling_mm.modeling_mm import PRESENCE_KEYS
 from processors import MMFusionProcessor, MediaLimits, load_audio, load_image
-from training.data import SPLIT_NAMES, DataSettings, MMFusionCollator, find_bad_rows, load_table
+from training.data import SPLIT_NAMES, DataSettings, MMFusionCollator, _undecoded, find_bad_rows, load_table
 
 logger = logging.getLogger("mm_fusion.evaluation")
 
 # user-facing modality names (reports, explain_sample) <-> the model's internal stream names
 USER_NAMES = {"vision": "image", "text": "text", "audio": "audio"}
-INTERNAL_NAMES = {user: internal for internal, user in USER_NAMES.items()}
 SINGLE_LABEL, MULTI_LABEL, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
 CORRUPTION_KINDS = ("audio_noise", "image_blur", "image_noise", "text_typos")
 CORRUPTION_MODALITY = {"audio_noise": "audio", "image_blur": "vision", "image_noise": "vision", "text_typos": "text"}
 CORRUPTION_LEVEL_NAMES = {"audio_noise": "SNR (dB)", "image_blur": "blur radius (px)",
                           "image_noise": "noise std (fraction of 255)", "text_typos": "typo rate per character"}
+TEMPERATURE_RANGE = (0.05, 20.0)  # the temperatures fit_temperature searches
 # every plot has this size, so a reader (and the tests) can rely on it: 640 x 480 pixels
 FIGURE_SIZE, FIGURE_DPI = (6.4, 4.8), 100
 
@@ -321,15 +321,16 @@ def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict
 def bootstrap_intervals(statistics: dict[str, Any], samples: int, rounds: int, seed: int,
                         confidence_level: float = 0.95) -> dict[str, list[float] | None]:
     """Percentile bootstrap confidence intervals (scipy.stats.bootstrap over resampled sample indices, so the
-    samples stay paired) for each `statistics[name](indices) -> float`. None when there are fewer than 2 samples
-    or `rounds` is 0."""
+    samples stay paired) for each `statistics[name](indices) -> values`, vectorised: `indices` is an integer array
+    (..., samples) and the result has shape `indices.shape[:-1]` (wrap a function of one index array with
+    `_per_resample`). None when there are fewer than 2 samples or `rounds` is 0."""
     if rounds == 0 or samples < 2:
         return {name: None for name in statistics}
     intervals = {}
     for offset, (name, statistic) in enumerate(statistics.items()):
-        result = stats.bootstrap((np.arange(samples),), statistic, n_resamples=rounds, vectorized=False,
-                                 confidence_level=confidence_level, method="percentile",
-                                 random_state=np.random.default_rng([seed, offset]))
+        result = stats.bootstrap((np.arange(samples),), lambda indices, axis=-1, f=statistic: f(indices),
+                                 n_resamples=rounds, vectorized=True, confidence_level=confidence_level,
+                                 method="percentile", random_state=np.random.default_rng([seed, offset]))
         low, high = result.confidence_interval
         intervals[name] = [_number(low), _number(high)] if math.isfinite(low) and math.isfinite(high) else None
     return intervals
@@ -369,11 +370,11 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, problem_type
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, problem_type: str = SINGLE_LABEL) -> float:
     """The temperature T > 0 that minimises the NLL of `logits / T` (scipy's bounded scalar search over log T,
-    T in [0.05, 20]). Fit it on validation logits; it does not change the argmax."""
+    T in `TEMPERATURE_RANGE`). Fit it on validation logits; it does not change the argmax."""
     logits = np.asarray(logits, dtype=np.float64)
     result = optimize.minimize_scalar(
         lambda log_t: negative_log_likelihood(logits / math.exp(log_t), labels, problem_type),
-        bounds=(math.log(0.05), math.log(20.0)), method="bounded", options={"xatol": 1e-5})
+        bounds=tuple(math.log(t) for t in TEMPERATURE_RANGE), method="bounded", options={"xatol": 1e-5})
     return float(math.exp(result.x))
 
 
@@ -747,12 +748,66 @@ class _Collected:
     attention_counts: dict[str, int]
 
 
+def _equal(a: Any, b: Any) -> bool:
+    """Exact equality of call arguments: tensors (shape, dtype, device and values), lists, tuples, dicts, scalars."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return type(a) is type(b) and bool(a == b)
+
+
+@contextlib.contextmanager
+def _reusing_tower_outputs(model: torch.nn.Module) -> Iterator[list]:
+    """While active, a tower called with inputs exactly equal to those of an earlier call returns that call's output
+    instead of running again; clear the yielded cache to forget them. In one batch of `_collect`, every modality
+    subset and every corruption of another modality gives a tower the same inputs, so each tower runs once per
+    batch plus once per corruption of its own modality, instead of once per subset and corruption. Only equal inputs
+    reuse an output (eval mode, no_grad), so no number changes. A call that asks for the tower's attentions or hidden
+    states never reuses an output computed without them."""
+    base = _classifier(model)
+    towers = [base.model.get_tower(m) for m in base.model.modalities]
+    flags = ("output_attentions", "output_hidden_states")
+    cache: list[tuple[torch.nn.Module, dict[str, bool], tuple, Any]] = []
+
+    def reusing(tower, run):
+        def forward(*args, **kwargs):
+            asked = {flag: bool(kwargs.get(flag)) for flag in flags}
+            inputs = (args, {key: value for key, value in kwargs.items() if key not in flags})
+            for owner, had, earlier, output in cache:
+                if owner is tower and all(had[f] or not asked[f] for f in flags) and _equal(earlier, inputs):
+                    return output
+            output = run(*args, **kwargs)
+            cache.append((tower, asked, inputs, output))
+            return output
+        return forward
+
+    # the instance attribute shadows the class's forward (an earlier instance attribute, e.g. accelerate's hooks,
+    # is wrapped and put back)
+    previous = [tower.__dict__.get("forward") for tower in towers]
+    for tower in towers:
+        tower.forward = reusing(tower, tower.forward)
+    try:
+        yield cache
+    finally:
+        cache.clear()
+        for tower, earlier in zip(towers, previous):
+            if earlier is None:
+                del tower.forward
+            else:
+                tower.forward = earlier
+
+
 def _collect(model: torch.nn.Module, processor: MMFusionProcessor, dataset: datasets.Dataset, columns: DataSettings,
              label_names: Sequence[str], problem_type: str, settings: EvaluationSettings,
              subsets: Sequence[tuple[str, ...]], corruptions: Sequence[Corruption], attention: bool,
              desc: str) -> _Collected:
     """Run every modality subset on the clean batches and the full model on every corrupted copy, in one pass over
-    the data (each row is decoded once per corrupted modality, whatever the number of levels)."""
+    the data (each row is decoded once per corrupted modality, whatever the number of levels; each tower runs once
+    per batch and corruption of its modality, see `_reusing_tower_outputs`)."""
     base = _classifier(model)
     modalities, num_labels = base.model.modalities, base.config.num_labels
     collator = _EvaluationCollator(processor, columns, label_names, problem_type, corruptions, settings.seed)
@@ -764,8 +819,9 @@ def _collect(model: torch.nn.Module, processor: MMFusionProcessor, dataset: data
     labels, presence = None, np.zeros((rows, len(modalities)), dtype=bool)
     sums: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
-    with _evaluation_mode(model, eager_fusion=attention):
+    with _evaluation_mode(model, eager_fusion=attention), _reusing_tower_outputs(model) as tower_outputs:
         for batches, batch_labels, indices in tqdm(loader, desc=desc, leave=False):
+            tower_outputs.clear()
             if labels is None:
                 labels = np.zeros((rows, *batch_labels.shape[1:]), dtype=batch_labels.numpy().dtype)
             labels[indices.numpy()] = batch_labels.numpy()
@@ -837,31 +893,57 @@ def _headline_keys(problem_type: str) -> tuple[str, ...]:
     return ("accuracy", "macro_f1", "balanced_accuracy")
 
 
+def _per_resample(statistic):
+    """A function of one index array (samples,) applied to every row of an index array (..., samples)."""
+    return lambda indices: np.apply_along_axis(statistic, -1, indices)
+
+
+def _class_counts(values: np.ndarray, num_classes: int) -> np.ndarray:
+    """Occurrences of each class id along the last axis of `values` (..., samples); -1 (no class) is not counted."""
+    flat = values.reshape(-1, values.shape[-1])
+    offsets = np.arange(len(flat))[:, None] * num_classes + flat
+    counts = np.bincount(offsets[flat >= 0], minlength=len(flat) * num_classes)
+    return counts.reshape(*values.shape[:-1], num_classes)
+
+
 def _headline_statistics(labels: np.ndarray, logits: np.ndarray, label_names: Sequence[str], problem_type: str):
-    """{headline metric: statistic(indices)} for the bootstrap, the same definitions as `quality_metrics`."""
+    """{headline metric: vectorised statistic(indices)} for the bootstrap, the same definitions as
+    `quality_metrics`. Single-label statistics are computed with numpy from per-class counts of all the resamples
+    at once (the bootstrap's cost would otherwise be thousands of scikit-learn calls); the others call
+    scikit-learn once per resample."""
     if problem_type == REGRESSION:
         keep = ~np.isnan(logits).any(1)
         y, p = labels[keep], logits[keep][:, 0]
-        return len(y), {"mse": lambda i: skm.mean_squared_error(y[i], p[i]),
-                        "mae": lambda i: skm.mean_absolute_error(y[i], p[i]),
-                        "r2": lambda i: skm.r2_score(y[i], p[i])}
+        return len(y), {"mse": _per_resample(lambda i: skm.mean_squared_error(y[i], p[i])),
+                        "mae": _per_resample(lambda i: skm.mean_absolute_error(y[i], p[i])),
+                        "r2": _per_resample(lambda i: skm.r2_score(y[i], p[i]))}
     predicted = _predictions(logits, labels, problem_type)
     if problem_type == MULTI_LABEL:
         return len(labels), {
-            "accuracy": lambda i: skm.accuracy_score(labels[i], predicted[i]),
-            "micro_f1": lambda i: skm.f1_score(labels[i], predicted[i], average="micro", zero_division=0),
-            "macro_f1": lambda i: skm.f1_score(labels[i], predicted[i], average="macro", zero_division=0)}
+            "accuracy": _per_resample(lambda i: skm.accuracy_score(labels[i], predicted[i])),
+            "micro_f1": _per_resample(lambda i: skm.f1_score(labels[i], predicted[i], average="micro",
+                                                             zero_division=0)),
+            "macro_f1": _per_resample(lambda i: skm.f1_score(labels[i], predicted[i], average="macro",
+                                                             zero_division=0))}
+    num_classes = len(label_names)
 
-    def macro_f1(i):
+    def counts(i):  # per class: true samples, predicted samples, true positives; each (..., classes)
         y, p = labels[i], predicted[i]
-        occurring = sorted(set(y.tolist()) | set(p[p >= 0].tolist()))
-        return skm.f1_score(y, p, labels=occurring, average="macro", zero_division=0)
+        return (_class_counts(y, num_classes), _class_counts(p, num_classes),
+                _class_counts(np.where(y == p, y, -1), num_classes))
 
-    def balanced_accuracy(i):
-        with np.errstate(all="ignore"), _quiet_warnings():
-            return skm.balanced_accuracy_score(labels[i], predicted[i])
+    def macro_f1(i):  # macro over the classes in the labels or predictions; 0 for a class never predicted
+        true, pred, hits = counts(i)
+        occurring = true + pred > 0
+        f1 = 2 * hits / np.maximum(true + pred, 1)
+        return (f1 * occurring).sum(-1) / occurring.sum(-1)
 
-    return len(labels), {"accuracy": lambda i: skm.accuracy_score(labels[i], predicted[i]),
+    def balanced_accuracy(i):  # mean recall over the classes in the labels
+        true, _, hits = counts(i)
+        present = true > 0
+        return (hits / np.maximum(true, 1) * present).sum(-1) / present.sum(-1)
+
+    return len(labels), {"accuracy": lambda i: (labels[i] == predicted[i]).mean(-1),
                          "macro_f1": macro_f1, "balanced_accuracy": balanced_accuracy}
 
 
@@ -951,9 +1033,13 @@ def _calibration(logits, labels, problem_type, settings, validation: _Collected 
     keep = ~np.isnan(validation_logits).any(1)
     temperature = fit_temperature(validation_logits[keep], validation.labels[keep], problem_type)
     scaled = _calibration_view(logits / temperature, labels, problem_type, settings.calibration_bins)
+    # at an edge of the range, the NLL still falls beyond it (e.g. logits that carry no confidence signal)
+    at_edge = any(math.isclose(temperature, edge, rel_tol=1e-3) for edge in TEMPERATURE_RANGE)
     result["temperature_scaling"] = {
         "temperature": temperature,
-        "fitted_on": f"validation data ({int(keep.sum())} samples), minimising NLL",
+        "fitted_on": f"validation data ({int(keep.sum())} samples), minimising NLL over T in "
+                     f"[{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}]"
+                     + ("; the minimum lies at the edge of that range" if at_edge else ""),
         "validation_nll_before": negative_log_likelihood(validation_logits[keep], validation.labels[keep],
                                                          problem_type),
         "validation_nll_after": negative_log_likelihood(validation_logits[keep] / temperature,
@@ -1009,12 +1095,7 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     "fusion" (input projections, fusion layers, final norms), "head" (classifier), and "total". LoRA weights count
     in their tower; of a peft `modules_to_save` module only the trained copy counts, not the frozen original.
     Trainable means `requires_grad` now: what mm-train trains in its final evaluation, none for a loaded folder."""
-    base = _classifier(model)
-    fusion = base.model
-    parts = {f"{USER_NAMES[m]}_tower": [fusion.get_tower(m)] for m in fusion.modalities}
-    parts["fusion"] = [fusion.input_projections, fusion.fusion_layers, fusion.final_norms]
-    parts["head"] = [base.classifier]
-    parts["total"] = [model]
+    parts = {**_parts(model), "total": [model]}
 
     def count(modules):
         parameters = [p for module in modules for name, p in module.named_parameters()
@@ -1025,15 +1106,21 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     return {name: count(modules) for name, modules in parts.items()}
 
 
-def _part_names(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Module names (as in model.named_modules()) of each part, to split FLOPs by part."""
+def _parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+    """The modules of each part: "image_tower", "text_tower", "audio_tower" (those the model has), "fusion"
+    (input projections, fusion layers, final norms) and "head" (classifier)."""
     base = _classifier(model)
-    names = {id(module): name for name, module in model.named_modules()}
     fusion = base.model
     parts = {f"{USER_NAMES[m]}_tower": [fusion.get_tower(m)] for m in fusion.modalities}
     parts["fusion"] = [fusion.input_projections, fusion.fusion_layers, fusion.final_norms]
     parts["head"] = [base.classifier]
-    return {part: [names[id(m)] for m in modules] for part, modules in parts.items()}
+    return parts
+
+
+def _part_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Module names (as in model.named_modules()) of each part, to split FLOPs by part."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return {part: [names[id(m)] for m in modules] for part, modules in _parts(model).items()}
 
 
 def measure_efficiency(model: torch.nn.Module, single: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
@@ -1156,7 +1243,8 @@ def plot_reliability_diagram(calibration: dict[str, Any], path: Path) -> str:
     width = 1.0 / calibration["bins"]
     for offset, (name, view) in enumerate(views):
         filled = [b for b in view["bins"] if b["count"]]
-        axes.bar([b["lower"] + width * (0.25 + 0.5 * offset) for b in filled], [b["accuracy"] for b in filled],
+        # each view's bar centred in its share of the bin: the middle for one view, quarters for two
+        axes.bar([b["lower"] + width * (offset + 0.5) / len(views) for b in filled], [b["accuracy"] for b in filled],
                  width=width / len(views), alpha=0.7, label=f"{name} (ECE {view['ece']:.3f})")
     axes.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
@@ -1280,7 +1368,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows = [["uncalibrated", calibration["uncalibrated"]["ece"], calibration["uncalibrated"]["nll"], "n/a"]]
         scaling = calibration.get("temperature_scaling")
         if scaling:
-            rows.append([f"temperature scaled (T = {scaling['temperature']:.4f}, fitted on validation)",
+            edge = ", at the edge of its search range" if "edge" in scaling["fitted_on"] else ""
+            rows.append([f"temperature scaled (T = {scaling['temperature']:.4f}, fitted on validation{edge})",
                          scaling["test"]["ece"], scaling["test"]["nll"], scaling["validation_nll_after"]])
         lines += _table(["", "ECE", "NLL", "validation NLL"], rows)
         if not scaling:
@@ -1431,17 +1520,21 @@ def evaluate_model(model: torch.nn.Module, processor: MMFusionProcessor, dataset
         subsets += [tuple(m for m in modalities if m != left_out) for left_out in modalities]
     corruptions = [] if settings.skip_robustness else robustness_conditions(settings, modalities)
 
-    collected = _collect(model, processor, dataset, columns, label_names, problem_type, settings, subsets,
-                         corruptions, attention=not settings.skip_interpretability and len(modalities) > 1,
-                         desc=f"evaluating {split}")
+    started = time.perf_counter()
+    with _timed(f"forward passes ({len(dataset)} rows x ({len(subsets)} modality subsets + {len(corruptions)} "
+                "corruptions))"):
+        collected = _collect(model, processor, dataset, columns, label_names, problem_type, settings, subsets,
+                             corruptions, attention=not settings.skip_interpretability and len(modalities) > 1,
+                             desc=f"evaluating {split}")
     full_name = _subset_name(full)
     logits, labels = collected.logits[full_name], collected.labels
-    metrics = quality_metrics(logits, labels, label_names, problem_type)
-    headline = {key: metrics[key] for key in _headline_keys(problem_type)}
-    samples, statistics = _headline_statistics(labels, logits, label_names, problem_type)
-    with _quiet_warnings():
-        intervals = bootstrap_intervals(statistics, samples, settings.bootstrap_rounds, settings.seed,
-                                        settings.confidence_level)
+    with _timed(f"metrics and bootstrap ({settings.bootstrap_rounds} rounds)"):
+        metrics = quality_metrics(logits, labels, label_names, problem_type)
+        headline = {key: metrics[key] for key in _headline_keys(problem_type)}
+        samples, statistics = _headline_statistics(labels, logits, label_names, problem_type)
+        with _quiet_warnings():
+            intervals = bootstrap_intervals(statistics, samples, settings.bootstrap_rounds, settings.seed,
+                                            settings.confidence_level)
 
     report: dict[str, Any] = {
         "model": {
@@ -1470,31 +1563,48 @@ def evaluate_model(model: torch.nn.Module, processor: MMFusionProcessor, dataset
         "metrics": metrics,
     }
     if not settings.skip_ablation:
-        report["ablation"], report["fusion_gain"] = _ablation(collected, subsets, label_names, problem_type)
+        with _timed("ablation"):
+            report["ablation"], report["fusion_gain"] = _ablation(collected, subsets, label_names, problem_type)
     if corruptions:
-        report["robustness"] = _robustness(collected, corruptions, full_name, label_names, problem_type)
+        with _timed("robustness"):
+            report["robustness"] = _robustness(collected, corruptions, full_name, label_names, problem_type)
     if not settings.skip_calibration:
-        validation_pass = None
-        if validation is not None and settings.temperature_scaling and problem_type != REGRESSION:
-            validation_pass = _collect(model, processor, validation, columns, label_names, problem_type, settings,
-                                       [full], [], attention=False, desc="evaluating validation")
-        report["calibration"] = _calibration(logits, labels, problem_type, settings, validation_pass, full_name)
+        with _timed("calibration (with the validation pass)"):
+            validation_pass = None
+            if validation is not None and settings.temperature_scaling and problem_type != REGRESSION:
+                validation_pass = _collect(model, processor, validation, columns, label_names, problem_type,
+                                           settings, [full], [], attention=False, desc="evaluating validation")
+            report["calibration"] = _calibration(logits, labels, problem_type, settings, validation_pass, full_name)
     per_sample: list[dict[str, float]] = [{} for _ in range(len(dataset))]
     if not settings.skip_interpretability:
-        report["interpretability"], per_sample = _interpretability(collected, modalities, label_names, problem_type)
+        with _timed("interpretability"):
+            report["interpretability"], per_sample = _interpretability(collected, modalities, label_names,
+                                                                       problem_type)
     if not settings.skip_efficiency:
-        single, batch = _efficiency_batches(dataset, processor, columns, label_names, problem_type,
-                                            settings.efficiency_batch_size)
-        report["efficiency"] = measure_efficiency(model, single, batch, settings.latency_runs)
+        with _timed(f"efficiency ({settings.latency_runs} latency runs)"):
+            single, batch = _efficiency_batches(dataset, processor, columns, label_names, problem_type,
+                                                settings.efficiency_batch_size)
+            report["efficiency"] = measure_efficiency(model, single, batch, settings.latency_runs)
     if not settings.skip_plots:
-        report["plots"] = _write_plots(report, output_dir)
-    report = _json_safe(report)
-    _write_predictions(output_dir / "predictions.jsonl", logits, labels, label_names, problem_type, per_sample)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output_dir / "report.md").write_text(render_markdown(report))
-    logger.info("evaluation written to %s: %s", output_dir,
+        with _timed("plots"):
+            report["plots"] = _write_plots(report, output_dir)
+    with _timed("report files"):
+        report = _json_safe(report)
+        _write_predictions(output_dir / "predictions.jsonl", logits, labels, label_names, problem_type, per_sample)
+        (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (output_dir / "report.md").write_text(render_markdown(report))
+    logger.info("evaluation written to %s in %.1f s: %s", output_dir, time.perf_counter() - started,
                 ", ".join(f"{k} {v:.4f}" for k, v in headline.items() if v is not None))
     return report
+
+
+@contextlib.contextmanager
+def _timed(section: str) -> Iterator[None]:
+    """Log how long a section of the evaluation took (in the log only: the report holds no timing outside
+    "efficiency")."""
+    start = time.perf_counter()
+    yield
+    logger.info("evaluation section %s: %.1f s", section, time.perf_counter() - start)
 
 
 def _write_plots(report: dict[str, Any], output_dir: Path) -> dict[str, str]:
@@ -1570,18 +1680,11 @@ def load_split(source: str, split: str, columns: DataSettings) -> datasets.Datas
     file is used whole, whatever `split` says. Raises `ValueError` naming `split` when the source lacks it."""
     table = load_table(source, (columns.image_column, columns.audio_column))
     if Path(source).is_file():
-        return _undecoded(table["train"])
+        return _undecoded(table["train"], columns)
     key = SPLIT_NAMES.get(split, split)
     if key not in table:
         raise ValueError(f"split: {split!r} is not a split of {source!r} (it has {sorted(table)})")
-    return _undecoded(table[key])
-
-
-def _undecoded(split: datasets.Dataset) -> datasets.Dataset:
-    for column, feature in split.features.items():
-        if isinstance(feature, (datasets.Image, datasets.Audio)):
-            split = split.cast_column(column, type(feature)(decode=False))
-    return split
+    return _undecoded(table[key], columns)
 
 
 def run(arguments: EvaluationArguments, settings: EvaluationSettings) -> dict[str, Any]:
