@@ -216,7 +216,8 @@ def test_a_million_character_string_is_truncated_not_rejected(minilm_dir):
     ours = MMFusionProcessor.from_towers(text=minilm_dir)
     start = time.perf_counter()
     batch = ours(text=["word " * 200_000, "short"])
-    assert time.perf_counter() - start < 2.0
+    # a guard against quadratic work on huge inputs (~0.5 s idle), not a speed goal: generous for a busy machine
+    assert time.perf_counter() - start < 10.0
     assert batch["input_ids"].shape == (2, 512) and batch["attention_mask"][0].all()
 
 
