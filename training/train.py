@@ -285,7 +285,7 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
         # than 1 thread (oversubscribed threads spin waiting on each other)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         cores //= accelerator.num_processes
-        torch.set_num_threads(max(1, cores - data_settings.num_workers))
+        torch.set_num_threads(min(torch.get_num_threads(), max(1, cores - data_settings.num_workers)))
 
     sample = None
     if data_settings.train_data is None:
