@@ -309,6 +309,7 @@ def build_demo(
     max_queue_size: int = 64,
     delete_cache: tuple[int, int] = (600, 3600),
     limits: MediaLimits = MediaLimits(),
+    quantize: bool = False,
 ) -> gr.Blocks:
     """Build the page for the mm-fusion classifier at `model_path` (see `load_model`), with its queue set up.
 
@@ -317,9 +318,15 @@ def build_demo(
     `max_queue_size` requests waiting (more are refused with "queue is full"). Every `delete_cache[0]` seconds,
     uploads older than `delete_cache[1]` seconds are deleted; all of them when the server stops. Requests may name
     only files in Gradio's upload folder (uploads, and Gradio's copies of the examples), and media over `limits`
-    are refused before decoding. The returned Blocks also carries `examples_dir`, `model` and `processor`.
+    are refused before decoding. With `quantize`, the model runs on the CPU with dynamic int8 Linears
+    (`training.quantize.quantize_for_cpu`). The returned Blocks also carries `examples_dir`, `model` and `processor`.
     """
-    model, processor = load_model(model_path, trust_remote_code=trust_remote_code, device=device)
+    model, processor = load_model(model_path, trust_remote_code=trust_remote_code,
+                                  device="cpu" if quantize and device is None else device)
+    if quantize:
+        from training.quantize import quantize_for_cpu
+
+        model = quantize_for_cpu(model)
     config = model.config
     modalities = tuple(m for m in ("vision", "text", "audio") if m in config.modalities)
     sampling_rate = processor.feature_extractor.sampling_rate if processor.feature_extractor is not None else 16_000
@@ -471,6 +478,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Examples folder with examples.csv (text, image, audio[, label]; paths relative to it). "
                              "Default: the model folder's examples/. Env: MM_FUSION_EXAMPLES.")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... Default: cuda when available.")
+    parser.add_argument("--quantize", action="store_true", default=_env_flag("MM_FUSION_QUANTIZE"),
+                        help="Run on the CPU with dynamic int8 Linear layers (faster on CPU; see "
+                             "benchmarks/cpu_quantized.py). Env: MM_FUSION_QUANTIZE=1.")
     parser.add_argument("--host", default=environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="Address to bind; 0.0.0.0 serves the network. Env: GRADIO_SERVER_NAME.")
     parser.add_argument("--port", type=int, default=int(environ.get("GRADIO_SERVER_PORT", 7860)),
@@ -505,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         demo = build_demo(
             args.model, trust_remote_code=args.trust_remote_code, examples_dir=args.examples, device=args.device,
             max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit,
-            max_queue_size=args.max_queue_size, delete_cache=tuple(args.delete_cache),
+            max_queue_size=args.max_queue_size, delete_cache=tuple(args.delete_cache), quantize=args.quantize,
         )
         # no allowed_paths: Gradio serves the examples from its own copies in the upload folder
         demo.launch(
@@ -529,4 +539,5 @@ elif os.environ.get("MM_FUSION_MODEL"):
         os.environ["MM_FUSION_MODEL"],
         trust_remote_code=_env_flag("MM_FUSION_TRUST_REMOTE_CODE"),
         examples_dir=os.environ.get("MM_FUSION_EXAMPLES"),
+        quantize=_env_flag("MM_FUSION_QUANTIZE"),
     )

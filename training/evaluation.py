@@ -175,6 +175,10 @@ class EvaluationArguments:
     strict: bool = field(default=False, metadata={
         "help": "Fail on a bad row (missing/corrupt file, unknown label) instead of skipping it with a warning."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda if available)."})
+    quantize: bool = field(default=False, metadata={
+        "help": "Evaluate on the CPU with dynamic int8 Linear layers, as mm-demo --quantize serves the model "
+                "(training.quantize.quantize_for_cpu). Parameter counts and FLOPs then leave out the int8 Linears, "
+                "which torch counts as neither; benchmarks/cpu_quantized.py puts float32 and int8 side by side."})
 
 
 # ---- metrics (scikit-learn and scipy; pure functions of arrays) ------------------------------------------------------
@@ -1713,7 +1717,14 @@ def run(arguments: EvaluationArguments, settings: EvaluationSettings) -> dict[st
 
     model = load_trained_model(model_path)
     processor = MMFusionProcessor.from_pretrained(model_path)
-    device = torch.device(arguments.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(arguments.device or ("cuda" if torch.cuda.is_available() and not arguments.quantize
+                                               else "cpu"))
+    if arguments.quantize:
+        if device.type != "cpu":
+            raise ValueError(f"quantize: dynamic int8 runs on the CPU only; got device {arguments.device!r}")
+        from training.quantize import quantize_for_cpu
+
+        model = quantize_for_cpu(model)  # merges a peft adapter first
     model.to(device)
     base = _classifier(model)
     problem_type = problem_type_of(model)
