@@ -245,6 +245,25 @@ def select_samples(batch: dict, index: list[int]) -> dict:
 # ---- the built-in sample and the model the README's main job trains on it ------------------------------------------
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_PACKAGES = ("modeling_mm", "processors", "training", "demo")
+# Prepended to a script run in a fresh interpreter: the project cannot be imported there however it is installed
+# (editable here, maybe regular elsewhere), so what runs must load from a saved folder's own files.
+WITHOUT_PROJECT = f"""
+import importlib.abc, sys
+
+class BlockProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {PROJECT_PACKAGES!r}:
+            raise ModuleNotFoundError(f"{{name}} is blocked in this test")
+
+sys.meta_path.insert(0, BlockProject())
+for package in {PROJECT_PACKAGES!r}:
+    try:
+        __import__(package)
+    except ImportError:
+        continue
+    raise SystemExit(f"{{package}} is importable")
+"""
 
 
 @pytest.fixture(scope="session")

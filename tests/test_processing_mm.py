@@ -29,8 +29,8 @@ from transformers.dynamic_module_utils import get_imports
 
 import modeling_mm  # noqa: F401  importing it registers MMFusionProcessor with AutoProcessor and for auto_map
 from processors import MMFusionProcessor
+from conftest import PROJECT_PACKAGES, WITHOUT_PROJECT
 
-PROJECT_PACKAGES = ("modeling_mm", "processors", "training", "demo")
 HUB_FILES = ("processing_mm.py", "media.py")
 TEXT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -96,22 +96,8 @@ def test_round_trip_in_process_and_where_only_transformers_is_installed(tmp_path
     # in a fresh interpreter where the project's packages cannot be imported: the code saved in the folder
     with open(tmp_path / "case.pkl", "wb") as file:
         pickle.dump((inputs, dict(expected)), file)
-    script = textwrap.dedent(f"""
-        import importlib.abc, pickle, sys
-
-        class BlockProject(importlib.abc.MetaPathFinder):
-            # the project is pip-installed (editable here, maybe regular elsewhere): refuse it however it is found
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {PROJECT_PACKAGES!r}:
-                    raise ModuleNotFoundError(f"{{name}} is blocked in this test")
-
-        sys.meta_path.insert(0, BlockProject())
-        for package in {PROJECT_PACKAGES!r}:
-            try:
-                __import__(package)
-            except ImportError:
-                continue
-            raise SystemExit(f"{{package}} is importable")
+    script = WITHOUT_PROJECT + textwrap.dedent(f"""
+        import pickle, sys
 
         import torch
         from transformers import AutoProcessor

@@ -35,8 +35,8 @@ from modeling_mm.pipeline_mm import PIPELINE_TASK
 from processors import MMFusionProcessor
 from training.lora import LoraSettings, apply_lora, load_trained_model, save_trained_model
 from training.publish import ALLOWED_FILES, check_card, main
+from conftest import PROJECT_PACKAGES, WITHOUT_PROJECT
 
-PROJECT_PACKAGES = ("modeling_mm", "processors", "training", "demo")
 FAKE_TOKEN = "hf_FAKEtoken1234567890"
 CODE_FILES = {"configuration_mm.py", "modeling_mm.py", "processing_mm.py", "media.py", "pipeline_mm.py"}
 # the tiny towers stand in for these Hub checkpoints (served from a fake offline Hub cache)
@@ -45,24 +45,6 @@ TOWER_IDS = {"vision": "mm-fusion-test/tiny-vit", "text": "mm-fusion-test/tiny-b
 BASE_ID = "mm-fusion-test/tiny-base"  # an mm-fusion model the adapter could have been fine-tuned from
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
-# A fresh interpreter in which the project cannot be imported however it is installed (editable here): the release
-# must load from its own files. Runs first in every subprocess script.
-WITHOUT_PROJECT = textwrap.dedent(f"""
-    import importlib.abc, sys
-
-    class BlockProject(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {PROJECT_PACKAGES!r}:
-                raise ModuleNotFoundError(f"{{name}} is blocked in this test")
-
-    sys.meta_path.insert(0, BlockProject())
-    for package in {PROJECT_PACKAGES!r}:
-        try:
-            __import__(package)
-        except ImportError:
-            continue
-        raise SystemExit(f"{{package}} is importable")
-""")
 
 # How both sides predict on the sample's test split: the original model in this process, the release in the subprocess.
 PREDICT = textwrap.dedent("""
