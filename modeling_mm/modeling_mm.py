@@ -456,11 +456,19 @@ class MMFusionModel(MMFusionPreTrainedModel):
         has_text: torch.BoolTensor | None = None,
         has_image: torch.BoolTensor | None = None,
         has_audio: torch.BoolTensor | None = None,
+        tower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> MMFusionModelOutput | tuple:
+        r"""
+        tower_states (`dict[str, tuple[torch.Tensor, torch.Tensor]]`, *optional*):
+            Per modality (`"vision"`, `"text"`, `"audio"`), the `(states, token_mask)` that [`encode_tower`] returns,
+            used instead of running that tower on raw inputs (e.g. a frozen tower's outputs computed once and reused
+            every epoch). Shapes `(batch, tokens, tower_width)` and `(batch, tokens)`; give either these or the
+            modality's raw inputs, not both.
+        """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -473,6 +481,8 @@ class MMFusionModel(MMFusionPreTrainedModel):
         }
         main_input = {"vision": pixel_values, "text": input_ids, "audio": input_values}
         presence_given = {"vision": has_image, "text": has_text, "audio": has_audio}
+        tower_states = self._check_tower_states(tower_states or {}, main_input)
+        main_input.update({modality: states for modality, (states, _) in tower_states.items()})
 
         batch_size = self._batch_size(main_input)
         device = next(t for t in main_input.values() if t is not None).device
@@ -486,10 +496,15 @@ class MMFusionModel(MMFusionPreTrainedModel):
             if not bool(presence[modality].any()):
                 continue
             index = presence[modality].nonzero().squeeze(1)
-            tower_states, tower_mask, tower_outputs[modality] = self._run_tower(
-                modality, inputs[modality], index, output_attentions, output_hidden_states
-            )
-            projected = self.input_projections[modality](tower_states)
+            if modality in tower_states:
+                states, tower_mask = (t[index] for t in tower_states[modality])
+                length = int(tower_mask.sum(1).max())  # as for raw text: no column that no present sample uses
+                states, tower_mask, tower_outputs[modality] = states[:, :length], tower_mask[:, :length], None
+            else:
+                states, tower_mask, tower_outputs[modality] = self._run_tower(
+                    modality, inputs[modality], index, output_attentions, output_hidden_states
+                )
+            projected = self.input_projections[modality](states)
             stream = projected.new_zeros(batch_size, *projected.shape[1:])
             streams[modality] = stream.index_put((index,), projected)  # (batch, tokens, fusion_hidden)
             token_mask = tower_mask.new_zeros(batch_size, tower_mask.shape[1])
@@ -548,7 +563,56 @@ class MMFusionModel(MMFusionPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+    @torch.no_grad()
+    def encode_tower(self, modality: str, **inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What fusion reads from one tower, for every sample of a batch: its token states (with the tower's pooled
+        summary first where it has one), `(batch, tokens, tower_width)`, and the bool mask of real tokens,
+        `(batch, tokens)`. `inputs` are that modality's processor outputs (`pixel_values`; `input_ids`,
+        `attention_mask`, `token_type_ids`; `input_values`, `audio_attention_mask`). Give the result back to
+        `forward` as `tower_states` to skip the tower: for a frozen tower (which runs in eval mode, see `train`),
+        the model's outputs are then the same as from raw inputs."""
+        if modality not in self.modalities:
+            raise ValueError(f"modality: {modality!r} is not one of this model's towers {self.modalities}")
+        names = {"vision": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids"),
+                 "audio": ("input_values", "audio_attention_mask")}[modality]
+        unknown = sorted(set(inputs) - set(names))
+        if unknown or inputs.get(names[0]) is None:
+            raise ValueError(f"inputs: the {modality} tower takes {names} ({names[0]} required); got {sorted(inputs)}")
+        tower_inputs = {name: inputs.get(name) for name in names}
+        index = torch.arange(inputs[names[0]].shape[0], device=inputs[names[0]].device)
+        states, token_mask, _ = self._run_tower(modality, tower_inputs, index, False, False)
+        return states, token_mask
+
+    def train(self, mode: bool = True) -> "MMFusionModel":
+        super().train(mode)
+        # A tower with nothing to train is a fixed feature extractor: no dropout, so its outputs are the same in
+        # training and evaluation, and can be computed once (`encode_tower`) and reused every epoch.
+        for modality in self.modalities:
+            tower = self.get_tower(modality)
+            if not any(parameter.requires_grad for parameter in tower.parameters()):
+                tower.eval()
+        return self
+
     # ---- forward helpers, in the order forward uses them ------------------------------------------------------------
+
+    def _check_tower_states(self, tower_states, main_input) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        raw_name = {"vision": "pixel_values", "text": "input_ids", "audio": "input_values"}
+        for modality, value in tower_states.items():
+            if modality not in self.modalities:
+                raise ValueError(f"tower_states: has {modality!r}, but this model's towers are {self.modalities}")
+            if main_input[modality] is not None:
+                raise ValueError(f"tower_states[{modality!r}] and {raw_name[modality]}: give one of them, not both")
+            if not (isinstance(value, (tuple, list)) and len(value) == 2):
+                raise ValueError(f"tower_states[{modality!r}]: expected (states, token_mask) as encode_tower returns")
+            states, token_mask = value
+            width = _tower_width(self.get_tower(modality))
+            if states.dim() != 3 or states.shape[-1] != width or tuple(token_mask.shape) != tuple(states.shape[:2]):
+                raise ValueError(
+                    f"tower_states[{modality!r}]: expected states (batch, tokens, {width}) and token_mask "
+                    f"(batch, tokens); got {tuple(states.shape)} and {tuple(token_mask.shape)}"
+                )
+        return {modality: (states, token_mask.bool()) for modality, (states, token_mask) in tower_states.items()}
+
 
     def _batch_size(self, main_input: dict[str, torch.Tensor | None]) -> int:
         sizes = {}
@@ -785,6 +849,7 @@ class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
         has_text: torch.BoolTensor | None = None,
         has_image: torch.BoolTensor | None = None,
         has_audio: torch.BoolTensor | None = None,
+        tower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -802,6 +867,7 @@ class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
             has_text=has_text,
             has_image=has_image,
             has_audio=has_audio,
+            tower_states=tower_states,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,

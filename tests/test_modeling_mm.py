@@ -551,3 +551,55 @@ def test_fusion_pooling_first_uses_the_tower_summary_token():
     with torch.no_grad():
         out = model(**make_batch())
     assert max_diff(out.text_pooler_output, out.text_last_hidden_state[:, 0]) == 0
+
+
+# ---- 7. precomputed tower states (a frozen tower's outputs cached across epochs) --------------------------------------
+
+TOWER_INPUTS = {"vision": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids"),
+                "audio": ("input_values", "audio_attention_mask")}
+
+
+def test_tower_states_from_encode_tower_give_the_same_outputs_as_raw_inputs():
+    model = build_model(head=True, fusion_dropout=0.2, classifier_dropout=0.0)
+    batch = make_batch(batch_size=5)
+    presence = {"has_image": torch.tensor([1, 1, 0, 1, 1]).bool(), "has_audio": torch.tensor([1, 0, 1, 1, 1]).bool()}
+    for cached in (("text",), ("vision", "text", "audio")):
+        inputs = {k: v for k, v in batch.items() if not any(k in TOWER_INPUTS[m] for m in cached)}
+        states = {m: model.model.encode_tower(m, **{k: batch[k] for k in TOWER_INPUTS[m]}) for m in cached}
+        with torch.no_grad():
+            reference = model(**batch, **presence)
+            from_states = model(**inputs, **presence, tower_states=states)
+        assert max_diff(reference.logits, from_states.logits) <= ATOL, cached
+        for modality in ("vision", "text", "audio"):
+            key = f"{modality}_token_mask"
+            assert torch.equal(getattr(reference.fusion_output, key), getattr(from_states.fusion_output, key))
+
+
+def test_a_tower_with_nothing_to_train_stays_in_eval_mode():
+    model = build_model(head=True)
+    model.model.text_model.requires_grad_(False)
+    model.train()
+    assert not model.model.text_model.training  # frozen: a fixed feature extractor, no dropout
+    assert model.model.vision_model.training and model.model.fusion_layers.training
+    batch = make_batch()
+    with torch.no_grad():  # so its cached outputs are what training would have computed
+        states = model.model.encode_tower("text", **{k: batch[k] for k in TOWER_INPUTS["text"]})
+        model.eval()
+        again = model.model.encode_tower("text", **{k: batch[k] for k in TOWER_INPUTS["text"]})
+    assert torch.equal(states[0], again[0])
+
+
+def test_bad_tower_states_raise_value_errors():
+    model = build_model()
+    batch = make_batch()
+    states = model.encode_tower("text", **{k: batch[k] for k in TOWER_INPUTS["text"]})
+    with pytest.raises(ValueError, match=r"tower_states\['text'\] and input_ids: give one"):
+        model(**batch, tower_states={"text": states})
+    with pytest.raises(ValueError, match=r"tower_states\['text'\]: expected states \(batch, tokens, 32\)"):
+        model(pixel_values=batch["pixel_values"], tower_states={"text": (states[0][..., :5], states[1])})
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        model(pixel_values=batch["pixel_values"], tower_states={"text": (states[0][:2], states[1][:2])})
+    with pytest.raises(ValueError, match="modality: 'smell'"):
+        model.encode_tower("smell", pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match=r"the text tower takes .*input_ids required"):
+        model.encode_tower("text", pixel_values=batch["pixel_values"])

@@ -269,3 +269,38 @@ def test_lora_training_through_the_loop_keeps_base_weights_and_writes_loadable_f
                           audio=[np.zeros(4000, np.float32)], sampling_rate=16_000)
         with torch.no_grad():
             assert torch.isfinite(trained(**batch).logits).all()
+
+
+def test_cached_frozen_towers_train_exactly_like_running_them_also_with_two_processes(tmp_path, small_sample, args):
+    """--cache_frozen_towers (the default) runs each frozen tower once per row and reuses its outputs; the losses are
+    those of running the towers every step, with rows missing modalities, and under DDP (the cache is computed in
+    shares and gathered)."""
+    train_csv = with_random_missing_cells(small_sample, tmp_path / "data")
+    common = dict(train_data=train_csv, validation_data=small_sample / "validation.csv", max_steps=4,
+                  text_mode="frozen", vision_mode="full", audio_mode="frozen", modality_dropout=0.0,
+                  fusion_dropout=0.0, classifier_dropout=0.0)
+    plain = run_training(args(tmp_path / "plain", cache_frozen_towers=False, **common))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "cached the frozen towers" not in plain.stderr
+    cached = run_training(args(tmp_path / "cached", **common))
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert "cached the frozen towers' outputs (text, audio) for 160 rows" in cached.stderr
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train",
+              *args(tmp_path / "two", per_device_batch_size=4, **common)]
+    double = subprocess.run(launch, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    metrics = {name: json.loads((tmp_path / name / "model" / "metrics.json").read_text())
+               for name in ("plain", "cached", "two")}
+    reference = metrics["plain"]["losses"]
+    assert [step for step, _ in reference] == [1, 2, 3, 4]
+    for name in ("cached", "two"):
+        for (step, a), (other_step, b) in zip(reference, metrics[name]["losses"], strict=True):
+            assert step == other_step and abs(a - b) <= 1e-4 * max(1.0, abs(a)), (name, reference, metrics[name])
+        assert metrics[name]["test"]["accuracy"] == metrics["plain"]["test"]["accuracy"]
+        for subset, result in metrics["plain"]["test_by_modalities"].items():
+            assert abs(metrics[name]["test_by_modalities"][subset]["loss"] - result["loss"]) <= 1e-4, subset
+    weights = {name: load_file(tmp_path / name / "model" / "model.safetensors") for name in ("plain", "cached")}
+    assert max((weights["plain"][k] - weights["cached"][k]).abs().max().item() for k in weights["plain"]) <= 1e-4

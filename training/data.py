@@ -183,17 +183,23 @@ def _text(value: Any) -> str | None:
 
 
 class MMFusionCollator:
-    """Turns a list of rows into a model batch with the processor. Picklable, so it runs in DataLoader workers."""
+    """Turns a list of rows into a model batch with the processor. Picklable, so it runs in DataLoader workers.
 
-    def __init__(self, processor: MMFusionProcessor, settings: DataSettings, label_names: Sequence[str]):
+    `restricted_to(modalities)` gives a collator that reads only those modalities' columns; rows that have none of
+    them get zeros and `has_*` False there (their other modalities come from elsewhere, e.g. cached tower states)."""
+
+    def __init__(self, processor: MMFusionProcessor, settings: DataSettings, label_names: Sequence[str],
+                 modalities: Sequence[str] | None = None):
         self.processor = processor
         self.settings = settings
         self.label_ids = {name: i for i, name in enumerate(label_names)}
-        self.modalities = {
-            "text": processor.tokenizer is not None,
-            "image": processor.image_processor is not None,
-            "audio": processor.feature_extractor is not None,
-        }
+        available = {"vision": processor.image_processor is not None, "text": processor.tokenizer is not None,
+                     "audio": processor.feature_extractor is not None}
+        self.model_modalities = tuple(m for m, present in available.items() if present)
+        self.only = None if modalities is None else tuple(m for m in modalities if m in self.model_modalities)
+
+    def restricted_to(self, modalities: Sequence[str]) -> MMFusionCollator:
+        return MMFusionCollator(self.processor, self.settings, list(self.label_ids), modalities)
 
     def label_id(self, value: Any) -> int:
         key = str(value).strip() if value is not None else ""
@@ -203,18 +209,29 @@ class MMFusionCollator:
 
     def inputs(self, rows: Sequence[dict[str, Any]]) -> dict[str, list]:
         s = self.settings
+        read = self.model_modalities if self.only is None else self.only
         inputs = {}
-        if self.modalities["text"]:
+        if "text" in read:
             inputs["text"] = [_text(row.get(s.text_column)) for row in rows]
-        if self.modalities["image"]:
+        if "vision" in read:
             inputs["images"] = [_media(row.get(s.image_column)) for row in rows]
-        if self.modalities["audio"]:
+        if "audio" in read:
             inputs["audio"] = [_media(row.get(s.audio_column)) for row in rows]
         # a modality column that is empty for the whole batch is left out, as the processor expects
         return {key: values for key, values in inputs.items() if any(v is not None for v in values)}
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = dict(self.processor(**self.inputs(rows)))
+        inputs = self.inputs(rows)
+        if self.only is None:
+            batch = dict(self.processor(**inputs))
+        else:
+            batch = {}
+            present = [i for i in range(len(rows)) if any(values[i] is not None for values in inputs.values())]
+            if present:
+                part = self.processor(**{key: [values[i] for i in present] for key, values in inputs.items()})
+                for key, value in part.items():
+                    batch[key] = value.new_zeros((len(rows), *value.shape[1:])).index_put_(
+                        (torch.tensor(present),), value)
         batch["labels"] = torch.tensor([self.label_id(row.get(self.settings.label_column)) for row in rows])
         return batch
 
