@@ -838,6 +838,10 @@ class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module | None:
         return self.model.get_input_embeddings()
 
+    def encode_tower(self, modality: str, **inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """See [`MMFusionModel.encode_tower`]; give the result back to `forward` as `tower_states`."""
+        return self.model.encode_tower(modality, **inputs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -565,7 +565,7 @@ def test_tower_states_from_encode_tower_give_the_same_outputs_as_raw_inputs():
     presence = {"has_image": torch.tensor([1, 1, 0, 1, 1]).bool(), "has_audio": torch.tensor([1, 0, 1, 1, 1]).bool()}
     for cached in (("text",), ("vision", "text", "audio")):
         inputs = {k: v for k, v in batch.items() if not any(k in TOWER_INPUTS[m] for m in cached)}
-        states = {m: model.model.encode_tower(m, **{k: batch[k] for k in TOWER_INPUTS[m]}) for m in cached}
+        states = {m: model.encode_tower(m, **{k: batch[k] for k in TOWER_INPUTS[m]}) for m in cached}
         with torch.no_grad():
             reference = model(**batch, **presence)
             from_states = model(**inputs, **presence, tower_states=states)
