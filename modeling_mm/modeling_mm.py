@@ -29,6 +29,9 @@ logger = logging.get_logger(__name__)
 
 # Presence-mask names of the batch (DESIGN.md): the vision tower reads images.
 PRESENCE_KEYS = {"vision": "has_image", "text": "has_text", "audio": "has_audio"}
+# each tower's inputs, as the processor names them (the first one is required)
+TOWER_INPUT_NAMES = {"vision": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids"),
+                     "audio": ("input_values", "audio_attention_mask")}
 
 
 def _nested_to_tuple(output: ModelOutput) -> tuple[Any, ...]:
@@ -573,8 +576,7 @@ class MMFusionModel(MMFusionPreTrainedModel):
         the model's outputs are then the same as from raw inputs."""
         if modality not in self.modalities:
             raise ValueError(f"modality: {modality!r} is not one of this model's towers {self.modalities}")
-        names = {"vision": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids"),
-                 "audio": ("input_values", "audio_attention_mask")}[modality]
+        names = TOWER_INPUT_NAMES[modality]
         unknown = sorted(set(inputs) - set(names))
         if unknown or inputs.get(names[0]) is None:
             raise ValueError(f"inputs: the {modality} tower takes {names} ({names[0]} required); got {sorted(inputs)}")

@@ -26,7 +26,13 @@ from transformers import (
 
 from conftest import FUSION_KWARGS, make_batch, select_samples, tiny_fusion_config
 from modeling_mm import MMFusionConfig, MMFusionForSequenceClassification, MMFusionModel
-from modeling_mm.modeling_mm import MMFusionAttention, MMFusionInputProjection, MMFusionLayer, MMFusionStreamBlock
+from modeling_mm.modeling_mm import (
+    TOWER_INPUT_NAMES,
+    MMFusionAttention,
+    MMFusionInputProjection,
+    MMFusionLayer,
+    MMFusionStreamBlock,
+)
 
 ATOL = 1e-5
 
@@ -555,8 +561,6 @@ def test_fusion_pooling_first_uses_the_tower_summary_token():
 
 # ---- 7. precomputed tower states (a frozen tower's outputs cached across epochs) --------------------------------------
 
-TOWER_INPUTS = {"vision": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids"),
-                "audio": ("input_values", "audio_attention_mask")}
 
 
 def test_tower_states_from_encode_tower_give_the_same_outputs_as_raw_inputs():
@@ -564,8 +568,8 @@ def test_tower_states_from_encode_tower_give_the_same_outputs_as_raw_inputs():
     batch = make_batch(batch_size=5)
     presence = {"has_image": torch.tensor([1, 1, 0, 1, 1]).bool(), "has_audio": torch.tensor([1, 0, 1, 1, 1]).bool()}
     for cached in (("text",), ("vision", "text", "audio")):
-        inputs = {k: v for k, v in batch.items() if not any(k in TOWER_INPUTS[m] for m in cached)}
-        states = {m: model.encode_tower(m, **{k: batch[k] for k in TOWER_INPUTS[m]}) for m in cached}
+        inputs = {k: v for k, v in batch.items() if not any(k in TOWER_INPUT_NAMES[m] for m in cached)}
+        states = {m: model.encode_tower(m, **{k: batch[k] for k in TOWER_INPUT_NAMES[m]}) for m in cached}
         with torch.no_grad():
             reference = model(**batch, **presence)
             from_states = model(**inputs, **presence, tower_states=states)
@@ -583,16 +587,16 @@ def test_a_tower_with_nothing_to_train_stays_in_eval_mode():
     assert model.model.vision_model.training and model.model.fusion_layers.training
     batch = make_batch()
     with torch.no_grad():  # so its cached outputs are what training would have computed
-        states = model.model.encode_tower("text", **{k: batch[k] for k in TOWER_INPUTS["text"]})
+        states = model.model.encode_tower("text", **{k: batch[k] for k in TOWER_INPUT_NAMES["text"]})
         model.eval()
-        again = model.model.encode_tower("text", **{k: batch[k] for k in TOWER_INPUTS["text"]})
+        again = model.model.encode_tower("text", **{k: batch[k] for k in TOWER_INPUT_NAMES["text"]})
     assert torch.equal(states[0], again[0])
 
 
 def test_bad_tower_states_raise_value_errors():
     model = build_model()
     batch = make_batch()
-    states = model.encode_tower("text", **{k: batch[k] for k in TOWER_INPUTS["text"]})
+    states = model.encode_tower("text", **{k: batch[k] for k in TOWER_INPUT_NAMES["text"]})
     with pytest.raises(ValueError, match=r"tower_states\['text'\] and input_ids: give one"):
         model(**batch, tower_states={"text": states})
     with pytest.raises(ValueError, match=r"tower_states\['text'\]: expected states \(batch, tokens, 32\)"):

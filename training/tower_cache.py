@@ -26,13 +26,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from modeling_mm import MMFusionModel
+from modeling_mm.modeling_mm import PRESENCE_KEYS, TOWER_INPUT_NAMES
 from training.data import MMFusionCollator
 
 logger = logging.getLogger(__name__)
 
-PRESENCE_KEYS = {"vision": "has_image", "text": "has_text", "audio": "has_audio"}
-TOWER_INPUTS = {"vision": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids"),
-                "audio": ("input_values", "audio_attention_mask")}
 MEMORY_SHARE = 0.5  # of the memory available when caching starts
 
 
@@ -82,7 +80,7 @@ def compute_tower_cache(accelerator: Accelerator, model: torch.nn.Module, splits
                 if present is None or not bool(present.any()):
                     continue
                 index = present.nonzero().squeeze(1)
-                inputs = {k: batch[k][index] for k in TOWER_INPUTS[modality] if batch.get(k) is not None}
+                inputs = {k: batch[k][index] for k in TOWER_INPUT_NAMES[modality] if batch.get(k) is not None}
                 with accelerator.autocast():
                     tower_states, token_mask = base.encode_tower(modality, **inputs)
                 for i, row_states, row_mask in zip(index.tolist(), tower_states, token_mask):
