@@ -9,8 +9,13 @@ is the model's forward only (as in mm-eval's efficiency section); the speed-up i
 Target (issue #8): int8 >= 1.5x faster than float32 at batch 1, test accuracy within 1 point. On a machine shared
 with other jobs, `--threads 1` gives steadier numbers: two OpenMP threads that wait for a busy core stall every op.
 
+A second table times the same two paths at base size (random init, as benchmarks/gpu.py builds it: ViT-B/16 224 px,
+BERT-base 128 tokens, wav2vec2-base 5 s, 2 fusion layers of width 768): how much int8 gains depends on the share of
+the latency spent in Linears, which is far larger there than in the sample model's small towers and fusion.
+
     .venv/bin/python benchmarks/cpu_quantized.py [--model outputs/sample/model] [--data TEST.csv] [--threads 2]
-                                                 [--rows N] [--warmup 10] [--json report.json]
+                                                 [--rows N] [--warmup 10] [--base-size base|tiny|none]
+                                                 [--base-repeats 8] [--json report.json]
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 
+from gpu import sizes, synthetic_inputs  # this folder: the script's own directory is on sys.path
+from modeling_mm import MMFusionConfig, MMFusionForSequenceClassification
 from processors import MMFusionProcessor
 from training.data import DataSettings, MMFusionCollator, load_table
 from training.lora import load_trained_model
@@ -62,6 +69,48 @@ def batches_of_one(model_dir: str, data: str, rows: int | None, config) -> list[
     return [collator([table[i]]) for i in range(count)]
 
 
+def linear_share(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """Share of `model`'s CPU time (torch profiler, self time of every op) spent in Linear matmuls: the part dynamic
+    int8 can speed up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        model(**batch)
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    linear = sum(event.self_cpu_time_total for event in events if event.key in ("aten::addmm", "aten::mm"))
+    return linear / total if total else 0.0
+
+
+def base_size_latency(size: str, repeats: int) -> dict:
+    """Batch-1 latency of a random-init classifier at base size (or tiny), float32 and quantize_for_cpu, interleaved."""
+    run = sizes(tiny=size == "tiny", batch_size=1)
+    width = run["width"]
+    config = MMFusionConfig(**run["towers"], fusion_hidden_size=width, fusion_num_heads=max(1, width // 64),
+                            fusion_intermediate_size=4 * width, num_labels=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    float32 = MMFusionForSequenceClassification(config).eval()
+    int8 = quantize_for_cpu(copy.deepcopy(float32))
+    batch = synthetic_inputs(run, torch.device("cpu"))
+    batch.pop("labels")
+    times = {"float32": [], "int8": []}
+    with torch.inference_mode():
+        float32(**batch), int8(**batch)  # warm-up
+        for _ in range(repeats):
+            for name, model in (("float32", float32), ("int8", int8)):
+                start = time.perf_counter()
+                model(**batch)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {
+        "size": size, "image_size": run["image_size"], "tokens": run["tokens"], "audio_seconds": run["audio_seconds"],
+        "fusion_width": width, "repeats": repeats,
+        "linear_share_of_float32_cpu_time": linear_share(float32, batch),
+        "quantized_linears": quantized_linear_count(int8),
+        "latency_batch_1_ms": {name: statistics.median(values) for name, values in times.items()},
+        "speedup_vs_float32": statistics.median(f / t for f, t in zip(times["float32"], times["int8"])),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/sample/model", help="model folder written by mm-train")
@@ -69,6 +118,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=None, help="only the first N test rows")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rows per variant first")
+    parser.add_argument("--base-size", choices=["base", "tiny", "none"], default="base",
+                        help="also time float32 and int8 on a random-init model of this size (tiny: for tests)")
+    parser.add_argument("--base-repeats", type=int, default=8, help="timed forwards per variant at base size")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,6 +149,9 @@ def main() -> None:
                 output = variant(**batch).logits
                 times[name].append((time.perf_counter() - start) * 1e3)
                 logits[name].append(output[0].float().numpy())
+
+    sample_linear_share = linear_share(model, batches[0])
+    base = base_size_latency(args.base_size, args.base_repeats) if args.base_size != "none" else None
 
     reference = "float32"
     reference_predictions = np.stack(logits[reference]).argmax(-1)
@@ -132,11 +187,24 @@ def main() -> None:
     print(f"target: int8 >= {TARGET_SPEEDUP}x faster than float32 at batch 1 "
           f"({'met' if meets['speedup'] else 'NOT met'}), accuracy within {TARGET_ACCURACY_DROP * 100:.0f} point "
           f"({'met' if meets['accuracy'] else 'NOT met'})")
+    print(f"share of the float32 sample model's CPU time in Linear matmuls (what int8 speeds up): "
+          f"{sample_linear_share:.0%}")
+    if base is not None:
+        latency = base["latency_batch_1_ms"]
+        print(f"\nrandom-init model at {args.base_size} size ({base['image_size']} px, {base['tokens']} tokens, "
+              f"{base['audio_seconds']:g} s audio, fusion width {base['fusion_width']}), batch 1, "
+              f"{base['repeats']} repeats; Linear matmuls are {base['linear_share_of_float32_cpu_time']:.0%} "
+              "of its float32 CPU time")
+        print(f"{'variant':<50} {'int8 Linears':>12} {'median ms':>10} {'speed-up':>8}")
+        print(f"{'float32':<50} {0:>12} {latency['float32']:>10.1f} {1:>7.2f}x")
+        print(f"{'int8 (quantize_for_cpu)':<50} {base['quantized_linears']:>12} {latency['int8']:>10.1f} "
+              f"{base['speedup_vs_float32']:>7.2f}x")
     if args.json:
         report = {"model": args.model, "data": args.data, "rows": len(batches), "threads": args.threads,
                   "torch": torch.__version__, "quantized_engine": torch.backends.quantized.engine,
                   "what": "model forward only, batch 1, eval mode, inference_mode; rows interleaved across variants",
                   "variants": results, "chosen": chosen["variant"],
+                  "linear_share_of_float32_cpu_time": sample_linear_share, "base_size": base,
                   "target": {"speedup": TARGET_SPEEDUP, "accuracy_drop": TARGET_ACCURACY_DROP, "met": meets}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -73,7 +73,8 @@ def sample_classifier_dir(vit_dir, bert_dir, wav2vec2_dir, tmp_path_factory):
 def test_cpu_quantized_benchmark_reports_float32_and_int8_side_by_side(sample_classifier_dir, sample_dir, tmp_path):
     output = run_script(["benchmarks/cpu_quantized.py", "--model", str(sample_classifier_dir), "--data",
                          str(sample_dir / "test.csv"), "--rows", "6", "--warmup", "1", "--threads", "1",
-                         "--json", str(tmp_path / "quantized.json")], tmp_path, timeout=240)
+                         "--base-size", "tiny", "--base-repeats", "2", "--json", str(tmp_path / "quantized.json")],
+                        tmp_path, timeout=240)
     report = json.loads((tmp_path / "quantized.json").read_text())
     assert report["rows"] == 6 and report["threads"] == 1
     variants = {v["variant"]: v for v in report["variants"]}
@@ -86,3 +87,9 @@ def test_cpu_quantized_benchmark_reports_float32_and_int8_side_by_side(sample_cl
         assert 0 <= variant["accuracy"] <= 1 and 0 <= variant["agreement_with_float32"] <= 1, name
         assert variant["weights_mb"] > 0 and name in output
     assert set(report["target"]["met"]) == {"speedup", "accuracy"}
+    assert 0 < report["linear_share_of_float32_cpu_time"] < 1
+    base = report["base_size"]  # the same two paths on a random-init model (tiny here; base size by default)
+    assert base["size"] == "tiny" and base["repeats"] == 2 and 0 < base["linear_share_of_float32_cpu_time"] < 1
+    assert base["quantized_linears"] == 0  # tiny towers' Linears are all under MIN_QUANTIZED_WEIGHTS
+    assert base["latency_batch_1_ms"]["float32"] > 0 and base["latency_batch_1_ms"]["int8"] > 0
+    assert base["speedup_vs_float32"] > 0 and "random-init model at tiny size" in output
