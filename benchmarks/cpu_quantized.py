@@ -34,8 +34,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 
-from gpu import sizes, synthetic_inputs  # this folder: the script's own directory is on sys.path
-from modeling_mm import MMFusionConfig, MMFusionForSequenceClassification
+from gpu import fusion_config, sizes, synthetic_inputs  # this folder: the script's own directory is on sys.path
+from modeling_mm import MMFusionForSequenceClassification
 from processors import MMFusionProcessor
 from training.data import DataSettings, MMFusionCollator, load_table
 from training.lora import load_trained_model
@@ -69,13 +69,14 @@ def batches_of_one(model_dir: str, data: str, rows: int | None, config) -> list[
     return [collator([table[i]]) for i in range(count)]
 
 
-def linear_share(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    """Share of `model`'s CPU time (torch profiler, self time of every op) spent in Linear matmuls: the part dynamic
-    int8 can speed up."""
+def linear_share(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Share of `model`'s CPU time over `batches` (torch profiler, self time of every op) spent in Linear matmuls: the
+    part dynamic int8 can speed up."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiler:
-        model(**batch)
+        for batch in batches:
+            model(**batch)
     events = profiler.key_averages()
     total = sum(event.self_cpu_time_total for event in events)
     linear = sum(event.self_cpu_time_total for event in events if event.key in ("aten::addmm", "aten::mm"))
@@ -85,17 +86,15 @@ def linear_share(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> floa
 def base_size_latency(size: str, repeats: int) -> dict:
     """Batch-1 latency of a random-init classifier at base size (or tiny), float32 and quantize_for_cpu, interleaved."""
     run = sizes(tiny=size == "tiny", batch_size=1)
-    width = run["width"]
-    config = MMFusionConfig(**run["towers"], fusion_hidden_size=width, fusion_num_heads=max(1, width // 64),
-                            fusion_intermediate_size=4 * width, num_labels=2, attn_implementation="sdpa")
     torch.manual_seed(0)
-    float32 = MMFusionForSequenceClassification(config).eval()
+    float32 = MMFusionForSequenceClassification(fusion_config(run, num_labels=2)).eval()
     int8 = quantize_for_cpu(copy.deepcopy(float32))
     batch = synthetic_inputs(run, torch.device("cpu"))
     batch.pop("labels")
     times = {"float32": [], "int8": []}
     with torch.inference_mode():
-        float32(**batch), int8(**batch)  # warm-up
+        for model in (float32, int8):  # warm-up
+            model(**batch)
         for _ in range(repeats):
             for name, model in (("float32", float32), ("int8", int8)):
                 start = time.perf_counter()
@@ -103,8 +102,8 @@ def base_size_latency(size: str, repeats: int) -> dict:
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {
         "size": size, "image_size": run["image_size"], "tokens": run["tokens"], "audio_seconds": run["audio_seconds"],
-        "fusion_width": width, "repeats": repeats,
-        "linear_share_of_float32_cpu_time": linear_share(float32, batch),
+        "fusion_width": run["width"], "repeats": repeats,
+        "linear_share_of_float32_cpu_time": linear_share(float32, [batch]),
         "quantized_linears": quantized_linear_count(int8),
         "latency_batch_1_ms": {name: statistics.median(values) for name, values in times.items()},
         "speedup_vs_float32": statistics.median(f / t for f, t in zip(times["float32"], times["int8"])),
@@ -150,7 +149,7 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start) * 1e3)
                 logits[name].append(output[0].float().numpy())
 
-    sample_linear_share = linear_share(model, batches[0])
+    sample_linear_share = linear_share(model, batches[:20])  # one row alone varied by +-10 points
     base = base_size_latency(args.base_size, args.base_repeats) if args.base_size != "none" else None
 
     reference = "float32"

@@ -68,6 +68,13 @@ def sizes(tiny: bool, batch_size: int | None) -> dict:
     return {"towers": towers, **run}
 
 
+def fusion_config(run: dict, num_labels: int) -> MMFusionConfig:
+    """The mm-fusion classifier of the run: its towers and 2 fusion layers at the run's width (heads of 64)."""
+    width = run["width"]
+    return MMFusionConfig(**run["towers"], fusion_hidden_size=width, fusion_num_heads=max(1, width // 64),
+                          fusion_intermediate_size=4 * width, num_labels=num_labels, attn_implementation="sdpa")
+
+
 def synthetic_inputs(run: dict, device: torch.device) -> dict[str, torch.Tensor]:
     batch, tokens, samples = run["batch"], run["tokens"], int(run["audio_seconds"] * 16_000)
     return {
@@ -196,8 +203,7 @@ def main() -> None:
 
     # 2) mm-fusion with LoRA on all three towers: synthetic inputs, then the sample's batches as tensors and from files
     width = run["width"]
-    config = MMFusionConfig(**run["towers"], fusion_hidden_size=width, fusion_num_heads=max(1, width // 64),
-                            fusion_intermediate_size=4 * width, num_labels=len(LABELS), attn_implementation="sdpa")
+    config = fusion_config(run, num_labels=len(LABELS))
     torch.manual_seed(0)
     model = apply_lora(MMFusionForSequenceClassification(config), LoraSettings()).to(device).train()
     record("lora_train", f"mm-fusion, LoRA on all towers, width {width}",
