@@ -7,12 +7,14 @@ Imports only torch and transformers (and its relative config), so this file work
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
@@ -23,15 +25,13 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_mm import MODALITIES, MMFusionConfig, resolve_tower_config
+from .configuration_mm import MODALITIES, MODALITY_NAMES, MMFusionConfig, resolve_tower_config
 
 logger = logging.get_logger(__name__)
 
-# Presence-mask names of the batch (DESIGN.md): the vision tower reads images.
-PRESENCE_KEYS = {"vision": "has_image", "text": "has_text", "audio": "has_audio"}
-# each tower's inputs, as the processor names them (the first one is required)
-TOWER_INPUT_NAMES = {"vision": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids"),
-                     "audio": ("input_values", "audio_attention_mask")}
+# Presence-mask names of the batch and each tower's inputs (the first one required), from the one table
+PRESENCE_KEYS = {modality: names.presence for modality, names in MODALITY_NAMES.items()}
+TOWER_INPUT_NAMES = {modality: names.inputs for modality, names in MODALITY_NAMES.items()}
 
 
 def _nested_to_tuple(output: ModelOutput) -> tuple[Any, ...]:
@@ -230,7 +230,12 @@ class MMFusionStreamBlock(nn.Module):
 
 class MMFusionLayer(GradientCheckpointingLayer):
     """One fusion layer over all streams. Each stream runs self-attention; then cross-attends to the other streams'
-    self-attention keys and values of this layer (so the result does not depend on stream order); then its MLP."""
+    self-attention keys and values of this layer (so the result does not depend on stream order); then its MLP.
+
+    Takes the streams' states positionally and returns one flat tuple: the new states, then the self-attention
+    weights, then the cross-attention weights, one per stream each (None without eager `output_attentions`).
+    Reentrant activation checkpointing passes gradients only through tensors that are direct positional inputs and
+    outputs of the checkpointed call; states nested in a tuple or dict would silently leave the graph."""
 
     def __init__(self, config: MMFusionConfig, modalities: tuple[str, ...]):
         super().__init__()
@@ -242,7 +247,7 @@ class MMFusionLayer(GradientCheckpointingLayer):
         modalities: tuple[str, ...],
         self_attn_masks: dict[str, torch.Tensor | None],
         cross_attn_masks: dict[str, torch.Tensor | None],
-    ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor | None], dict[str, torch.Tensor | None]]:
+    ) -> tuple[torch.Tensor | None, ...]:
         states = dict(zip(modalities, stream_states))
         keys, values, self_weights, cross_weights = {}, {}, {}, {}
         for modality in modalities:
@@ -262,7 +267,8 @@ class MMFusionLayer(GradientCheckpointingLayer):
         for modality in modalities:
             block = self.streams[modality]
             states[modality] = states[modality] + block.dropout(block.mlp(block.mlp_norm(states[modality])))
-        return tuple(states[modality] for modality in modalities), self_weights, cross_weights
+        return (*(states[m] for m in modalities), *(self_weights[m] for m in modalities),
+                *(cross_weights[m] for m in modalities))
 
 
 class MMFusionInputProjection(nn.Module):
@@ -301,6 +307,19 @@ class MMFusionPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MMFusionAttention) and module.is_cross_attention:
             init.normal_(module.sink_key, mean=0.0, std=std)
             init.normal_(module.sink_value, mean=0.0, std=std)
+
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        _init_weight_norm_originals(self)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # For custom code, transformers skips initialising a module whose own parameters are all set, to protect
+        # remote `_init_weights` that write in place; it hands that flag down to the towers, whose parent-level inits
+        # (wav2vec2's feature projection and positional conv) are then skipped on a load with missing weights. Our
+        # `_init_weights` uses `transformers.initialization` only, which keeps loaded weights, so missing weights get
+        # each tower's own init, as `__init__` gives them.
+        return False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:
@@ -343,6 +362,24 @@ class MMFusionPreTrainedModel(PreTrainedModel):
         return cls(config, **towers)
 
 
+@torch.no_grad()
+def _init_weight_norm_originals(model: nn.Module) -> None:
+    """Give weight-normed convolutions (wav2vec2's positional conv) that were not loaded the init they get when
+    built: torch's default conv init, split into magnitude and direction. Towers' `_init_weights` write to the
+    computed `weight`, which a parametrization discards, so without this a missing one stays uninitialised memory."""
+    for module in model.modules():
+        if not (parametrize.is_parametrized(module, "weight") and hasattr(module, "reset_parameters")):
+            continue
+        originals = module.parametrizations.weight.original0, module.parametrizations.weight.original1
+        if all(getattr(t, "_is_hf_initialized", False) for t in originals):
+            continue
+        weight = torch.empty_like(originals[1])
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # what nn.Conv1d.reset_parameters draws
+        for original, value in zip(originals, module.parametrizations.weight[0].right_inverse(weight)):
+            original.copy_(value)
+            original._is_hf_initialized = True
+
+
 def _tower_width(tower: PreTrainedModel) -> int:
     """Width of a tower's token states."""
     timm_model = getattr(tower, "timm_model", None)
@@ -362,6 +399,27 @@ def _audio_tower_takes_attention_mask(config) -> bool:
     # Group-norm feature encoders (wav2vec2-base, HuBERT-base) normalise over the whole padded signal, and
     # transformers never gives them a mask (their feature extractors set return_attention_mask=False).
     return getattr(config, "feat_extract_norm", "layer") != "group"
+
+
+def _real_first(mask: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Move each row's real entries (mask != 0) to the front, in their order, and drop the columns no row uses.
+
+    Left- and right-padded rows then look alike, so nothing downstream can depend on the padding side or on the
+    longest batch partner. `mask` is `(batch, length)`; each tensor is `(batch, length, ...)` or None."""
+    real = mask != 0
+    if bool(real.all()):
+        return (mask, *tensors)
+    order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices  # (batch, length): real entries first
+    length = int(real.sum(1).max())
+    order = order[:, :length]
+
+    def gather(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        index = order.reshape(*order.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
+        return tensor.gather(1, index)
+
+    return (gather(mask), *(gather(t) for t in tensors))
 
 
 def _accepts(module: nn.Module, argument: str) -> bool:
@@ -407,33 +465,45 @@ class MMFusionModel(MMFusionPreTrainedModel):
         audio_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
-        given = {"vision": vision_model, "text": text_model, "audio": audio_model}
-        self.modalities = config.modalities
-        for modality in MODALITIES:
-            tower = given[modality]
-            if modality not in self.modalities:
-                if tower is not None:
-                    raise ValueError(f"{modality}_model: given, but config.{modality}_config is None")
-                continue
-            tower_config = config.tower_config(modality)
-            if tower is None:
-                # dtype: sub-configs remember the dtype they were saved in; build in the dtype of the composite
-                # so that `from_pretrained(..., dtype=torch.bfloat16)` reaches the towers too.
-                tower = AutoModel.from_config(tower_config, dtype=torch.get_default_dtype())
-            # The tower and the composite share one config object, so attention settings and saved configs agree.
-            tower_config._attn_implementation = tower.config._attn_implementation
-            tower.config = tower_config
-            setattr(self, f"{modality}_model", tower)
+        if not config.modalities:
+            raise ValueError(
+                "vision_config, text_config, audio_config: at least one tower config is required to build a model, "
+                "all three are None"
+            )
+        # Built without initialising, then initialised once by `post_init`, tower modules by their own
+        # `_init_weights`: the same weights, in the same order, as `from_pretrained` gives missing weights.
+        with init.no_init_weights():
+            given = {"vision": vision_model, "text": text_model, "audio": audio_model}
+            self.modalities = config.modalities
+            for modality in MODALITIES:
+                tower = given[modality]
+                if modality not in self.modalities:
+                    if tower is not None:
+                        raise ValueError(f"{modality}_model: given, but config.{modality}_config is None")
+                    continue
+                tower_config = config.tower_config(modality)
+                if tower is None:
+                    # dtype: sub-configs remember the dtype they were saved in; build in the dtype of the composite
+                    # so that `from_pretrained(..., dtype=torch.bfloat16)` reaches the towers too.
+                    tower = AutoModel.from_config(tower_config, dtype=torch.get_default_dtype())
+                # The tower and the composite share one config object, so attention settings and saved configs agree.
+                tower_config._attn_implementation = tower.config._attn_implementation
+                # every module of the tower that reads the tower's config (its attention layers do) reads this one
+                loaded_config = tower.config
+                for module in tower.modules():
+                    if getattr(module, "config", None) is loaded_config:
+                        module.config = tower_config
+                setattr(self, f"{modality}_model", tower)
 
-        self.input_projections = nn.ModuleDict(
-            {m: MMFusionInputProjection(_tower_width(self.get_tower(m)), config) for m in self.modalities}
-        )
-        self.fusion_layers = nn.ModuleList(
-            [MMFusionLayer(config, self.modalities) for _ in range(config.fusion_num_layers)]
-        )
-        self.final_norms = nn.ModuleDict(
-            {m: nn.LayerNorm(config.fusion_hidden_size, eps=config.layer_norm_eps) for m in self.modalities}
-        )
+            self.input_projections = nn.ModuleDict(
+                {m: MMFusionInputProjection(_tower_width(self.get_tower(m)), config) for m in self.modalities}
+            )
+            self.fusion_layers = nn.ModuleList(
+                [MMFusionLayer(config, self.modalities) for _ in range(config.fusion_num_layers)]
+            )
+            self.final_norms = nn.ModuleDict(
+                {m: nn.LayerNorm(config.fusion_hidden_size, eps=config.layer_norm_eps) for m in self.modalities}
+            )
         self._text_takes_token_type_ids = "text" in self.modalities and _accepts(self.text_model, "token_type_ids")
         self.post_init()
 
@@ -500,9 +570,8 @@ class MMFusionModel(MMFusionPreTrainedModel):
                 continue
             index = presence[modality].nonzero().squeeze(1)
             if modality in tower_states:
-                states, tower_mask = (t[index] for t in tower_states[modality])
-                length = int(tower_mask.sum(1).max())  # as for raw text: no column that no present sample uses
-                states, tower_mask, tower_outputs[modality] = states[:, :length], tower_mask[:, :length], None
+                tower_mask, states = _real_first(*(t[index] for t in reversed(tower_states[modality])))
+                tower_outputs[modality] = None
             else:
                 states, tower_mask, tower_outputs[modality] = self._run_tower(
                     modality, inputs[modality], index, output_attentions, output_hidden_states
@@ -520,16 +589,20 @@ class MMFusionModel(MMFusionPreTrainedModel):
         all_self_weights = {m: () for m in active} if output_attentions else None
         all_cross_weights = {m: () for m in active} if output_attentions else None
         stream_states = tuple(streams[m] for m in active)
+        streams_count = len(active)
         for layer in self.fusion_layers:
-            stream_states, self_weights, cross_weights = layer(
+            layer_output = layer(
                 *stream_states, modalities=active, self_attn_masks=self_attn_masks, cross_attn_masks=cross_attn_masks
             )
-            for modality, states in zip(active, stream_states):
+            stream_states = layer_output[:streams_count]
+            self_weights = layer_output[streams_count : 2 * streams_count]
+            cross_weights = layer_output[2 * streams_count :]
+            for i, (modality, states) in enumerate(zip(active, stream_states)):
                 if output_hidden_states:
                     all_states[modality] += (states,)
                 if output_attentions:
-                    all_self_weights[modality] += (self_weights[modality],)
-                    all_cross_weights[modality] += (cross_weights[modality],)
+                    all_self_weights[modality] += (self_weights[i],)
+                    all_cross_weights[modality] += (cross_weights[i],)
 
         # 3) pool each stream over its real tokens; fuse over the streams each sample has
         fused = stream_states[0].new_zeros(batch_size, self.config.fusion_hidden_size)
@@ -677,12 +750,14 @@ class MMFusionModel(MMFusionPreTrainedModel):
         elif modality == "text":
             input_ids, attention_mask = inputs["input_ids"][index], inputs["attention_mask"]
             attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[index]
-            # drop padding columns no present sample uses: cheaper, and the result cannot depend on extra padding
-            length = int(attention_mask.sum(1).max())
-            input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
+            token_type_ids = inputs["token_type_ids"]
+            token_type_ids = token_type_ids[index] if self._text_takes_token_type_ids and token_type_ids is not None else None
+            # Real tokens first (left padding moved right), then no column that no present sample uses: the tower
+            # then sees each sample at positions 0.. whatever the padding side and the batch partners
+            attention_mask, input_ids, token_type_ids = _real_first(attention_mask, input_ids, token_type_ids)
             tower_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if self._text_takes_token_type_ids and inputs["token_type_ids"] is not None:
-                tower_kwargs["token_type_ids"] = inputs["token_type_ids"][index][:, :length]
+            if token_type_ids is not None:
+                tower_kwargs["token_type_ids"] = token_type_ids
             output = tower(**tower_kwargs, return_dict=True, **flags)
             states, token_mask = output.last_hidden_state, attention_mask.bool()
         else:
@@ -699,19 +774,37 @@ class MMFusionModel(MMFusionPreTrainedModel):
         input_values = inputs["input_values"][index]
         sample_mask = inputs["audio_attention_mask"]
         sample_mask = torch.ones_like(input_values, dtype=torch.long) if sample_mask is None else sample_mask[index]
+        sample_mask, input_values = _real_first(sample_mask, input_values)  # left-padded audio too
         lengths = sample_mask.sum(1)
-        input_values = input_values[:, : int(lengths.max())]
-        sample_mask = sample_mask[:, : input_values.shape[1]]
         frame_lengths = tower._get_feat_extract_output_lengths(lengths)
         takes_mask = _audio_tower_takes_attention_mask(tower.config)
         if not takes_mask and self.config.exact_audio_lengths:
             # one sample at a time on its true length: exact for group-norm encoders, at the cost of batching
-            outputs = [tower(input_values[i : i + 1, : int(n)], return_dict=True) for i, n in enumerate(lengths)]
+            outputs = [tower(input_values[i : i + 1, : int(n)], return_dict=True, **flags) for i, n in enumerate(lengths)]
             frames = int(frame_lengths.max())
-            states = torch.cat(
-                [nn.functional.pad(o.last_hidden_state, (0, 0, 0, frames - o.last_hidden_state.shape[1])) for o in outputs]
+
+            def padded(tensors: list[torch.Tensor], dims: tuple[int, ...]) -> torch.Tensor:
+                # zero-pad each sample's (1, ..., its frames, ...) to the longest along `dims`, then batch them
+                rows = []
+                for tensor in tensors:
+                    pad = [0] * (2 * tensor.dim())
+                    for dim in dims:
+                        pad[2 * (tensor.dim() - 1 - dim) + 1] = frames - tensor.shape[dim]
+                    rows.append(nn.functional.pad(tensor, pad))
+                return torch.cat(rows)
+
+            def per_layer(name: str, dims: tuple[int, ...]) -> tuple[torch.Tensor, ...] | None:
+                layers = [getattr(o, name, None) for o in outputs]
+                if layers[0] is None:
+                    return None
+                return tuple(padded([sample[j] for sample in layers], dims) for j in range(len(layers[0])))
+
+            output = BaseModelOutput(
+                last_hidden_state=padded([o.last_hidden_state for o in outputs], (1,)),
+                hidden_states=per_layer("hidden_states", (1,)),  # (batch, frames, width) per layer
+                attentions=per_layer("attentions", (2, 3)),  # (batch, heads, frames, frames) per layer
             )
-            output = BaseModelOutput(last_hidden_state=states)
+            states = output.last_hidden_state
         else:
             output = tower(input_values, attention_mask=sample_mask if takes_mask else None, return_dict=True, **flags)
             states = output.last_hidden_state
@@ -794,12 +887,30 @@ def load_tower(modality: str, source: str | PreTrainedModel, tower_kwargs: dict[
     tower, loading_info = model_class.from_pretrained(
         source, config=tower_config, output_loading_info=True, **tower_kwargs
     )
-    if loading_info["missing_keys"]:
+    missing = sorted(loading_info["missing_keys"])
+    encoder_missing = [key for key in missing if not _is_pooling_head_weight(key)]
+    if encoder_missing:
         raise ValueError(
             f"{modality}: checkpoint {source!r} lacks weights of its {modality} tower "
-            f"({len(loading_info['missing_keys'])} missing, e.g. {sorted(loading_info['missing_keys'])[:3]})"
+            f"({len(encoder_missing)} missing, e.g. {encoder_missing[:3]})"
+        )
+    if missing:
+        # A *ForImageClassification / fine-tuned classifier checkpoint (ViT, DeiT, BEiT, ...) saves its base model
+        # without the pooler: transformers initialises it, it trains with the fusion, and the encoder is the checkpoint's.
+        logger.warning(
+            f"{modality}: checkpoint {source!r} has no weights for the tower's pooling head ({', '.join(missing)}); "
+            "they are newly initialised and train with the fusion (a frozen tower keeps them as initialised)."
         )
     return tower
+
+
+# Module names of towers' pooling heads (BERT/ViT `pooler`, SigLIP's attention-pooling `head`): the only weights a
+# tower checkpoint may lack, as classifier checkpoints drop them.
+POOLING_HEAD_MODULES = ("pooler", "head")
+
+
+def _is_pooling_head_weight(key: str) -> bool:
+    return any(part in POOLING_HEAD_MODULES for part in key.split(".")[:-1])
 
 
 class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
@@ -832,9 +943,10 @@ class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
     ):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.model = MMFusionModel(config, vision_model=vision_model, text_model=text_model, audio_model=audio_model)
-        self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.fusion_hidden_size, config.num_labels)
+        with init.no_init_weights():  # initialised once by post_init, see MMFusionModel.__init__
+            self.model = MMFusionModel(config, vision_model=vision_model, text_model=text_model, audio_model=audio_model)
+            self.dropout = nn.Dropout(config.classifier_dropout)
+            self.classifier = nn.Linear(config.fusion_hidden_size, config.num_labels)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module | None:
