@@ -4,11 +4,14 @@ Importing this package registers the classes with transformers' Auto classes, so
 `AutoModel`, `AutoModelForSequenceClassification` and `AutoProcessor` resolve `model_type="mm_fusion"`,
 and marks them for `register_for_auto_class`, so that `save_pretrained` writes `auto_map` and copies the code
 files: a saved folder then loads with `trust_remote_code=True` where only transformers is installed.
+`MMFusionConfig` and `MMFusionProcessor` are marked in the modules that define them, so a config or processor
+saved by code that never imports this package carries its code too; importing `processors` imports this package.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
+# processors imports this package back (for the registrations below); it takes nothing from here at import time
 from processors.processing_mm import MMFusionProcessor
 
 from .configuration_mm import MMFusionConfig
@@ -25,8 +28,6 @@ AutoConfig.register(MMFusionConfig.model_type, MMFusionConfig, exist_ok=True)
 AutoModel.register(MMFusionConfig, MMFusionModel, exist_ok=True)
 AutoModelForSequenceClassification.register(MMFusionConfig, MMFusionForSequenceClassification, exist_ok=True)
 AutoProcessor.register(MMFusionConfig, MMFusionProcessor, exist_ok=True)
-MMFusionConfig.register_for_auto_class()
-MMFusionProcessor.register_for_auto_class("AutoProcessor")
 MMFusionModel.register_for_auto_class("AutoModel")
 MMFusionForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=MMFusionClassificationPipeline,

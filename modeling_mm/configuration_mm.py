@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto import modeling_auto
 
 MODALITIES = ("vision", "text", "audio")
+
+
+class ModalityNames(NamedTuple):
+    """Every name one modality goes by outside the tower's own (`{modality}_config`, `{modality}_model`)."""
+
+    user: str  # data column, demo input, report and card: "image", "text", "audio"
+    processor_argument: str  # MMFusionProcessor.__call__ keyword: "images", "text", "audio"
+    processor_component: str  # MMFusionProcessor attribute: "image_processor", "tokenizer", "feature_extractor"
+    inputs: tuple[str, ...]  # the model's inputs for this tower, as the processor names them (the first required)
+    presence: str  # the per-sample presence mask: "has_image", "has_text", "has_audio"
+
+
+# The one table of modality names (transformers keeps such tables next to the config, as here).
+MODALITY_NAMES = {
+    "vision": ModalityNames("image", "images", "image_processor", ("pixel_values",), "has_image"),
+    "text": ModalityNames("text", "text", "tokenizer", ("input_ids", "attention_mask", "token_type_ids"), "has_text"),
+    "audio": ModalityNames("audio", "audio", "feature_extractor", ("input_values", "audio_attention_mask"), "has_audio"),
+}
 POOLING_MODES = ("mean", "first")
 
 
@@ -78,8 +96,10 @@ class MMFusionConfig(PreTrainedConfig):
 
     Args:
         vision_config / text_config / audio_config (`PreTrainedConfig` or `dict`, *optional*):
-            The tower configs. Any may be absent, at least one must be present. A full dual-encoder config
-            (CLIP, SigLIP) given as `vision_config` contributes its vision tower, and likewise for text.
+            The tower configs. Any may be absent; a model needs at least one and refuses a config without.
+            (The config itself, like every transformers config, can be built with no arguments, which config
+            diffing and `from_dict` of a partial dict rely on.) A full dual-encoder config (CLIP, SigLIP) given
+            as `vision_config` contributes its vision tower, and likewise for text.
         fusion_hidden_size (`int`): width of the fusion streams; must be divisible by `fusion_num_heads`.
         fusion_num_layers (`int`): number of fusion layers (self-attn -> cross-attn -> MLP per stream).
         fusion_num_heads (`int`): attention heads in fusion self- and cross-attention.
@@ -145,10 +165,6 @@ class MMFusionConfig(PreTrainedConfig):
         self._validate_fusion_settings()
 
     def _validate_fusion_settings(self) -> None:
-        if not self.modalities:
-            raise ValueError(
-                "vision_config, text_config, audio_config: at least one tower config is required, all three are None"
-            )
         for name in ("fusion_hidden_size", "fusion_num_layers", "fusion_num_heads", "fusion_intermediate_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "fusion_num_layers" else 1):
@@ -180,4 +196,7 @@ class MMFusionConfig(PreTrainedConfig):
         return getattr(self, f"{modality}_config")
 
 
-__all__ = ["MMFusionConfig", "tower_modality", "resolve_tower_config", "MODALITIES"]
+# Here, where the class is defined: a config saved by code that imports only this module still writes `auto_map`.
+MMFusionConfig.register_for_auto_class()
+
+__all__ = ["MMFusionConfig", "tower_modality", "resolve_tower_config", "MODALITIES", "MODALITY_NAMES", "ModalityNames"]

@@ -362,6 +362,11 @@ class MMFusionProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
+# Here, where the class is defined, and not in a package that imports it: a processor saved by code that imports only
+# this module still writes `auto_map` and this file (with media.py), so it loads where only transformers is installed.
+MMFusionProcessor.register_for_auto_class("AutoProcessor")
+
+
 def _as_batch(value: Any, is_audio: bool = False) -> list | None:
     """A list or tuple is a batch, anything else one sample, and so is Gradio's (sampling_rate, array) audio tuple."""
     if value is None:

@@ -1,9 +1,11 @@
 """MMFusionConfig: every supported tower type is accepted for its own modality, invalid settings raise ValueError
-naming the field, and the config survives a save/load round trip."""
+naming the field, and the config survives a save/load round trip. Like every transformers config it builds with no
+arguments; a model built from it refuses."""
 
 import pytest
 from transformers import (
     AutoConfig,
+    AutoModel,
     BertConfig,
     CLIPConfig,
     CLIPVisionConfig,
@@ -17,9 +19,10 @@ from transformers import (
     Wav2Vec2Config,
     WavLMConfig,
 )
+from transformers.configuration_utils import recursive_diff_dict
 
 from conftest import tiny_bert_config, tiny_timm_config, tiny_vit_config, tiny_wav2vec2_config
-from modeling_mm import MMFusionConfig
+from modeling_mm import MMFusionConfig, MMFusionForSequenceClassification, MMFusionModel
 
 SUPPORTED_TOWERS = [
     ("vision_config", ViTConfig(), "vit"),
@@ -66,9 +69,45 @@ def test_absent_towers_stay_absent_after_round_trip(tmp_path):
     assert loaded.modalities == ("text",)
 
 
+def test_a_config_without_towers_builds_with_the_defaults_and_round_trips(tmp_path):
+    config = MMFusionConfig()
+    assert config.modalities == ()
+    assert (config.vision_config, config.text_config, config.audio_config) == (None, None, None)
+    assert (config.fusion_hidden_size, config.fusion_num_layers, config.fusion_pooling) == (256, 2, "mean")
+    assert MMFusionConfig.from_dict({}).to_dict() == config.to_dict()
+    diff = config.to_diff_dict()
+    assert diff["model_type"] == "mm_fusion" and diff["text_config"] is None
+    assert MMFusionConfig.from_dict(diff).to_dict() == config.to_dict()
+    # what transformers does when an mm-fusion config sits inside another config: diff it against MMFusionConfig()
+    assert recursive_diff_dict(config.to_dict(), {}, config_obj=config)["fusion_hidden_size"] == 256
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, MMFusionConfig) and loaded.modalities == ()
+    assert {**loaded.to_dict(), "_name_or_path": ""} == {**config.to_dict(), "_name_or_path": ""}
+
+
+def test_from_dict_of_a_partial_config_fills_the_defaults_and_diffs_back():
+    partial = {"text_config": {"model_type": "bert", "hidden_size": 32, "num_attention_heads": 4},
+               "fusion_num_heads": 8}
+    config = MMFusionConfig.from_dict(partial)
+    assert config.modalities == ("text",) and config.text_config.hidden_size == 32
+    assert config.fusion_num_heads == 8 and config.fusion_hidden_size == MMFusionConfig().fusion_hidden_size
+    diff = config.to_diff_dict()
+    assert diff["fusion_num_heads"] == 8 and diff["text_config"]["hidden_size"] == 32
+    assert MMFusionConfig.from_dict(diff).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("build", [MMFusionModel, MMFusionForSequenceClassification, AutoModel.from_config],
+                         ids=["MMFusionModel", "MMFusionForSequenceClassification", "AutoModel.from_config"])
+def test_a_model_from_a_config_without_towers_refuses_naming_the_fields(build):
+    with pytest.raises(ValueError, match="vision_config, text_config, audio_config: at least one tower config is "
+                                         "required to build a model, all three are None"):
+        build(MMFusionConfig())
+
+
 BAD_SETTINGS = [
-    ({}, "at least one tower"),
-    ({"vision_config": None, "text_config": None, "audio_config": None}, "at least one tower"),
+    ({"fusion_hidden_size": 30, "fusion_num_heads": 4}, "fusion_hidden_size"),  # validated without towers too
+    ({"fusion_pooling": "max"}, "fusion_pooling"),
     ({"text_config": BertConfig(), "fusion_hidden_size": 30, "fusion_num_heads": 4}, "fusion_hidden_size"),
     ({"text_config": BertConfig(), "fusion_num_heads": 0}, "fusion_num_heads"),
     ({"text_config": BertConfig(), "fusion_num_layers": -1}, "fusion_num_layers"),

@@ -4,6 +4,7 @@ the real MiniLM tokenizer, mixed batches, resampling, bad inputs, property-based
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import pickle
@@ -27,9 +28,9 @@ from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor
 from transformers.audio_utils import load_audio as transformers_load_audio
 from transformers.dynamic_module_utils import get_imports
 
-import modeling_mm  # noqa: F401  importing it registers MMFusionProcessor with AutoProcessor and for auto_map
+from conftest import PROJECT_PACKAGES, WITHOUT_PROJECT, tiny_fusion_config
+from modeling_mm import MMFusionForSequenceClassification
 from processors import MMFusionProcessor
-from conftest import PROJECT_PACKAGES, WITHOUT_PROJECT
 
 HUB_FILES = ("processing_mm.py", "media.py")
 TEXT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
@@ -113,11 +114,58 @@ def test_round_trip_in_process_and_where_only_transformers_is_installed(tmp_path
         assert not loaded, loaded
         print("identical")
     """)
+    result = _run_fresh(script, tmp_path)
+    assert result.returncode == 0 and "identical" in result.stdout, result.stderr[-3000:]
+
+
+def _run_fresh(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter (nothing imported yet, stdin closed) in `tmp_path`, offline."""
     environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     environment.pop("PYTHONPATH", None)
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=environment,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "identical" in result.stdout, result.stderr[-3000:]
+    return subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=environment,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+
+
+def test_a_processor_saved_with_only_processors_imported_carries_its_code(tmp_path, vit_dir, bert_dir):
+    """Importing `processors` alone registers MMFusionProcessor for `auto_map`; `modeling_mm` need not be imported."""
+    saved = tmp_path / "saved"
+    save = textwrap.dedent(f"""
+        from processors import MMFusionProcessor
+        MMFusionProcessor.from_towers(vision={vit_dir!r}, text={bert_dir!r}).save_pretrained({str(saved)!r})
+    """)
+    result = _run_fresh(save, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {path.name for path in saved.glob("*.py")} == set(HUB_FILES)
+    processor_config = json.loads((saved / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_mm.MMFusionProcessor"}
+
+    load = WITHOUT_PROJECT + textwrap.dedent(f"""
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
+        print(type(processor).__module__, type(processor).__name__)
+    """)
+    result = _run_fresh(load, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, name = result.stdout.split()[-2:]
+    assert name == "MMFusionProcessor" and module.startswith("transformers_modules."), result.stdout
+
+
+def test_processor_from_a_model_folder_with_only_processors_imported_does_not_prompt(tmp_path, vit_dir, bert_dir):
+    """The folder's config.json has model_type mm_fusion and an auto_map: importing `processors` registers the
+    config, so its sub-loaders neither ask whether to run the folder's code nor read it as a model of type ``."""
+    model_dir = tmp_path / "model"
+    MMFusionForSequenceClassification(tiny_fusion_config(("vision", "text"))).save_pretrained(model_dir)
+    MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir).save_pretrained(model_dir)
+    load = textwrap.dedent(f"""
+        from processors import MMFusionProcessor
+        processor = MMFusionProcessor.from_pretrained({str(model_dir)!r})
+        print("loaded", type(processor).__module__)
+    """)
+    result = _run_fresh(load, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "loaded processors.processing_mm" in result.stdout, output[-3000:]
+    assert "Do you wish to run the custom code" not in output, output[-3000:]
+    assert "model of type ``" not in output, output[-3000:]
 
 
 def test_hub_files_import_only_torch_numpy_pil_and_transformers():
