@@ -1,5 +1,6 @@
 """mm-train: exact resume after SIGKILL (also in the middle of writing a checkpoint), 2-process training, non-finite
-losses, bad rows, and LoRA training through the real loop (Training acceptance 1-5)."""
+losses, bad rows, and LoRA training through the real loop (Training acceptance 1-5); what the command line says
+(help, usage errors, one line per checkpoint and per run, the distributed type)."""
 
 from __future__ import annotations
 
@@ -175,6 +176,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sm
     double = subprocess.run(launch, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                             text=True, timeout=600)
     assert double.returncode == 0, double.stderr[-3000:]
+    # the run's results, and the distributed type that runs, are said once, not once per process
+    for said in ("test accuracy ", "model written to "):
+        assert double.stdout.count(said) == 1, double.stdout
+    assert double.stderr.count("distributed type: MULTI_CPU") == 1, double.stderr[-3000:]
     one_metrics = json.loads((tmp_path / "one" / "model" / "metrics.json").read_text())
     two_metrics = json.loads((tmp_path / "two" / "model" / "metrics.json").read_text())
     assert (one_metrics["num_processes"], two_metrics["num_processes"]) == (1, 2)
@@ -355,3 +360,67 @@ def test_compile_trains_like_eager(tmp_path, args):
     weights = {name: load_file(tmp_path / name / "model" / "model.safetensors") for name in ("eager", "compiled")}
     assert weights["eager"].keys() == weights["compiled"].keys()
     assert max((weights["eager"][k] - weights["compiled"][k]).abs().max().item() for k in weights["eager"]) <= 1e-3
+
+
+def test_help_keeps_each_example_line_of_the_docstring(capsys):
+    import training.train as module
+
+    examples = [line.strip() for line in module.__doc__.split("\n\n")[1].splitlines()]
+    assert len(examples) >= 5 and examples[0].startswith("mm-train")
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    shown = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    for line in examples:
+        assert line in shown, line
+
+
+def test_an_unknown_flag_or_key_is_a_usage_error_with_close_matches(tmp_path, capsys):
+    # not an abbreviation of --learning-rate either (the missing data file ends the run if it ever started)
+    with pytest.raises(SystemExit) as exited:
+        main(["--learning-rat", "1e-4", "--train_data", str(tmp_path / "missing.csv")])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: mm-train") and "Traceback" not in error
+    assert "unrecognized arguments: --learning-rat 1e-4\n" in error and "did you mean --learning_rate?" in error
+    with pytest.raises(SystemExit) as exited:
+        main(["--max_steps", "3", "--zzzz", "1"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "unrecognized arguments: --zzzz 1" in error and "did you mean" not in error
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("max_steps: 3\nlearning_rat: 1.0e-4\n")
+    with pytest.raises(SystemExit) as exited:
+        main([str(settings)])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{settings}: unknown keys: learning_rat" in error and "did you mean learning_rate?" in error
+
+
+def test_one_log_line_per_checkpoint_and_the_detail_at_debug(tmp_path, args, capsys):
+    train(*parse_settings(args(tmp_path / "run", max_steps=2, save_steps=1)))
+    error = capsys.readouterr().err
+    written = [line for line in error.splitlines() if "checkpoint written: " in line]
+    assert len(written) == 2 and written[-1].endswith(str(tmp_path / "run" / "checkpoints" / "checkpoint-2"))
+    # accelerate's line per file (about nine per checkpoint) only at debug
+    assert "Model weights saved in" not in error
+    assert [line for line in error.splitlines() if " INFO accelerate." in line] == []
+
+    train(*parse_settings(args(tmp_path / "run", max_steps=3, save_steps=1, resume_from_checkpoint="latest",
+                               log_level="debug")))
+    error = capsys.readouterr().err
+    assert error.count("checkpoint written: ") == 1
+    assert "Model weights saved in" in error and "All model weights loaded successfully" in error
+
+
+def test_the_run_says_which_distributed_type_runs_and_warns_when_it_is_not_the_one_asked_for(tmp_path, args,
+                                                                                               monkeypatch, capsys):
+    # what `accelerate launch` with an FSDP config passes to each process; one process without torchrun runs NO
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    train(*parse_settings(args(tmp_path / "run", max_steps=1, validation_data="", test_data="")))
+    lines = capsys.readouterr().err.splitlines()
+    said = [line for line in lines if "distributed type: NO" in line]
+    warned = [line for line in lines if "asked for FSDP" in line]
+    assert len(said) == 1 and len(warned) == 1, lines
+    assert " WARNING " in warned[0] and "asked for FSDP, but NO runs" in warned[0]

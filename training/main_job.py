@@ -38,6 +38,8 @@ def sample_job_args(output_dir: str | os.PathLike = SAMPLE_OUTPUT_DIR) -> list[s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from accelerate import PartialState
+
     from training.train import main as train_main
 
     argv = sys.argv[1:] if argv is None else argv
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = argv[argv.index("--output_dir") + 1]
     started = time.perf_counter()
     status = train_main(sample_job_args(output_dir) + argv)  # later flags win in argparse
-    if status == 0:
+    if status == 0 and PartialState().is_main_process:  # once, also under `accelerate launch`
         model_dir = Path(output_dir) / "model"
         print(f"main job finished in {(time.perf_counter() - started) / 60:.1f} min")
         print(f"evaluation report: {model_dir / 'evaluation' / 'report.md'}")

@@ -15,6 +15,10 @@ same random state, so a resumed run ends exactly where an uninterrupted one woul
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import difflib
 import itertools
 import json
 import logging
@@ -32,9 +36,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+import yaml
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcast_object_list, parse_flag_from_env,
+                              set_seed)
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -54,6 +60,11 @@ logger = logging.getLogger("mm_fusion.train")
 MODALITY_KEYS = {"vision": "has_image", "text": "has_text", "audio": "has_audio"}
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "COMPLETE"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# what `accelerate launch` tells its processes it was asked for (from its config or flags), in its own checking order
+REQUESTED_DISTRIBUTED_TYPES = (("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
+                               ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
+                               ("ACCELERATE_USE_MEGATRON_LM", DistributedType.MEGATRON_LM))
 
 
 @dataclass
@@ -117,6 +128,9 @@ class TrainingSettings:
         "help": "After training, write mm-eval's full report on the test split (quality, modality ablation, "
                 "robustness, calibration, efficiency) to <output_dir>/model/evaluation."})
     report_to: str = field(default="auto", metadata={"help": "auto (TensorBoard if installed), tensorboard, none."})
+    log_level: str = field(default="info", metadata={
+        "help": "debug, info, warning or error, on the main process (the others log errors only); debug adds "
+                "accelerate's per-file lines of each checkpoint save and load."})
 
 
 @dataclass
@@ -220,7 +234,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
+    with _quiet_accelerate_checkpointing():
+        accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
@@ -228,8 +243,23 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
         os.replace(temporary, final)
         for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint written: %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def _quiet_accelerate_checkpointing():
+    """accelerate logs about nine INFO lines per checkpoint saved or loaded (one per file); below DEBUG, keep only its
+    warnings, and mm-train says one line itself."""
+    accelerate_logger = logging.getLogger("accelerate")
+    level = accelerate_logger.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        accelerate_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        accelerate_logger.setLevel(level)
 
 
 def resolve_checkpoint(setting: str | None, output_dir: Path) -> Path | None:
@@ -291,6 +321,8 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
           settings: TrainingSettings) -> dict[str, Any]:
     output_dir = Path(settings.output_dir)
     trackers = _trackers(settings.report_to)
+    if settings.log_level not in LOG_LEVELS:
+        raise ValueError(f"log_level: {settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: accelerate only picks CPU DDP (gloo)
     # when told to use the CPU, and `accelerate launch --cpu` itself starts a single process unless MPI is set up
     distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -308,10 +340,11 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=settings.seed),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
-                        force=True)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=settings.log_level.upper(), force=True)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.ERROR)
+    _report_distributed_type(accelerator)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(settings.seed)
     initial_threads = torch.get_num_threads()
@@ -331,8 +364,7 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
 
     with accelerator.main_process_first():
         splits, label_names = prepare_splits(data_settings, settings.seed)
-    logger.info("data: %s; labels %s; %d process(es), %s", {k: len(v) for k, v in splits.items()}, label_names,
-                accelerator.num_processes, accelerator.distributed_type)
+    logger.info("data: %s; labels %s", {k: len(v) for k, v in splits.items()}, label_names)
     model, processor = build_model_and_processor(model_settings, label_names)
     collator = MMFusionCollator(processor, data_settings, label_names)
     # every row is decoded once, on the main process; the others receive the verdict
@@ -402,7 +434,8 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
 
     checkpoint = resolve_checkpoint(settings.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        with _quiet_accelerate_checkpointing():
+            accelerator.load_state(str(checkpoint))
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
                     state.batches_in_epoch)
 
@@ -636,15 +669,56 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _report_distributed_type(accelerator: Accelerator) -> None:
+    """Say which distributed type runs, and warn when `accelerate launch` asked for another: without a GPU, an FSDP or
+    DeepSpeed config silently runs DDP on the CPU (MULTI_CPU). Logged on the main process only."""
+    actual = accelerator.distributed_type
+    logger.info("distributed type: %s (%d process(es) on %s)", actual.value, accelerator.num_processes,
+                accelerator.device.type)
+    requested = next((kind for variable, kind in REQUESTED_DISTRIBUTED_TYPES if parse_flag_from_env(variable)), None)
+    if requested is not None and requested != actual:
+        reason = "" if torch.cuda.is_available() else f" (no GPU here; accelerate runs {requested.value} only on GPUs)"
+        logger.warning("accelerate launch asked for %s, but %s runs%s: every process holds the whole model and its "
+                       "optimizer state", requested.value, actual.value, reason)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """HfArgumentParser's help with defaults, keeping the module docstring's example lines as written."""
+
+
+def _close_matches(names: list[str], known: list[str], prefix: str = "") -> str:
+    """A line for each name that has close matches among the setting names `known` (compared without the flag's
+    dashes, reading - as _ as HfArgumentParser's aliases do, and shown with `prefix`), or ''."""
+    hints = []
+    for name in names:
+        if matches := difflib.get_close_matches(name.lstrip("-").replace("-", "_"), known, n=3):
+            hints.append(f"\n  {name}: did you mean {' or '.join(prefix + match for match in matches)}?")
+    return "".join(hints)
+
+
 def parse_settings(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelSettings, DataSettings, LoraSettings, TrainingSettings),
-                              description=__doc__)
+    """The four settings dataclasses from command-line flags, or from one YAML or JSON file of the same names. An
+    unknown flag or key is a usage error (exit status 2) that suggests close matches."""
+    # no abbreviations: a misspelt flag such as --learning-rat would otherwise pass as --learning-rate
+    parser = HfArgumentParser((ModelSettings, DataSettings, LoraSettings, TrainingSettings), prog="mm-train",
+                              description=__doc__, formatter_class=_HelpFormatter, allow_abbrev=False)
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(argv)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        text = Path(argv[0]).read_text(encoding="utf-8")
+        values = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
+        if not isinstance(values, dict):
+            parser.error(f"{argv[0]}: expected a mapping of setting names to values, got {type(values).__name__}")
+        known = [f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init]
+        if unknown := [str(key) for key in values if key not in known]:
+            parser.error(f"{argv[0]}: unknown keys: {', '.join(unknown)}" + _close_matches(unknown, known))
+        return parser.parse_dict(values)
+    *settings, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unknown:
+        known = [option.removeprefix("--") for action in parser._actions for option in action.option_strings[:1]
+                 if option.startswith("--")]  # --x_y, not its alias --x-y
+        flags = [item.split("=", 1)[0] for item in unknown if item.startswith("--")]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + _close_matches(flags, known, prefix="--"))
+    return tuple(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -654,9 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, NonFiniteLossError) as error:
         print(f"mm-train: error: {error}", file=sys.stderr)
         return 2
-    if "test" in metrics:
-        print(f"test accuracy {metrics['test']['accuracy']:.4f}, macro-F1 {metrics['test']['macro_f1']:.4f}")
-    print(f"model written to {Path(settings.output_dir) / 'model'}")
+    if PartialState().is_main_process:  # under `accelerate launch`, once rather than once per process
+        if "test" in metrics:
+            print(f"test accuracy {metrics['test']['accuracy']:.4f}, macro-F1 {metrics['test']['macro_f1']:.4f}")
+        print(f"model written to {Path(settings.output_dir) / 'model'}")
     return 0
 
 
