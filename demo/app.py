@@ -60,6 +60,12 @@ MAX_DESCRIPTION_CHARACTERS = 400
 # the model config names the vision modality "vision"; the page and the per-sample view call its input "image"
 INPUT_NAMES = {"vision": "image", "text": "text", "audio": "audio"}
 PRESENCE_KEYS = {"vision": "has_image", "text": "has_text", "audio": "has_audio"}
+IMAGE_INPUT_HEIGHT = 300
+"""Pixels: without a fixed height, Gradio 6 shrinks the image input to a thin strip once an example fills it."""
+PAGE_CSS = "#mm-image img { object-fit: contain; }"
+"""Gradio shows an image with `object-fit: scale-down`, which never enlarges: a 32-pixel sample image stayed a
+32-pixel thumbnail in the input. `contain` scales it to the input's height (larger images still shrink to fit).
+Passed to `launch()` (Gradio 6 takes CSS there only); a host that launches `demo` itself passes `css=PAGE_CSS`."""
 
 
 # ---- the model -------------------------------------------------------------------------------------------------------
@@ -377,7 +383,8 @@ def build_demo(
                 inputs = {}  # keyed by predict's parameter names, which the API shows
                 if "vision" in modalities:
                     inputs["image"] = gr.Image(
-                        label="Image", type="filepath", sources=["upload", "webcam", "clipboard"], elem_id="mm-image",
+                        label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
+                        height=IMAGE_INPUT_HEIGHT, elem_id="mm-image",
                     )
                 if "text" in modalities:
                     inputs["text"] = gr.Textbox(
@@ -520,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         # no allowed_paths: Gradio serves the examples from its own copies in the upload folder
         demo.launch(
             server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size,
-            show_error=False, enable_monitoring=False, mcp_server=False, ssr_mode=False,
+            show_error=False, enable_monitoring=False, mcp_server=False, ssr_mode=False, css=PAGE_CSS,
         )
     except (OSError, ValueError) as error:  # no model there, not an mm-fusion classifier, the port is taken, ...
         print(f"mm-demo: error: {error}", file=sys.stderr)
@@ -534,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 elif os.environ.get("MM_FUSION_MODEL"):
-    # hosts that import the app and launch `demo` themselves (`gradio demo/app.py`); the queue limits come with it
+    # hosts that import the app and launch `demo` themselves (`gradio demo/app.py`); the queue limits come with it,
+    # the page's CSS does not (Gradio 6 takes CSS in launch() only): such a host passes css=PAGE_CSS
     demo = build_demo(
         os.environ["MM_FUSION_MODEL"],
         trust_remote_code=_env_flag("MM_FUSION_TRUST_REMOTE_CODE"),

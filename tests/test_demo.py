@@ -56,6 +56,7 @@ SOAK_REQUESTS = 300
 SOAK_ROWS = 20  # the soak cycles over these rows, so the uploads it makes are a fixed set of files
 SOAK_RSS_GROWTH_MB = 50  # the stated bound on resident-memory growth over the soak, after one warm-up cycle
 EXAMPLE_ROWS = 4
+MIN_IMAGE_HEIGHT_PX = 150  # an example's image must show at a readable size, not as a thin strip with a thumbnail
 
 
 def free_port() -> int:
@@ -239,6 +240,33 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
 # ---- 1. a real browser -----------------------------------------------------------------------------------------------
 
 
+# The height at which an <img> draws its picture: its box, as `object-fit` fills it (Gradio's `scale-down` keeps a
+# small image at its natural size inside a large box, so the box alone says nothing about what the user sees)
+DRAWN_HEIGHT_JS = """img => {
+    if (!img.complete || !img.naturalWidth || !img.naturalHeight) return 0;
+    const box = img.getBoundingClientRect();
+    const fit = getComputedStyle(img).objectFit;
+    if (fit === "fill" || fit === "cover") return box.height;
+    if (fit === "none") return Math.min(box.height, img.naturalHeight);
+    const scale = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);
+    return img.naturalHeight * (fit === "scale-down" ? Math.min(1, scale) : scale);
+}"""
+
+
+def assert_image_shows_readably(page, what: str) -> None:
+    """The image input's picture has loaded and is drawn at least `MIN_IMAGE_HEIGHT_PX` tall."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    try:  # the picture loads, and the layout settles, a frame or two after the <img> appears
+        page.wait_for_function(
+            f"({DRAWN_HEIGHT_JS})(document.querySelector('#mm-image img')) >= {MIN_IMAGE_HEIGHT_PX}", timeout=5_000,
+        )
+    except PlaywrightTimeoutError:
+        pass  # the assertion says how tall it is
+    height = page.locator("#mm-image img").first.evaluate(DRAWN_HEIGHT_JS)
+    assert height >= MIN_IMAGE_HEIGHT_PX, f"{what} is drawn {height:.0f} px tall, under {MIN_IMAGE_HEIGHT_PX} px"
+
+
 @pytest.mark.timeout(300)
 def test_browser_example_upload_and_corrupt_image(server, example_rows, test_rows, own_model, bad_files, tmp_path):
     """Chromium clicks an example and submits, then uploads an image, types text, uploads a WAV and submits, reading
@@ -273,6 +301,8 @@ def test_browser_example_upload_and_corrupt_image(server, example_rows, test_row
             playwright_api.expect(page.locator("#mm-text textarea")).to_have_value(example["text"])
             if example["image"]:
                 page.locator("#mm-image img").wait_for()
+                assert_image_shows_readably(page, "the clicked example's image")
+                page.screenshot(path=tmp_path / "example.png", full_page=True)
             if example["audio"]:
                 page.locator(audio_loaded).first.wait_for(state="attached")
             page.locator("#mm-submit").click()
@@ -287,6 +317,7 @@ def test_browser_example_upload_and_corrupt_image(server, example_rows, test_row
             page.locator("#mm-text textarea").fill(uploaded["text"])
             page.locator("#mm-audio input[type=file]").set_input_files(uploaded["audio"])
             page.locator("#mm-image img").wait_for()
+            assert_image_shows_readably(page, "the uploaded image")
             page.locator(audio_loaded).first.wait_for(state="attached")
             page.locator("#mm-submit").click()
             page.wait_for_function(answered)
