@@ -115,6 +115,11 @@ class MMFusionConfig(PreTrainedConfig):
         exact_audio_lengths (`bool`): run audio towers that cannot take an attention mask (group-norm wav2vec2,
             such as wav2vec2-base) one sample at a time on its true length, so zero-padding cannot change the
             result. Slower; off by default, as in transformers, where such towers see the padding.
+        static_shapes (`bool`): always take the static path: every tower runs on the whole batch at the given
+            padded length and samples without a modality are masked out, so the forward has no host sync and no
+            data-dependent shape (`torch.compile(fullgraph=True)`, `torch.export`, CUDA graphs). Without it, the static
+            path is still taken when no `has_*` mask is given (every sample has every given modality), no modality
+            dropout is at work and the audio tower (if any) takes an attention mask; otherwise each tower runs only on the samples that have its modality (less compute).
         layer_norm_eps (`float`): epsilon of fusion layer norms.
         initializer_range (`float`): std of the normal init of fusion and head weights.
 
@@ -153,6 +158,7 @@ class MMFusionConfig(PreTrainedConfig):
     modality_dropout: float = 0.0
     classifier_dropout: float = 0.1
     exact_audio_lengths: bool = False
+    static_shapes: bool = False
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
 
@@ -180,6 +186,11 @@ class MMFusionConfig(PreTrainedConfig):
             if not isinstance(value, (int, float)) or not (0.0 <= value and upper_ok):
                 raise ValueError(f"{name}: must be a probability in [0, 1{')' if name == 'modality_dropout' else ']'}"
                                  f", got {value!r}")
+        if self.static_shapes and self.exact_audio_lengths:
+            raise ValueError(
+                "static_shapes, exact_audio_lengths: choose one; exact lengths run each audio sample alone on its own "
+                "length, which static shapes rule out"
+            )
         if self.fusion_pooling not in POOLING_MODES:
             raise ValueError(f"fusion_pooling: must be one of {POOLING_MODES}, got {self.fusion_pooling!r}")
         from transformers.activations import ACT2FN

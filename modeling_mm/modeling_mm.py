@@ -401,17 +401,21 @@ def _audio_tower_takes_attention_mask(config) -> bool:
     return getattr(config, "feat_extract_norm", "layer") != "group"
 
 
-def _real_first(mask: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Move each row's real entries (mask != 0) to the front, in their order, and drop the columns no row uses.
+def _real_first(
+    mask: torch.Tensor, *tensors: torch.Tensor | None, trim: bool = True
+) -> tuple[torch.Tensor | None, ...]:
+    """Move each row's real entries (mask != 0) to the front, in their order, and (with `trim`) drop the columns no
+    row uses.
 
     Left- and right-padded rows then look alike, so nothing downstream can depend on the padding side or on the
-    longest batch partner. `mask` is `(batch, length)`; each tensor is `(batch, length, ...)` or None."""
+    longest batch partner. `mask` is `(batch, length)`; each tensor is `(batch, length, ...)` or None. Without
+    `trim` the shapes stay as given and nothing is read back to the host (the static path)."""
     real = mask != 0
-    if bool(real.all()):
+    if trim and bool(real.all()):
         return (mask, *tensors)
     order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices  # (batch, length): real entries first
-    length = int(real.sum(1).max())
-    order = order[:, :length]
+    if trim:
+        order = order[:, : int(real.sum(1).max())]
 
     def gather(tensor: torch.Tensor | None) -> torch.Tensor | None:
         if tensor is None:
@@ -560,23 +564,36 @@ class MMFusionModel(MMFusionPreTrainedModel):
         batch_size = self._batch_size(main_input)
         device = next(t for t in main_input.values() if t is not None).device
         presence = self._presence(main_input, presence_given, batch_size, device)
-        if self.training and self.config.modality_dropout > 0:
+        dropping = self.training and self.config.modality_dropout > 0
+        if dropping:
             presence = self._drop_modalities(presence)
+        static = self._takes_static_path(main_input, presence_given, dropping)
 
-        # 1) towers, each on the samples that have its modality; streams padded back to the whole batch
+        # 1) towers, each on the samples that have its modality; streams padded back to the whole batch. The static
+        #    path runs each tower on the whole batch and masks absent samples out: no host sync, fixed shapes.
         streams, token_masks, tower_outputs = {}, {}, {}
         for modality in self.modalities:
-            if not bool(presence[modality].any()):
-                continue
-            index = presence[modality].nonzero().squeeze(1)
+            if static:
+                if main_input[modality] is None:
+                    continue
+                index = None
+            else:
+                if not bool(presence[modality].any()):
+                    continue
+                index = presence[modality].nonzero().squeeze(1)
             if modality in tower_states:
-                tower_mask, states = _real_first(*(t[index] for t in reversed(tower_states[modality])))
+                states, tower_mask = (t if index is None else t[index] for t in tower_states[modality])
+                tower_mask, states = _real_first(tower_mask, states, trim=not static)
                 tower_outputs[modality] = None
             else:
                 states, tower_mask, tower_outputs[modality] = self._run_tower(
                     modality, inputs[modality], index, output_attentions, output_hidden_states
                 )
             projected = self.input_projections[modality](states)
+            if static:
+                streams[modality] = projected  # (batch, tokens, fusion_hidden)
+                token_masks[modality] = tower_mask & presence[modality].unsqueeze(1)  # (batch, tokens), bool
+                continue
             stream = projected.new_zeros(batch_size, *projected.shape[1:])
             streams[modality] = stream.index_put((index,), projected)  # (batch, tokens, fusion_hidden)
             token_mask = tower_mask.new_zeros(batch_size, tower_mask.shape[1])
@@ -584,7 +601,7 @@ class MMFusionModel(MMFusionPreTrainedModel):
         active = tuple(m for m in self.modalities if m in streams)
 
         # 2) fusion layers over the streams that at least one sample has
-        self_attn_masks, cross_attn_masks = self._fusion_masks(streams, token_masks, active)
+        self_attn_masks, cross_attn_masks = self._fusion_masks(streams, token_masks, active, static)
         all_states = {m: (streams[m],) for m in active} if output_hidden_states else None
         all_self_weights = {m: () for m in active} if output_attentions else None
         all_cross_weights = {m: () for m in active} if output_attentions else None
@@ -670,6 +687,18 @@ class MMFusionModel(MMFusionPreTrainedModel):
 
     # ---- forward helpers, in the order forward uses them ------------------------------------------------------------
 
+    def _takes_static_path(self, main_input, presence_given, dropping: bool) -> bool:
+        """The static path (see `config.static_shapes`) when asked for, or when no presence mask was given, so every
+        sample has every modality whose inputs were given, and no modality dropout is at work. Decided from Python
+        facts only: looking at mask values would itself be a host sync."""
+        if self.config.static_shapes:
+            return True
+        if dropping or any(mask is not None for mask in presence_given.values()):
+            return False
+        # A group-norm audio tower takes no mask, so padding beyond the longest sample would change its output: the
+        # dynamic path trims it (and runs samples alone with `exact_audio_lengths`), which needs lengths on the host
+        return main_input["audio"] is None or _audio_tower_takes_attention_mask(self.audio_model.config)
+
     def _check_tower_states(self, tower_states, main_input) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         raw_name = {"vision": "pixel_values", "text": "input_ids", "audio": "input_values"}
         for modality, value in tower_states.items():
@@ -720,6 +749,8 @@ class MMFusionModel(MMFusionPreTrainedModel):
                 if given.shape != (batch_size,):
                     raise ValueError(f"{key}: expected shape ({batch_size},), got {tuple(given.shape)}")
                 presence[modality] = given
+        if all(mask is None for mask in presence_given.values()) or torch.compiler.is_compiling():
+            return presence  # every sample has every given modality (or, compiled, a check would break the graph)
         has_any = torch.stack(list(presence.values()), dim=1).any(1)
         if not bool(has_any.all()):
             missing = (~has_any).nonzero().flatten().tolist()
@@ -741,6 +772,9 @@ class MMFusionModel(MMFusionPreTrainedModel):
         prepended where it has one, a bool mask of real tokens, and the tower's own output."""
         tower = self.get_tower(modality)
         flags = {"output_attentions": output_attentions or None, "output_hidden_states": output_hidden_states or None}
+        trim = index is not None  # the static path (index None) keeps every row and every column
+        if index is None:
+            index = slice(None)
         if modality == "vision":
             output = tower(pixel_values=inputs["pixel_values"][index], return_dict=True, **flags)
             states = output.last_hidden_state
@@ -754,14 +788,14 @@ class MMFusionModel(MMFusionPreTrainedModel):
             token_type_ids = token_type_ids[index] if self._text_takes_token_type_ids and token_type_ids is not None else None
             # Real tokens first (left padding moved right), then no column that no present sample uses: the tower
             # then sees each sample at positions 0.. whatever the padding side and the batch partners
-            attention_mask, input_ids, token_type_ids = _real_first(attention_mask, input_ids, token_type_ids)
+            attention_mask, input_ids, token_type_ids = _real_first(attention_mask, input_ids, token_type_ids, trim=trim)
             tower_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if token_type_ids is not None:
                 tower_kwargs["token_type_ids"] = token_type_ids
             output = tower(**tower_kwargs, return_dict=True, **flags)
             states, token_mask = output.last_hidden_state, attention_mask.bool()
         else:
-            output, states, token_mask = self._run_audio_tower(tower, inputs, index, flags)
+            output, states, token_mask = self._run_audio_tower(tower, inputs, index, flags, trim)
         pooled = getattr(output, "pooler_output", None)
         if pooled is not None and pooled.dim() == 2 and pooled.shape[-1] == states.shape[-1]:
             # The tower's own pooled summary (BERT/ViT pooler, CLIP post-layernorm, SigLIP head) becomes the first
@@ -770,15 +804,15 @@ class MMFusionModel(MMFusionPreTrainedModel):
             token_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], 1), token_mask], dim=1)
         return states, token_mask, output
 
-    def _run_audio_tower(self, tower, inputs, index, flags):
+    def _run_audio_tower(self, tower, inputs, index, flags, trim: bool):
         input_values = inputs["input_values"][index]
         sample_mask = inputs["audio_attention_mask"]
         sample_mask = torch.ones_like(input_values, dtype=torch.long) if sample_mask is None else sample_mask[index]
-        sample_mask, input_values = _real_first(sample_mask, input_values)  # left-padded audio too
+        sample_mask, input_values = _real_first(sample_mask, input_values, trim=trim)  # left-padded audio too
         lengths = sample_mask.sum(1)
         frame_lengths = tower._get_feat_extract_output_lengths(lengths)
         takes_mask = _audio_tower_takes_attention_mask(tower.config)
-        if not takes_mask and self.config.exact_audio_lengths:
+        if not takes_mask and self.config.exact_audio_lengths and trim:
             # one sample at a time on its true length: exact for group-norm encoders, at the cost of batching
             outputs = [tower(input_values[i : i + 1, : int(n)], return_dict=True, **flags) for i, n in enumerate(lengths)]
             frames = int(frame_lengths.max())
@@ -812,8 +846,9 @@ class MMFusionModel(MMFusionPreTrainedModel):
         token_mask = frame_index.unsqueeze(0) < frame_lengths.to(states.device).unsqueeze(1)
         return output, states, token_mask
 
-    def _fusion_masks(self, streams, token_masks, active):
-        """Attention masks in the format of `config._attn_implementation` (built once, shared by all layers)."""
+    def _fusion_masks(self, streams, token_masks, active, static: bool):
+        """Attention masks in the format of `config._attn_implementation` (built once, shared by all layers). On the
+        static path the masks are always built: skipping an all-ones mask would read it back to the host."""
         self_attn_masks, cross_attn_masks = {}, {}
         for modality in active:
             mask = token_masks[modality]
@@ -822,7 +857,8 @@ class MMFusionModel(MMFusionPreTrainedModel):
             mask = mask.clone()
             mask[:, 0] |= ~mask.any(1)
             self_attn_masks[modality] = create_bidirectional_mask(
-                config=self.config, inputs_embeds=streams[modality], attention_mask=mask
+                config=self.config, inputs_embeds=streams[modality], attention_mask=mask,
+                allow_is_bidirectional_skip=not static,
             )
         for modality in active:
             others = [m for m in active if m != modality]
@@ -835,6 +871,7 @@ class MMFusionModel(MMFusionPreTrainedModel):
                 inputs_embeds=streams[modality],
                 attention_mask=context_mask,
                 encoder_hidden_states=context_shape,
+                allow_is_bidirectional_skip=not static,
             )
         return self_attn_masks, cross_attn_masks
 

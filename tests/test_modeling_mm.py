@@ -731,3 +731,74 @@ def test_bad_tower_states_raise_value_errors():
         model.encode_tower("smell", pixel_values=batch["pixel_values"])
     with pytest.raises(ValueError, match=r"the text tower takes .*input_ids required"):
         model.encode_tower("text", pixel_values=batch["pixel_values"])
+
+
+# ---- 8. the static path: no host sync, fixed shapes (compile fullgraph, export) -------------------------------------
+
+HOST_SYNC_OPS = {"aten.item.default", "aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default"}
+
+
+def test_static_path_equals_the_dynamic_path_for_the_samples_that_have_their_modalities():
+    dynamic = build_model(head=True)
+    static = build_model(head=True, static_shapes=True)
+    static.load_state_dict(dynamic.state_dict())
+    batch = make_batch(batch_size=5)
+    batch.update(random_absence(5, torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        a, b = dynamic(**batch), static(**batch)
+    assert max_diff(a.logits, b.logits) <= ATOL
+    for modality, key in (("vision", "has_image"), ("text", "has_text"), ("audio", "has_audio")):
+        rows = batch[key]
+        got, want = (getattr(o.fusion_output, f"{modality}_pooler_output")[rows] for o in (b, a))
+        assert max_diff(got, want) <= ATOL, modality
+
+
+def test_static_path_runs_no_host_sync_in_the_forward(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import masking_utils
+
+    # The towers' own masks (transformers) check `mask.all()` in eager mode to skip an all-ones mask, an optimisation
+    # transformers itself turns off when traced (compile, export: see the fullgraph test). Everything else counts.
+    monkeypatch.setattr(masking_utils, "_ignore_bidirectional_mask_sdpa", lambda *args, **kwargs: False)
+
+    class SyncCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.syncs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in HOST_SYNC_OPS:
+                self.syncs.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = build_model(head=True)
+    batch = make_batch()  # every sample has every modality: no has_* mask, the common training case
+    with torch.no_grad(), SyncCounter() as counter:
+        model(**batch)
+    assert counter.syncs == []
+    dynamic = build_model(head=True)  # the counter sees the dynamic path's syncs (it would catch a regression)
+    with torch.no_grad(), SyncCounter() as counter:
+        dynamic(**batch, has_audio=torch.tensor([1, 0, 1, 1]).bool())
+    assert len(counter.syncs) > 0
+
+
+def test_static_path_compiles_forward_and_backward_with_fullgraph_and_exports():
+    # Image + text for training: wav2vec2's own feature encoder sets `requires_grad` on a tensor in training mode,
+    # a graph break in transformers' code; the audio tower is exported in inference below.
+    torch._dynamo.reset()
+    model = build_model(("vision", "text"), head=True, static_shapes=True).train()
+    batch = make_batch(modalities=("vision", "text"))
+    batch.update(has_image=torch.tensor([1, 0, 1, 1]).bool(), has_text=torch.tensor([1, 1, 0, 1]).bool())
+    labels = torch.tensor([0, 1, 1, 0])
+    eager_grads = training_grads(model, batch, labels)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: any graph break raises
+    model.zero_grad()
+    compiled(**batch, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert max_diff(parameter.grad, eager_grads[name]) <= 1e-4, name
+    model = build_model(head=True, static_shapes=True).eval()
+    inputs = make_batch()
+    inputs.update(has_image=torch.tensor([1, 0, 1, 1]).bool(), has_audio=torch.tensor([1, 1, 0, 1]).bool())
+    exported = torch.export.export(model, args=(), kwargs=inputs, strict=False)
+    with torch.no_grad():
+        assert max_diff(exported.module()(**inputs).logits, model(**inputs).logits) <= ATOL
