@@ -49,6 +49,7 @@ from train_throughput import matmul_peak_tflops, measure  # this folder: the scr
 from training.data import DataSettings, MMFusionCollator, load_table
 from training.lora import LoraSettings, apply_lora
 from training.sample_data import LABELS, default_sample_dir, generate_sample
+from training.train import compile_layers
 
 TARGETS = {"lora_vs_towers": 1.0, "lora_mfu": 0.35, "inference_vs_towers": 1.0, "files_vs_tensors": 0.9}
 
@@ -226,7 +227,15 @@ def main() -> None:
     # 3) mm-fusion, full fine-tuning, then inference with the same model
     torch.manual_seed(0)
     model = MMFusionForSequenceClassification(config).to(device).train()
-    record("full_train", f"mm-fusion, full fine-tuning, width {width}",
+    record("full_train", f"mm-fusion, full fine-tuning, width {width} (static path: no has_* masks)",
+           training_step(model, inputs, fusion_loss, dtype))
+    # the same batch with has_* masks given: the dynamic path, where towers pick their samples (host syncs)
+    present = {key: torch.ones(run["batch"], dtype=torch.bool, device=device)
+               for key in ("has_image", "has_text", "has_audio")}
+    record("dynamic_train", "mm-fusion, full fine-tuning, dynamic path (has_* masks given)",
+           training_step(model, {**inputs, **present}, fusion_loss, dtype))
+    compiled_layers = compile_layers(model)  # what mm-train --compile does
+    record("compiled_train", f"mm-fusion, full fine-tuning, static path, --compile ({compiled_layers} layers)",
            training_step(model, inputs, fusion_loss, dtype))
     model = model.to(dtype or torch.float32).eval()
     record("inference", f"mm-fusion, inference, width {width}", inference_step(model, inference_inputs, fusion_logits))
@@ -263,7 +272,8 @@ def summarise(measured: dict, run: dict, peak_tflops: float) -> dict:
         what = "full fine-tuning" if kind == "train" else kind
         rows[f"towers_{kind}"] = row(f"three towers one after another, {what}", sum(p[1] for p in parts),
                                      sum(p[2] for p in parts), memory)
-    for key in ("lora_train", "full_train", "inference", "tensors_train", "files_train"):
+    for key in ("lora_train", "full_train", "dynamic_train", "compiled_train", "inference", "tensors_train",
+                "files_train"):
         rows[key] = row(*measured[key])
 
     def ratio(key, reference):

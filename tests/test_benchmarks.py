@@ -15,7 +15,7 @@ from conftest import FUSION_KWARGS, REPO_ROOT
 GPU_ROWS = {
     "vision_train", "text_train", "audio_train", "towers_train",
     "vision_inference", "text_inference", "audio_inference", "towers_inference",
-    "lora_train", "full_train", "inference", "tensors_train", "files_train",
+    "lora_train", "full_train", "dynamic_train", "compiled_train", "inference", "tensors_train", "files_train",
 }
 GPU_TARGETS = {"LoRA training / towers' combined full fine-tuning": 1.0, "LoRA training MFU": 0.35,
                "inference / towers' combined inference": 1.0, "from files / from pre-made tensors": 0.9}
