@@ -18,38 +18,29 @@ from PIL import Image
 from scipy import special, stats
 from sklearn import metrics as skm
 
+from conftest import make_batch, tiny_fusion_config
+from modeling_mm import MMFusionForSequenceClassification
+from modeling_mm.configuration_mm import MODALITY_NAMES
 from processors import MMFusionProcessor
+from training.corruptions import corrupt_audio, corrupt_text, robustness_conditions
 from training.data import DataSettings
-from training.evaluation import (
-    FIGURE_DPI,
-    FIGURE_SIZE,
-    EvaluationSettings,
+from training.evaluation import EvaluationSettings, _collect, _EvaluationCollator, evaluate_model, load_split, main
+from training.interpretability import explain_sample
+from training.lora import load_trained_model
+from training.metrics import (
     bootstrap_intervals,
     classification_metrics,
-    corrupt_audio,
-    corrupt_text,
-    evaluate_model,
     expected_calibration_error,
-    explain_sample,
     fit_temperature,
-    load_split,
-    main,
-    model_index_results,
+    headline_statistics,
     multilabel_metrics,
     negative_log_likelihood,
     quality_metrics,
     regression_metrics,
-    robustness_conditions,
 )
-from training.evaluation import (
-    _classifier,
-    _EvaluationCollator,
-    _forward,
-    _headline_statistics,
-    _reusing_tower_outputs,
-)
-from training.lora import load_trained_model
+from training.report import FIGURE_DPI, FIGURE_SIZE, model_index_results
 from training.sample_data import generate_sample
+from training.scoring import classifier, encode_towers, forward_kept, scores, uniform_prior, withhold
 from training.train import main as train_main
 
 LABELS3 = ["cat", "dog", "owl"]
@@ -181,7 +172,7 @@ def test_vectorised_bootstrap_statistics_equal_the_reported_metrics(case, rng):
         logits[:, 2] = -10.0
     if case == "with samples without prediction":
         logits[::7] = np.nan
-    samples, statistics = _headline_statistics(labels, logits, LABELS3, "single_label_classification")
+    samples, statistics = headline_statistics(labels, logits, LABELS3, "single_label_classification")
     indices = rng.integers(0, samples, (20, samples))
     indices[0] = np.where(labels == 0)[0][0]  # one class only in this resample
     vectorised = {name: statistic(indices) for name, statistic in statistics.items()}
@@ -370,8 +361,6 @@ def test_model_index_results_carry_the_headline(tiny_reports):
 @pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
 def test_multi_label_and_regression_models_get_their_own_metrics(problem_type, tiny_run, vit_dir, wav2vec2_dir,
                                                                  tmp_path):
-    from modeling_mm import MMFusionForSequenceClassification
-
     labels = {"id2label": {0: "match", 1: "mismatch"}, "label2id": {"match": 0, "mismatch": 1}}
     model = MMFusionForSequenceClassification.from_towers(
         vision=vit_dir, audio=wav2vec2_dir, fusion_hidden_size=32, fusion_num_heads=4, problem_type=problem_type,
@@ -424,43 +413,114 @@ def test_explain_sample_matches_withholding_through_the_masks(tiny_reports, tiny
 
 
 def test_towers_run_once_per_batch_and_per_corruption_of_their_modality(tiny_reports, tiny_run):
-    """Within a batch, every modality subset and every corruption of another modality give a tower the same inputs:
-    `_reusing_tower_outputs` runs it once for them, and the logits are exactly those of running it every time."""
+    """One pass of mm-eval scores every modality subset and corruption from `encode_towers`' outputs: each tower runs
+    once per batch plus once per corruption of its own modality, and the logits are exactly those of running the
+    towers in every forward."""
     model, processor = tiny_reports["model"], tiny_reports["processor"]
-    fusion = _classifier(model).model
+    fusion = classifier(model).model
     modalities = tuple(fusion.modalities)
-    test = load_split(str(tiny_run["sample"] / "test.csv"), "test", DataSettings())
-    settings = EvaluationSettings(audio_snr_db=[0.0], image_blur_radii=[2.0], image_noise_std=[],
-                                  text_typo_rates=[0.3])
+    test = load_split(str(tiny_run["sample"] / "test.csv"), "test", DataSettings()).select(range(4))
+    settings = EvaluationSettings(num_workers=0, batch_size=4, audio_snr_db=[0.0], image_blur_radii=[2.0],
+                                  image_noise_std=[], text_typo_rates=[0.3])
     corruptions = robustness_conditions(settings, modalities)
-    collator = _EvaluationCollator(processor, DataSettings(), ["match", "mismatch"], "single_label_classification",
-                                   corruptions, seed=0)
-    batches, _, _ = collator([(i, test[i]) for i in range(4)])
     subsets = [modalities, ("vision", "text"), ("audio",)]
-
-    def every_pass():
-        return ([_forward(model, batches["clean"], subset, 2)[0] for subset in subsets]
-                + [_forward(model, batches[c.name], modalities, 2)[0] for c in corruptions])
-
     runs: dict[str, int] = {}
     hooks = [next(fusion.get_tower(m).children()).register_forward_hook(
         lambda *_, m=m: runs.__setitem__(m, runs.get(m, 0) + 1)) for m in modalities]
-    was_training = model.training
-    model.eval()
     try:
-        expected = every_pass()
-        assert runs == {m: 2 + len(corruptions) for m in modalities}  # two subsets have each, and 3 corruptions
-        runs.clear()
-        with _reusing_tower_outputs(model):
-            reused = every_pass()
-        assert runs == {m: 1 + 1 for m in modalities}  # clean, and the one corruption of its own modality
+        collected = _collect(model, processor, test, DataSettings(), ["match", "mismatch"],
+                             "single_label_classification", settings, subsets, corruptions, attention=False, desc="")
     finally:
         for hook in hooks:
             hook.remove()
+    assert runs == {m: 1 + 1 for m in modalities}  # the clean batch, and the one corruption of its own modality
+
+    collator = _EvaluationCollator(processor, DataSettings(), ["match", "mismatch"], "single_label_classification",
+                                   corruptions, seed=settings.seed)
+    batches, _, _ = collator([(i, test[i]) for i in range(4)])
+    was_training = model.training
+    model.eval()
+    try:
+        expected = {"+".join(MODALITY_NAMES[m].user for m in subset): forward_kept(
+            model, batches["clean"], subset)[0] for subset in subsets}
+        expected |= {c.name: forward_kept(model, batches[c.name], modalities)[0] for c in corruptions}
+    finally:
         model.train(was_training)
-    for a, b in zip(expected, reused):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-    assert not any("forward" in fusion.get_tower(m).__dict__ for m in modalities)
+    assert set(collected.logits) == set(expected)
+    for name, logits in expected.items():
+        torch.testing.assert_close(torch.from_numpy(collected.logits[name]), logits.double(), rtol=0, atol=0,
+                                   equal_nan=True, msg=name)
+
+
+# ---- the one definition of withholding and scoring (training.scoring) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_classifier():
+    torch.manual_seed(0)
+    return MMFusionForSequenceClassification(tiny_fusion_config(num_labels=3)).eval()
+
+
+def _ragged_batch_with_presence():
+    """Four samples with ragged text/audio padding; sample 1 lacks its image, sample 2 its text, sample 3 has audio
+    only."""
+    batch = make_batch(batch_size=4)
+    batch["has_image"] = torch.tensor([True, False, True, False])
+    batch["has_text"] = torch.tensor([True, True, False, False])
+    batch["has_audio"] = torch.tensor([True, True, True, True])
+    return batch
+
+
+def test_withhold_sets_the_masks_of_the_other_modalities_to_false_and_nothing_else():
+    batch = _ragged_batch_with_presence()
+    kept = withhold(batch, ("text",))
+    assert kept["has_image"].tolist() == [False] * 4 and kept["has_audio"].tolist() == [False] * 4
+    assert kept["has_text"] is batch["has_text"]
+    assert all(kept[key] is batch[key] for key in ("pixel_values", "input_ids", "input_values"))
+    assert batch["has_image"].tolist() == [True, False, True, False]  # the caller's batch is unchanged
+    unmasked = {key: value for key, value in batch.items() if not key.startswith("has_")}
+    assert withhold(unmasked, ("vision", "text"))["has_audio"].tolist() == [False] * 4  # inputs without a mask
+
+
+def test_forward_kept_gives_a_nan_row_to_a_sample_left_with_no_modality(tiny_classifier):
+    batch = _ragged_batch_with_presence()
+    logits, present, fusion_output = forward_kept(tiny_classifier, batch, ("vision", "text"))
+    assert present.tolist() == [True, True, True, False]
+    assert torch.isnan(logits[3]).all() and not torch.isnan(logits[:3]).any()
+    assert fusion_output.has_audio.tolist() == [False] * 3
+    rows = [0, 1, 2]
+    with torch.no_grad():
+        direct = tiny_classifier(**{**{k: v[rows] for k, v in batch.items()},
+                                    "has_audio": torch.zeros(3, dtype=torch.bool)}).logits
+    torch.testing.assert_close(logits[:3], direct, rtol=0, atol=0)
+    nothing, present, output = forward_kept(tiny_classifier, batch, ())
+    assert torch.isnan(nothing).all() and not present.any() and output is None
+
+
+@pytest.mark.parametrize("keep", [("vision", "text", "audio"), ("vision", "audio"), ("text",), ("audio",)])
+def test_tower_states_give_exactly_the_logits_of_raw_inputs(tiny_classifier, keep):
+    """`encode_towers` runs each tower on the samples that have its modality, as the forward does: the logits from
+    its outputs are bit for bit those from the raw inputs, with ragged padding and samples missing modalities."""
+    batch = _ragged_batch_with_presence()
+    states = encode_towers(tiny_classifier, batch)
+    assert set(states) == {"vision", "text", "audio"}
+    assert not states["vision"][1][[1, 3]].any()  # rows without the image: mask all False
+    from_states = forward_kept(tiny_classifier, batch, keep, tower_states=states)[0]
+    from_inputs = forward_kept(tiny_classifier, batch, keep)[0]
+    torch.testing.assert_close(from_states, from_inputs, rtol=0, atol=0, equal_nan=True)
+
+
+def test_scores_turn_nan_rows_into_the_uniform_prior():
+    logits = np.array([[2.0, 0.0, -1.0], [np.nan, np.nan, np.nan]])
+    single = scores(logits, "single_label_classification")
+    np.testing.assert_allclose(single[0], special.softmax(logits[0]))
+    assert single[1].tolist() == uniform_prior("single_label_classification", 3).tolist() == [1 / 3] * 3
+    multi = scores(torch.tensor(logits), "multi_label_classification")
+    np.testing.assert_allclose(multi[0], special.expit(logits[0]))
+    assert multi[1].tolist() == [0.5] * 3
+    regression = scores(np.array([[1.5], [np.nan]]), "regression")
+    assert regression[0, 0] == 1.5 and np.isnan(regression[1, 0])
+    with pytest.raises(ValueError, match="problem_type: .*'regression'"):
+        uniform_prior("regression", 1)
 
 
 # ---- 6. mm-eval in a fresh process, and its errors -------------------------------------------------------------------

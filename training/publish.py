@@ -54,6 +54,7 @@ from transformers.utils.hub import convert_file_size_to_int
 import modeling_mm.modeling_mm
 import modeling_mm.pipeline_mm
 import processors.processing_mm
+from modeling_mm.configuration_mm import MODALITY_NAMES
 from modeling_mm.pipeline_mm import PIPELINE_TASK, MMFusionClassificationPipeline
 from training.lora import load_trained_model
 from training.sample_data import default_sample_dir
@@ -124,7 +125,6 @@ _LEFT_OUT_REASONS = (
 
 BASE_KEYS = ("vision", "text", "audio", "model")
 _DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt")
-MODALITY_NAMES = {"vision": "image", "text": "text", "audio": "audio"}
 LOCAL_SOURCE = "a local checkpoint"
 
 
@@ -368,11 +368,11 @@ def read_report(path: str | Path) -> dict[str, Any]:
 
 def default_pipeline_tag(config: PreTrainedConfig) -> str:
     """The Hub has no tag for a classifier over image + text + audio: `text-classification` when the model reads text,
-    else `image-classification` or `audio-classification` (the rule of `training.evaluation.model_index_results`,
+    else `image-classification` or `audio-classification` (the rule of `training.report.model_index_results`,
     so the tag and the model-index task agree)."""
     for modality in ("text", "vision", "audio"):
         if modality in config.modalities:
-            return f"{MODALITY_NAMES[modality]}-classification"
+            return f"{MODALITY_NAMES[modality].user}-classification"
     raise ValueError("config: the model has no tower")
 
 
@@ -396,7 +396,7 @@ def render_card(
     train_source = ((training_args or {}).get("data") or {}).get("train_data")
     datasets = [dataset] if dataset else [d for d in [_hub_id(train_source)] if d]
     base_model = [bases["model"]] if bases["model"] else [bases[m] for m in config.modalities if bases[m]]
-    modalities = [MODALITY_NAMES[m] for m in config.modalities]
+    modalities = [MODALITY_NAMES[m].user for m in config.modalities]
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         license=license,
@@ -448,8 +448,8 @@ def check_card(card: ModelCard) -> None:
 
 
 def _eval_results(report: dict[str, Any], dataset: str | None) -> list[EvalResult]:
-    # imported here: it pulls in scipy, scikit-learn and datasets, which only a card with results needs
-    from training.evaluation import model_index_results
+    # imported here: it pulls in scipy and scikit-learn, which only a card with results needs
+    from training.report import model_index_results
 
     name, kind = _source_name(str(report["data"]["source"]))
     return model_index_results(report, dataset_name=dataset or name, dataset_type=dataset or kind)
@@ -457,14 +457,14 @@ def _eval_results(report: dict[str, Any], dataset: str | None) -> list[EvalResul
 
 def _summary(repo_id: str, config: PreTrainedConfig, adapter_only: bool, bases: dict[str, str | None]) -> str:
     towers = "; ".join(
-        f"{MODALITY_NAMES[m]}: `{bases[m]}`" if bases[m] else f"{MODALITY_NAMES[m]}: {LOCAL_SOURCE} "
+        f"{MODALITY_NAMES[m].user}: `{bases[m]}`" if bases[m] else f"{MODALITY_NAMES[m].user}: {LOCAL_SOURCE} "
         f"({config.tower_config(m).model_type})" for m in config.modalities)
     labels = ", ".join(f"`{config.id2label[i]}`" for i in sorted(config.id2label))
     text = (f"# {repo_id.split('/')[-1]}\n\n"
             f"A multimodal classifier made with mm-fusion: pretrained towers ({towers}) joined by "
             f"{config.fusion_num_layers} cross-attention fusion layers (width {config.fusion_hidden_size}, "
             f"{config.fusion_num_heads} heads) and a classification head over {config.num_labels} labels: {labels}. "
-            f"Each sample may have any subset of {', '.join(MODALITY_NAMES[m] for m in config.modalities)}.")
+            f"Each sample may have any subset of {', '.join(MODALITY_NAMES[m].user for m in config.modalities)}.")
     if adapter_only:
         base = f"the mm-fusion model `{bases['model']}`" if bases["model"] else "the pretrained towers above"
         text += (f"\n\nThis repository holds a peft LoRA adapter, with the fusion layers, the head and any tower "
@@ -538,7 +538,7 @@ def _training_section(config: PreTrainedConfig, training_args: dict[str, Any] | 
     model = training_args.get("model") or {}
     rows.append(("training data", _public_source(str(data.get("train_data"))) if data.get("train_data")
                  else "the built-in mm-fusion sample"))
-    modes = ", ".join(f"{MODALITY_NAMES[m]} {lora.get(f'{m}_mode')}" for m in config.modalities)
+    modes = ", ".join(f"{MODALITY_NAMES[m].user} {lora.get(f'{m}_mode')}" for m in config.modalities)
     rows.append(("towers", modes))
     if any(lora.get(f"{m}_mode") == "lora" for m in config.modalities):
         rows.append(("LoRA", f"r={lora.get('lora_r')}, alpha={lora.get('lora_alpha')}, "

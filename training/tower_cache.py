@@ -25,18 +25,13 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from modeling_mm import MMFusionModel
 from modeling_mm.modeling_mm import PRESENCE_KEYS, TOWER_INPUT_NAMES
 from training.data import MMFusionCollator
+from training.scoring import fusion_model
 
 logger = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.5  # of the memory available when caching starts
-
-
-def fusion_model(model: torch.nn.Module) -> MMFusionModel:
-    """The `MMFusionModel` inside a classifier, a peft wrapper or an Accelerate-prepared model."""
-    return next(module for module in model.modules() if isinstance(module, MMFusionModel))
 
 
 def frozen_modalities(model: torch.nn.Module) -> tuple[str, ...]:
