@@ -47,7 +47,10 @@ import torch
 
 import gradio as gr
 from gradio.utils import get_upload_folder
+from modeling_mm.configuration_mm import MODALITY_NAMES
 from processors.media import MediaLimits, load_audio, load_image
+from training.interpretability import contributions
+from training.scoring import encode_towers, forward_kept, presence, problem_type_of, scores
 
 logger = logging.getLogger("mm_fusion.demo")
 
@@ -58,8 +61,7 @@ MAX_TEXT_CHARACTERS = 10_000
 """Longer text is refused before tokenizing: the tokenizer would read all of it only to truncate."""
 MAX_DESCRIPTION_CHARACTERS = 400
 # the model config names the vision modality "vision"; the page and the per-sample view call its input "image"
-INPUT_NAMES = {"vision": "image", "text": "text", "audio": "audio"}
-PRESENCE_KEYS = {"vision": "has_image", "text": "has_text", "audio": "has_audio"}
+INPUT_NAMES = {modality: names.user for modality, names in MODALITY_NAMES.items()}
 IMAGE_INPUT_HEIGHT = 300
 """Pixels: without a fixed height, Gradio 6 shrinks the image input to a thin strip once an example fills it."""
 PAGE_CSS = "#mm-image img { object-fit: contain; }"
@@ -174,47 +176,24 @@ def _classify_batch(model, processor, samples: list[Sample]) -> list[dict[str, A
         audio=[s.audio for s in samples] if processor.feature_extractor is not None else None,
         sampling_rate=sampling_rate,
     )
-    # One forward pass: the samples as given, then each (sample, input) pair with that input withheld, for the
-    # samples that keep another input (the model refuses a sample with none)
-    presence = {m: batch[PRESENCE_KEYS[m]] for m in PRESENCE_KEYS}
-    inputs_given = torch.stack(list(presence.values()), dim=1).sum(1)  # (batch,)
-    rows, withheld, row_without = list(range(len(samples))), [None] * len(samples), {}
-    for modality in config.modalities:
-        for index in (presence[modality] & (inputs_given > 1)).nonzero().flatten().tolist():
-            row_without[index, modality] = len(rows)
-            rows.append(index)
-            withheld.append(modality)
-    rows_tensor = torch.tensor(rows)
-    inputs = {key: value[rows_tensor] for key, value in batch.items()}
-    for modality in config.modalities:
-        inputs[PRESENCE_KEYS[modality]] = inputs[PRESENCE_KEYS[modality]] & torch.tensor(
-            [w != modality for w in withheld]
-        )
-    inputs = {
-        key: value.to(model.device, dtype=model.dtype if value.is_floating_point() else value.dtype)
-        for key, value in inputs.items()
-    }
-    logits = model(**inputs).logits.float().cpu()
-    multi_label = config.problem_type == "multi_label_classification"
-    scores = logits.sigmoid() if multi_label else logits.softmax(-1)
-    prior = 0.5 if multi_label else 1.0 / config.num_labels
+    # the towers once, then the fusion with everything and with each modality withheld (the evaluation's scoring)
+    problem_type = problem_type_of(model)
+    states = encode_towers(model, batch)
+    probabilities = scores(forward_kept(model, batch, config.modalities, tower_states=states)[0], problem_type)
+    without = {m: scores(forward_kept(model, batch, [o for o in config.modalities if o != m], tower_states=states)[0],
+                         problem_type) for m in config.modalities}
+    change = contributions(probabilities, without)
+    given = presence(batch)
 
     labels = [config.id2label[i] for i in range(config.num_labels)]
     results = []
     for index in range(len(samples)):
-        probabilities = scores[index]
-        predicted = int(probabilities.argmax())
-        contributions = {}
-        for modality in config.modalities:
-            if not bool(presence[modality][index]):
-                continue
-            row = row_without.get((index, modality))
-            without = prior if row is None else float(scores[row, predicted])
-            contributions[INPUT_NAMES[modality]] = float(probabilities[predicted]) - without
+        predicted = int(probabilities[index].argmax())
         results.append({
-            "probabilities": {label: float(p) for label, p in zip(labels, probabilities)},
+            "probabilities": {label: float(p) for label, p in zip(labels, probabilities[index])},
             "predicted": labels[predicted],
-            "contributions": contributions,
+            "contributions": {MODALITY_NAMES[m].user: float(change[m][index]) for m in config.modalities
+                              if bool(given[m][index])},
         })
     return results
 

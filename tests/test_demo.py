@@ -709,7 +709,7 @@ def test_bad_input_is_refused_with_a_readable_value_error(given, message):
 @pytest.mark.timeout(300)
 def test_batched_contributions_equal_the_per_sample_view(sample_model_dir, test_rows):
     """classify's batch (with rows that lack a modality) gives explain_sample's probabilities and contributions."""
-    from training.evaluation import explain_sample
+    from training.interpretability import explain_sample
 
     model, processor = load_model(str(sample_model_dir), device="cpu")
     cases = [
