@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from transformers import AutoModel, BertConfig, ViTConfig, ViTImageProcessor, Wav2Vec2Config, Wav2Vec2FeatureExtractor
 
 from modeling_mm import MMFusionConfig, MMFusionForSequenceClassification
+from modeling_mm.configuration_mm import MODALITY_NAMES
 from processors import MMFusionProcessor
 from train_throughput import matmul_peak_tflops, measure  # this folder: the script's own directory is on sys.path
 from training.data import DataSettings, MMFusionCollator, load_table
@@ -230,8 +231,8 @@ def main() -> None:
     record("full_train", f"mm-fusion, full fine-tuning, width {width} (static path: no has_* masks)",
            training_step(model, inputs, fusion_loss, dtype))
     # the same batch with has_* masks given: the dynamic path, where towers pick their samples (host syncs)
-    present = {key: torch.ones(run["batch"], dtype=torch.bool, device=device)
-               for key in ("has_image", "has_text", "has_audio")}
+    present = {names.presence: torch.ones(run["batch"], dtype=torch.bool, device=device)
+               for names in MODALITY_NAMES.values()}
     record("dynamic_train", "mm-fusion, full fine-tuning, dynamic path (has_* masks given)",
            training_step(model, {**inputs, **present}, fusion_loss, dtype))
     compiled_layers = compile_layers(model)  # what mm-train --compile does

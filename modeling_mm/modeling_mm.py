@@ -700,12 +700,13 @@ class MMFusionModel(MMFusionPreTrainedModel):
         return main_input["audio"] is None or _audio_tower_takes_attention_mask(self.audio_model.config)
 
     def _check_tower_states(self, tower_states, main_input) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        raw_name = {"vision": "pixel_values", "text": "input_ids", "audio": "input_values"}
         for modality, value in tower_states.items():
             if modality not in self.modalities:
                 raise ValueError(f"tower_states: has {modality!r}, but this model's towers are {self.modalities}")
             if main_input[modality] is not None:
-                raise ValueError(f"tower_states[{modality!r}] and {raw_name[modality]}: give one of them, not both")
+                raise ValueError(
+                    f"tower_states[{modality!r}] and {TOWER_INPUT_NAMES[modality][0]}: give one of them, not both"
+                )
             if not (isinstance(value, (tuple, list)) and len(value) == 2):
                 raise ValueError(f"tower_states[{modality!r}]: expected (states, token_mask) as encode_tower returns")
             states, token_mask = value
@@ -724,8 +725,8 @@ class MMFusionModel(MMFusionPreTrainedModel):
             if tensor is None:
                 continue
             if modality not in self.modalities:
-                name = {"vision": "pixel_values", "text": "input_ids", "audio": "input_values"}[modality]
-                raise ValueError(f"{name}: given, but this model has no {modality} tower (it has {self.modalities})")
+                raise ValueError(f"{TOWER_INPUT_NAMES[modality][0]}: given, but this model has no {modality} tower "
+                                 f"(it has {self.modalities})")
             sizes[modality] = tensor.shape[0]
         if not sizes:
             raise ValueError("pixel_values, input_ids, input_values: at least one modality's inputs are required")
