@@ -16,9 +16,11 @@ from processors.processing_mm import MMFusionProcessor
 
 from .configuration_mm import MMFusionConfig
 from .modeling_mm import (
+    MMFusionForMultiTask,
     MMFusionForSequenceClassification,
     MMFusionModel,
     MMFusionModelOutput,
+    MMFusionMultiTaskOutput,
     MMFusionPreTrainedModel,
     MMFusionSequenceClassifierOutput,
 )
@@ -30,6 +32,7 @@ AutoModelForSequenceClassification.register(MMFusionConfig, MMFusionForSequenceC
 AutoProcessor.register(MMFusionConfig, MMFusionProcessor, exist_ok=True)
 MMFusionModel.register_for_auto_class("AutoModel")
 MMFusionForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+MMFusionForMultiTask.register_for_auto_class("AutoModel")
 PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=MMFusionClassificationPipeline,
                                     pt_model=AutoModelForSequenceClassification, type="multimodal")
 
@@ -38,7 +41,9 @@ __all__ = [
     "MMFusionPreTrainedModel",
     "MMFusionModel",
     "MMFusionForSequenceClassification",
+    "MMFusionForMultiTask",
     "MMFusionModelOutput",
+    "MMFusionMultiTaskOutput",
     "MMFusionSequenceClassifierOutput",
     "MMFusionProcessor",
     "MMFusionClassificationPipeline",

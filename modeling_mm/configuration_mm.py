@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, NamedTuple
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -29,6 +30,11 @@ MODALITY_NAMES = {
     "audio": ModalityNames("audio", "audio", "feature_extractor", ("input_values", "audio_attention_mask"), "has_audio"),
 }
 POOLING_MODES = ("mean", "first")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+TASK_WEIGHTINGS = ("fixed", "uncertainty")
+# what a task of `MMFusionConfig.tasks` may say: the head's shape and loss, plus where mm-train read its targets
+TASK_KEYS = ("name", "problem_type", "labels", "num_outputs", "loss_weight", "target_mean", "target_std", "column",
+             "label_separator")
 
 
 def tower_modality(model_type: str) -> str | None:
@@ -120,6 +126,17 @@ class MMFusionConfig(PreTrainedConfig):
             data-dependent shape (`torch.compile(fullgraph=True)`, `torch.export`, CUDA graphs). Without it, the static
             path is still taken when no `has_*` mask is given (every sample has every given modality), no modality
             dropout is at work and the audio tower (if any) takes an attention mask; otherwise each tower runs only on the samples that have its modality (less compute).
+        target_mean / target_std (`list[float]`, *optional*): for `problem_type="regression"`, the training targets'
+            mean and std per output. The head then learns standardised targets and its logits come back in the
+            original units (`head * std + mean`); the loss is the MSE of the standardised values.
+        tasks (`list[dict]`, *optional*): the heads of [`MMFusionForMultiTask`], one dict per task: `name` (a
+            Python-identifier-like string, unique), `problem_type` (one of `PROBLEM_TYPES`), `labels` (the class
+            names, for classification) or `num_outputs` (regression, default 1), `loss_weight` (default 1.0),
+            `target_mean`/`target_std` (regression, as above), and what mm-train read it from: `column`,
+            `label_separator`. Normalised on construction (every key present).
+        task_weighting (`str`): how [`MMFusionForMultiTask`] sums its task losses: "fixed" (`loss_weight` times the
+            task loss) or "uncertainty" (Kendall, Gal & Cipolla 2018: a learned log-variance s per task, the term
+            `loss_weight * (c * exp(-s) * loss + s / 2)` with c = 1/2 for regression and 1 for classification).
         layer_norm_eps (`float`): epsilon of fusion layer norms.
         initializer_range (`float`): std of the normal init of fusion and head weights.
 
@@ -159,6 +176,10 @@ class MMFusionConfig(PreTrainedConfig):
     classifier_dropout: float = 0.1
     exact_audio_lengths: bool = False
     static_shapes: bool = False
+    target_mean: list[float] | None = None
+    target_std: list[float] | None = None
+    tasks: list[dict] | None = None
+    task_weighting: str = "fixed"
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
 
@@ -169,6 +190,11 @@ class MMFusionConfig(PreTrainedConfig):
             setattr(self, field, resolve_tower_config(field, getattr(self, field)))
         super().__post_init__(**kwargs)
         self._validate_fusion_settings()
+        self.target_mean, self.target_std = _checked_scaling("", self.target_mean, self.target_std)
+        if self.task_weighting not in TASK_WEIGHTINGS:
+            raise ValueError(f"task_weighting: must be one of {TASK_WEIGHTINGS}, got {self.task_weighting!r}")
+        if self.tasks is not None:
+            self.tasks = normalised_tasks(self.tasks)
 
     def _validate_fusion_settings(self) -> None:
         for name in ("fusion_hidden_size", "fusion_num_layers", "fusion_num_heads", "fusion_intermediate_size"):
@@ -207,7 +233,75 @@ class MMFusionConfig(PreTrainedConfig):
         return getattr(self, f"{modality}_config")
 
 
+def _checked_scaling(prefix: str, mean: Any, std: Any, outputs: int | None = None) -> tuple[list | None, list | None]:
+    """`target_mean`/`target_std` as lists of floats (a number is one output), both or neither, std > 0."""
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise ValueError(f"{prefix}target_mean, {prefix}target_std: give both or neither")
+    mean = [float(v) for v in (mean if isinstance(mean, (list, tuple)) else [mean])]
+    std = [float(v) for v in (std if isinstance(std, (list, tuple)) else [std])]
+    if len(mean) != len(std) or (outputs is not None and len(mean) != outputs):
+        raise ValueError(f"{prefix}target_mean, {prefix}target_std: need one value per output "
+                         f"({outputs if outputs is not None else len(mean)}), got {len(mean)} and {len(std)}")
+    if not all(math.isfinite(m) for m in mean) or not all(math.isfinite(s) and s > 0 for s in std):
+        raise ValueError(f"{prefix}target_std: must be finite and > 0 (and target_mean finite), got {std}, {mean}")
+    return mean, std
+
+
+def normalised_tasks(tasks: Any) -> list[dict]:
+    """`MMFusionConfig.tasks` checked, with every key of `TASK_KEYS` filled in (see `MMFusionConfig`). Raises
+    `ValueError` naming `tasks[i].<key>` for a bad task."""
+    if not isinstance(tasks, (list, tuple)) or not tasks:
+        raise ValueError(f"tasks: need a non-empty list of task dicts, got {tasks!r}")
+    result, names = [], set()
+    for i, task in enumerate(tasks):
+        where = f"tasks[{i}]"
+        if not isinstance(task, dict):
+            raise ValueError(f"{where}: expected a dict, got {type(task).__name__}")
+        if unknown := sorted(set(task) - set(TASK_KEYS)):
+            raise ValueError(f"{where}: unknown keys {unknown}; known are {list(TASK_KEYS)}")
+        name = task.get("name")
+        if not isinstance(name, str) or not name.replace("_", "a").replace("-", "a").isalnum():
+            raise ValueError(f"{where}.name: need letters, digits, '_' or '-' (it names a head module and metrics "
+                             f"such as 'name/rmse'), got {name!r}")
+        if name in names:
+            raise ValueError(f"{where}.name: {name!r} is used by two tasks")
+        names.add(name)
+        problem_type = task.get("problem_type")
+        if problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"{where}.problem_type: must be one of {PROBLEM_TYPES}, got {problem_type!r}")
+        labels = task.get("labels")
+        if problem_type == "regression":
+            if labels is not None:
+                raise ValueError(f"{where}.labels: a regression task has no labels; give num_outputs")
+            outputs = task.get("num_outputs", 1)
+        else:
+            if not isinstance(labels, (list, tuple)) or len(labels) < (2 if problem_type.startswith("single") else 1):
+                raise ValueError(f"{where}.labels: a {problem_type} task needs its label names "
+                                 f"(>= {2 if problem_type.startswith('single') else 1}), got {labels!r}")
+            labels = [str(label) for label in labels]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"{where}.labels: names repeat: {labels}")
+            outputs = task.get("num_outputs", len(labels))
+            if outputs != len(labels):
+                raise ValueError(f"{where}.num_outputs: {outputs} for {len(labels)} labels")
+        if isinstance(outputs, bool) or not isinstance(outputs, int) or outputs < 1:
+            raise ValueError(f"{where}.num_outputs: must be a positive integer, got {outputs!r}")
+        weight = task.get("loss_weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{where}.loss_weight: must be a finite number >= 0, got {weight!r}")
+        mean, std = _checked_scaling(f"{where}.", task.get("target_mean"), task.get("target_std"), outputs)
+        if mean is not None and problem_type != "regression":
+            raise ValueError(f"{where}.target_mean: only a regression task is standardised")
+        result.append({"name": name, "problem_type": problem_type, "labels": labels, "num_outputs": outputs,
+                       "loss_weight": float(weight), "target_mean": mean, "target_std": std,
+                       "column": task.get("column"), "label_separator": task.get("label_separator")})
+    return result
+
+
 # Here, where the class is defined: a config saved by code that imports only this module still writes `auto_map`.
 MMFusionConfig.register_for_auto_class()
 
-__all__ = ["MMFusionConfig", "tower_modality", "resolve_tower_config", "MODALITIES", "MODALITY_NAMES", "ModalityNames"]
+__all__ = ["MMFusionConfig", "tower_modality", "resolve_tower_config", "normalised_tasks", "MODALITIES", "MODALITY_NAMES",
+           "ModalityNames", "PROBLEM_TYPES", "TASK_WEIGHTINGS"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -106,6 +107,32 @@ class MMFusionSequenceClassifierOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    fusion_output: MMFusionModelOutput | None = None
+
+    to_tuple = _nested_to_tuple
+
+
+@dataclass
+class MMFusionMultiTaskOutput(ModelOutput):
+    """
+    Output of [`MMFusionForMultiTask`].
+
+    Args:
+        loss (`()`): the weighted sum of the task losses (`config.task_weighting`), when `labels` were given.
+        logits (`dict[str, (batch, num_outputs)]`): each task's outputs by name, in `config.tasks` order:
+            class scores, per-label scores, or regression values in the targets' original units.
+        task_losses (`dict[str, ()]`): each task's own loss (over the rows that have its label), with `labels`.
+        task_weights (`dict[str, ()]`): the factor each task loss was multiplied by (its `loss_weight`, times
+            exp(-s) and c under uncertainty weighting), with `labels`.
+        pooler_output (`(batch, fusion_hidden_size)`): the fused vector the heads read.
+        fusion_output ([`MMFusionModelOutput`]): everything the base model returned.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: dict[str, torch.FloatTensor] | None = None
+    task_losses: dict[str, torch.FloatTensor] | None = None
+    task_weights: dict[str, torch.FloatTensor] | None = None
     pooler_output: torch.FloatTensor | None = None
     fusion_output: MMFusionModelOutput | None = None
 
@@ -327,8 +354,13 @@ class MMFusionPreTrainedModel(PreTrainedModel):
             # checkpoint as a classifier with a new head), also through trust_remote_code.
             module = type(self).__module__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            auto_map.setdefault("AutoModel", f"{module}.MMFusionModel")
-            auto_map.setdefault("AutoModelForSequenceClassification", f"{module}.MMFusionForSequenceClassification")
+            if self.config.tasks:  # a multi-task checkpoint: AutoModel gives every head back
+                auto_map["AutoModel"] = f"{module}.MMFusionForMultiTask"
+                auto_map.pop("AutoModelForSequenceClassification", None)
+            else:
+                auto_map.setdefault("AutoModel", f"{module}.MMFusionModel")
+                auto_map.setdefault("AutoModelForSequenceClassification",
+                                    f"{module}.MMFusionForSequenceClassification")
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -951,11 +983,65 @@ def _is_pooling_head_weight(key: str) -> bool:
     return any(part in POOLING_HEAD_MODULES for part in key.split(".")[:-1])
 
 
+# ---- heads -------------------------------------------------------------------------------------------------------------
+# One loss definition for every head: a target that a row lacks (-100 for a class id, NaN for a per-label 0/1 or a
+# regression value) is masked out, never read as class 0 or as a zero target.
+
+IGNORE_INDEX = -100
+
+
+def infer_problem_type(num_labels: int, labels: torch.Tensor | None) -> str:
+    """What transformers' sequence-classification loss infers when `problem_type` is unset."""
+    if num_labels == 1:
+        return "regression"
+    if labels is not None and labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification" if labels is not None else "single_label_classification"
+
+
+def to_original_units(head_output: torch.Tensor, mean: list[float] | None, std: list[float] | None) -> torch.Tensor:
+    """A regression head's standardised output in the targets' units (unchanged without a stored mean and std)."""
+    if mean is None:
+        return head_output
+    return head_output * head_output.new_tensor(std) + head_output.new_tensor(mean)
+
+
+def task_loss(head_output: torch.Tensor, labels: torch.Tensor, problem_type: str,
+              mean: list[float] | None = None, std: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one task over the rows (entries) that have a target, and how many do (a float count).
+
+    `head_output` `(batch, num_outputs)` is the head's raw output (standardised for regression); `labels` are class
+    ids `(batch,)` (-100 = none) for single-label, 0/1 `(batch, labels)` (NaN = none) for multi-label, values in the
+    original units `(batch,)` or `(batch, num_outputs)` (NaN = none) for regression, standardised here with `mean`
+    and `std`. Cross-entropy, binary cross-entropy with logits, or MSE, each the mean over the targets present. With
+    no target present the loss is an exact zero that keeps the head in the graph (DDP needs every parameter used)."""
+    if problem_type == "single_label_classification":
+        labels = labels.reshape(-1).long()
+        present = labels != IGNORE_INDEX
+        count = present.sum()
+        total = F.cross_entropy(head_output.float(), labels.clamp_min(0), reduction="none")
+    else:
+        labels = labels.to(head_output.device, torch.float32).reshape(head_output.shape)
+        present = ~torch.isnan(labels)
+        count = present.sum()
+        target = torch.where(present, labels, torch.zeros_like(labels))
+        if problem_type == "regression":
+            if mean is not None:
+                target = (target - target.new_tensor(mean)) / target.new_tensor(std)
+            total = F.mse_loss(head_output.float(), target, reduction="none")
+        else:
+            total = F.binary_cross_entropy_with_logits(head_output.float(), target, reduction="none")
+    masked = torch.where(present, total, torch.zeros_like(total))
+    return masked.sum() / count.clamp_min(1), count.float()
+
+
 class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
     r"""
     mm-fusion with a classification (or regression) head on the fused vector. `config.problem_type` selects
-    single-label (cross-entropy), multi-label (BCE with logits) or regression (MSE) exactly as in transformers'
-    own `*ForSequenceClassification` heads; with `labels` the output carries the loss.
+    single-label (cross-entropy), multi-label (BCE with logits) or regression (MSE) as in transformers' own
+    `*ForSequenceClassification` heads (inferred the same way when unset); with `labels` the output carries the
+    loss. Targets a row lacks (-100, or NaN for multi-label and regression) are masked out (`task_loss`). A regression
+    model with `config.target_mean`/`target_std` learns standardised targets and returns logits in the original units.
 
     Example:
 
@@ -1028,20 +1114,171 @@ class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        logits = self.classifier(self.dropout(fusion_output.pooler_output))
+        head_output = self.classifier(self.dropout(fusion_output.pooler_output))
+        problem_type = self.config.problem_type or infer_problem_type(self.num_labels, labels)
+        logits = head_output
+        if problem_type == "regression":
+            logits = to_original_units(head_output, self.config.target_mean, self.config.target_std)
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+            self.config.problem_type = problem_type  # as transformers' own heads do at the first loss
+            loss, _ = task_loss(head_output, labels, problem_type, self.config.target_mean, self.config.target_std)
         output = MMFusionSequenceClassifierOutput(
             loss=loss, logits=logits, pooler_output=fusion_output.pooler_output, fusion_output=fusion_output
         )
         return output if return_dict else output.to_tuple()
 
 
+class MMFusionTaskWeighting(nn.Module):
+    """Learned homoscedastic-uncertainty task weights (Kendall, Gal & Cipolla, CVPR 2018): one log-variance
+    s = log(sigma^2) per task, initialised at 0 (every task weighted 1)."""
+
+    def __init__(self, num_tasks: int):
+        super().__init__()
+        self.log_variance = nn.Parameter(torch.zeros(num_tasks))
+
+
+class MMFusionForMultiTask(MMFusionPreTrainedModel):
+    r"""
+    mm-fusion with several named heads on one fused vector: each task of `config.tasks` has a problem type
+    (single-label, multi-label or regression), its labels or output size, and a loss weight. `labels` is a dict
+    `{task name: targets}` (any subset of tasks); a row lacking a task's target (-100 for a class id, NaN otherwise)
+    adds nothing to that task. The loss is the weighted sum of the task losses: fixed `loss_weight`s, or learned
+    uncertainty weights (`config.task_weighting="uncertainty"`). Regression tasks with `target_mean`/`target_std`
+    return their outputs in the original units.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig
+    >>> from modeling_mm import MMFusionConfig, MMFusionForMultiTask
+    >>> config = MMFusionConfig(text_config=BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    ...     intermediate_size=37), fusion_hidden_size=32, fusion_num_heads=4, tasks=[
+    ...     {"name": "sentiment", "problem_type": "single_label_classification", "labels": ["neg", "pos"]},
+    ...     {"name": "intensity", "problem_type": "regression", "target_mean": 5.0, "target_std": 2.0}])
+    >>> model = MMFusionForMultiTask(config)
+    >>> out = model(input_ids=torch.tensor([[101, 2000, 102], [101, 2001, 102]]),
+    ...             labels={"sentiment": torch.tensor([1, -100]), "intensity": torch.tensor([7.5, float("nan")])})
+    >>> {name: tuple(logits.shape) for name, logits in out.logits.items()}, out.loss.shape
+    ({'sentiment': (2, 2), 'intensity': (2, 1)}, torch.Size([]))
+    ```
+    """
+
+    def __init__(
+        self,
+        config: MMFusionConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+        audio_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        if not config.tasks:
+            raise ValueError("tasks: MMFusionForMultiTask needs at least one task in config.tasks")
+        with init.no_init_weights():  # initialised once by post_init, see MMFusionModel.__init__
+            self.model = MMFusionModel(config, vision_model=vision_model, text_model=text_model, audio_model=audio_model)
+            self.dropout = nn.Dropout(config.classifier_dropout)
+            self.heads = nn.ModuleDict({task["name"]: nn.Linear(config.fusion_hidden_size, task["num_outputs"])
+                                        for task in config.tasks})
+            self.task_weighting = (MMFusionTaskWeighting(len(config.tasks))
+                                   if config.task_weighting == "uncertainty" else None)
+        self.post_init()
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(task["name"] for task in self.config.tasks)
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self.model.get_input_embeddings()
+
+    def encode_tower(self, modality: str, **inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """See [`MMFusionModel.encode_tower`]; give the result back to `forward` as `tower_states`."""
+        return self.model.encode_tower(modality, **inputs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        audio_attention_mask: torch.LongTensor | None = None,
+        has_text: torch.BoolTensor | None = None,
+        has_image: torch.BoolTensor | None = None,
+        has_audio: torch.BoolTensor | None = None,
+        tower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        labels: dict[str, torch.Tensor] | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MMFusionMultiTaskOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None and (not isinstance(labels, dict) or set(labels) - set(self.task_names)):
+            unknown = sorted(set(labels) - set(self.task_names)) if isinstance(labels, dict) else type(labels).__name__
+            raise ValueError(f"labels: expected a dict keyed by task name {list(self.task_names)}, got {unknown}")
+        fusion_output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            pixel_values=pixel_values,
+            input_values=input_values,
+            audio_attention_mask=audio_attention_mask,
+            has_text=has_text,
+            has_image=has_image,
+            has_audio=has_audio,
+            tower_states=tower_states,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        pooled = self.dropout(fusion_output.pooler_output)
+        head_outputs, logits = {}, {}
+        for task in self.config.tasks:
+            head_outputs[task["name"]] = self.heads[task["name"]](pooled)
+            logits[task["name"]] = (to_original_units(head_outputs[task["name"]], task["target_mean"], task["target_std"])
+                                    if task["problem_type"] == "regression" else head_outputs[task["name"]])
+        loss = task_losses = task_weights = None
+        if labels is not None:
+            loss, task_losses, task_weights = self._weighted_loss(head_outputs, labels)
+        output = MMFusionMultiTaskOutput(loss=loss, logits=logits, task_losses=task_losses, task_weights=task_weights,
+                                         pooler_output=fusion_output.pooler_output, fusion_output=fusion_output)
+        return output if return_dict else output.to_tuple()
+
+    def _weighted_loss(self, head_outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]):
+        """sum over tasks of weight * task loss; a task without any target in the batch adds an exact zero (its
+        uncertainty term too, so its log-variance does not drift where it has nothing to learn from)."""
+        total = None
+        task_losses, task_weights = {}, {}
+        for index, task in enumerate(self.config.tasks):
+            name = task["name"]
+            head_output = head_outputs[name]
+            if name in labels and labels[name] is not None:
+                loss, count = task_loss(head_output, labels[name], task["problem_type"], task["target_mean"],
+                                        task["target_std"])
+            else:
+                loss, count = head_output.sum() * 0.0, head_output.new_zeros(())
+            present = (count > 0).float()
+            if self.task_weighting is None:
+                weight = head_output.new_tensor(task["loss_weight"])
+                term = weight * loss
+            else:
+                log_variance = self.task_weighting.log_variance[index]
+                scale = 0.5 if task["problem_type"] == "regression" else 1.0
+                weight = task["loss_weight"] * scale * torch.exp(-log_variance)
+                term = weight * loss + task["loss_weight"] * 0.5 * log_variance * present
+            task_losses[name], task_weights[name] = loss, weight.detach()
+            total = term if total is None else total + term
+        return total, task_losses, task_weights
+
+
+
 __all__ = [
     "MMFusionPreTrainedModel",
     "MMFusionModel",
     "MMFusionForSequenceClassification",
+    "MMFusionForMultiTask",
     "MMFusionModelOutput",
+    "MMFusionMultiTaskOutput",
     "MMFusionSequenceClassifierOutput",
 ]

@@ -14,12 +14,17 @@ Conventions:
 - A sample left with no modality gets no forward pass: its logits are a NaN row, and `scores` turns a NaN row into
   the uniform prior (1 / num_labels per class, or 0.5 per label; regression keeps the NaN).
 - Modalities are the model's internal stream names ("vision", "text", "audio"), as in `model.modalities`.
+- Tasks (`tasks_of`): a classifier is one task, an `MMFusionForMultiTask` one per head. `forward_kept` gives every
+  task's outputs side by side, `(batch, sum of num_outputs)`, in `tasks_of` order; `Task.outputs` is a task's slice of
+  those columns, so whatever handles an array of outputs handles any task. Regression outputs are in the targets'
+  original units (the model undoes its standardisation).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,13 +42,68 @@ TowerStates = dict[str, tuple[torch.Tensor, torch.Tensor]]
 # ---- the model behind wrappers ---------------------------------------------------------------------------------------
 
 def classifier(model: torch.nn.Module) -> torch.nn.Module:
-    """The MMFusionForSequenceClassification inside `model` (a PeftModel wraps it). Raises `ValueError` naming
-    `model` for a model without a classification head."""
+    """The head model inside `model` (a PeftModel or an Accelerate wrapper may wrap it): an
+    MMFusionForSequenceClassification or MMFusionForMultiTask. Raises `ValueError` naming `model` for a model
+    without a head."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(base, "classifier") or not hasattr(base, "model"):
-        raise ValueError(f"model: {type(base).__name__} has no classification head; mm-eval evaluates "
-                         "MMFusionForSequenceClassification models")
+    base = getattr(base, "module", base)  # DDP
+    if not (hasattr(base, "classifier") or hasattr(base, "heads")) or not hasattr(base, "model"):
+        raise ValueError(f"model: {type(base).__name__} has no task head; mm-eval evaluates "
+                         "MMFusionForSequenceClassification and MMFusionForMultiTask models")
     return base
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a model: its name, problem type, label names (classification; for regression one name per
+    output), its columns of `forward_kept`'s outputs, and its data column (where mm-train read its targets)."""
+
+    name: str
+    problem_type: str
+    label_names: tuple[str, ...]
+    outputs: slice
+    column: str | None = None
+    label_separator: str | None = None
+    target_mean: tuple[float, ...] | None = None  # regression: the training targets' mean, per output
+
+    @property
+    def num_outputs(self) -> int:
+        return self.outputs.stop - self.outputs.start
+
+
+SINGLE_TASK_NAME = "label"  # the one task of a classifier, named after mm-train's default label column
+
+
+def tasks_of(model: torch.nn.Module) -> list[Task]:
+    """The tasks of `model` (any wrapper), in output order: one per head of an MMFusionForMultiTask, or the one
+    task of a classifier (named `SINGLE_TASK_NAME`)."""
+    config = classifier(model).config
+    tasks, start = [], 0
+    if config.tasks:
+        for task in config.tasks:
+            names = task["labels"] or tuple(task["name"] if task["num_outputs"] == 1 else f"{task['name']}[{i}]"
+                                            for i in range(task["num_outputs"]))
+            tasks.append(Task(task["name"], task["problem_type"], tuple(names), slice(start, start + task["num_outputs"]),
+                              task["column"], task["label_separator"],
+                              tuple(task["target_mean"]) if task["target_mean"] else None))
+            start += task["num_outputs"]
+        return tasks
+    problem_type = problem_type_of(model)
+    names = tuple(config.id2label[i] for i in range(config.num_labels))
+    return [Task(SINGLE_TASK_NAME, problem_type, names, slice(0, config.num_labels),
+                 target_mean=tuple(config.target_mean) if config.target_mean else None)]
+
+
+def num_outputs(model: torch.nn.Module) -> int:
+    """Columns of `forward_kept`'s outputs: every task's outputs side by side."""
+    return tasks_of(model)[-1].outputs.stop
+
+
+def output_logits(output: Any) -> torch.Tensor:
+    """A model output's logits as one `(batch, outputs)` tensor: a classifier's own, or every task's of a
+    multi-task output concatenated in task order."""
+    logits = output.logits
+    return torch.cat(list(logits.values()), dim=1) if isinstance(logits, dict) else logits
 
 
 def fusion_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -57,6 +117,8 @@ def problem_type_of(model: torch.nn.Module) -> str:
     """The model's `config.problem_type`, or what transformers infers at loss time when it is unset: regression
     for one output, else single-label classification."""
     config = classifier(model).config
+    if config.tasks:
+        raise ValueError("model: a multi-task model has a problem type per task; read it from tasks_of(model)")
     if config.problem_type:
         return config.problem_type
     return REGRESSION if config.num_labels == 1 else SINGLE_LABEL
@@ -153,15 +215,15 @@ def forward_kept(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], keep
     `tower_states` (from `encode_towers` on the same batch) stands in for the raw inputs of its modalities.
     Returns:
 
-    - logits `(batch, num_labels)`, float32 on the model's device, a NaN row for each sample left with no modality
-      (it has no forward pass);
+    - logits `(batch, outputs)` (every task's, side by side: `tasks_of`), float32 on the model's device, a NaN row for
+      each sample left with no modality (it has no forward pass);
     - the bool mask `(batch,)` of the samples that kept a modality (on the model's device);
     - the fusion output (`MMFusionModelOutput`) of those samples, with attention weights when `output_attentions`,
       or None when no sample kept a modality.
     """
     tower_states = tower_states or {}
     device, dtype = _model_device_and_dtype(model)
-    num_labels = model.config.num_labels if num_labels is None else num_labels
+    num_labels = num_outputs(model) if num_labels is None else num_labels
     batch = withhold(batch, keep)
     given = presence(batch)
     present = (torch.stack(list(given.values()), 1).any(1) if given
@@ -175,7 +237,7 @@ def forward_kept(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], keep
     states = {modality: (s[present], mask[present]) for modality, (s, mask) in tower_states.items()}
     with torch.no_grad():
         output = model(**inputs, tower_states=states or None, output_attentions=True if output_attentions else None)
-    logits[present] = output.logits.detach().float()
+    logits[present] = output_logits(output).detach().float()
     return logits, present, output.fusion_output
 
 
