@@ -40,7 +40,7 @@ SAMPLING_RATE = 16_000
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
     *"abcdefghijklmnopqrstuvwxyz0123456789.,!?'-",
-    *"the a an red green blue yellow circle square triangle star tone high low deep shrill beep match is of with and".split(),
+    *"the a an red green blue yellow circle square triangle star tone high low deep shrill beep match is of with and grey on".split(),
 ]
 
 

@@ -74,9 +74,10 @@ def test_saved_dataset_folder_keeps_its_splits(tmp_path):
 def test_splits_and_label_names(tmp_path):
     rows = write_media(tmp_path / "data", count=10)
     datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "data" / "all.csv"))
-    splits, labels = prepare_splits(DataSettings(train_data=str(tmp_path / "data" / "all.csv"),
-                                                 validation_split=0.2), seed=0)
-    assert labels == ["blue", "red"]
+    splits, tasks = prepare_splits(DataSettings(train_data=str(tmp_path / "data" / "all.csv"),
+                                                validation_split=0.2), seed=0)
+    assert [(task["name"], task["problem_type"], task["labels"]) for task in tasks] == [
+        ("label", "single_label_classification", ["blue", "red"])]
     assert len(splits["train"]) == 8 and len(splits["validation"]) == 2
     with pytest.raises(ValueError, match="label_column: 'target' is not a column"):
         prepare_splits(DataSettings(train_data=str(tmp_path / "data" / "all.csv"), label_column="target"), seed=0)

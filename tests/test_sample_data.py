@@ -1,4 +1,5 @@
-"""The built-in sample: deterministic real files, balanced labels, and no single modality tells the label."""
+"""The built-in sample: deterministic real files, balanced labels, no single modality tells the label, and the
+multi-task targets (shape, pitch_hz, caption_colours) are true to the media and the caption."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ import pytest
 import soundfile
 from PIL import Image
 
-from training.sample_data import COMPLETE_MARKER, PITCH_WORDS, default_sample_dir, generate_sample
+from training.sample_data import (
+    COLOURS,
+    COLUMNS,
+    COMPLETE_MARKER,
+    MULTITASK_TASKS,
+    PITCH_WORDS,
+    default_sample_dir,
+    generate_sample,
+    write_examples,
+)
 
 SPLITS = ("train", "validation", "test")
 
@@ -132,14 +142,103 @@ def test_media_decode_with_the_requested_size_rate_and_duration(tmp_path, monkey
         assert np.isfinite(samples).all() and 0.2 < np.abs(samples).max() <= 1.0
 
 
-def test_tone_pitch_is_the_one_in_the_metadata(tmp_path):
-    root = generate_sample(tmp_path / "sample", rows=20)
-    for row in all_rows(root)[:8]:
-        with wave.open(str(root / row["audio"])) as file:
+@pytest.fixture(scope="module")
+def small_sample(tmp_path_factory) -> Path:
+    return generate_sample(tmp_path_factory.mktemp("small") / "sample", rows=60, seed=0)
+
+
+def test_pitch_hz_lies_in_its_pitch_range_and_varies(small_sample):
+    rows = all_rows(small_sample)
+    ranges = {"low": (180.0, 300.0), "high": (660.0, 1000.0)}
+    for row in rows:
+        low, high = ranges[row["pitch"]]
+        assert low <= float(row["pitch_hz"]) <= high, row
+        assert round(float(row["pitch_hz"]), 1) == float(row["pitch_hz"]), row  # rounded to 0.1 Hz
+    for pitch, (low, high) in ranges.items():
+        values = [float(row["pitch_hz"]) for row in rows if row["pitch"] == pitch]
+        # continuous, not a handful of values: nearly all distinct (0.1 Hz steps) and spread over most of the range
+        assert len(values) >= 15 and len(set(values)) >= 0.9 * len(values), (pitch, values)
+        assert max(values) - min(values) > 0.7 * (high - low), (pitch, min(values), max(values))
+
+
+def test_tone_frequency_is_the_pitch_hz_in_the_metadata(small_sample):
+    """The dominant FFT bin (1 Hz wide for the default 1 s tones) is pitch_hz within 2 Hz."""
+    rows = all_rows(small_sample)
+    chosen = [row for row in rows if row["pitch"] == "low"][:4] + [row for row in rows if row["pitch"] == "high"][:4]
+    for row in chosen:
+        with wave.open(str(small_sample / row["audio"])) as file:
             samples = np.frombuffer(file.readframes(file.getnframes()), dtype="<i2").astype(float)
             rate = file.getframerate()
         peak = np.fft.rfftfreq(len(samples), 1 / rate)[np.abs(np.fft.rfft(samples)).argmax()]
-        assert peak == pytest.approx({"low": 220, "high": 880}[row["pitch"]], rel=0.05), row
+        assert abs(peak - float(row["pitch_hz"])) <= 2.0, row
+
+
+def _colour_words(text: str) -> list[str]:
+    """The colour words of a caption, in the order it names them."""
+    return [word for word in text.replace(",", " ").split() if word in (*COLOURS, "grey")]
+
+
+@pytest.mark.parametrize("fixture", ["small_sample", "sample"])
+def test_caption_colours_are_the_colour_words_of_the_caption(request, fixture):
+    rows = all_rows(request.getfixturevalue(fixture))
+    for row in rows:
+        assert row["caption_colours"] == "|".join(_colour_words(row["text"])), row
+        assert row["caption_colours"].split("|")[0] == row["caption_colour"], row
+    two = [row for row in rows if len(row["caption_colours"].split("|")) == 2]
+    assert 0.2 <= len(two) / len(rows) <= 0.4, len(two)
+    assert all(row["caption_colours"].split("|")[1] == "grey" for row in two)
+    assert {len(row["caption_colours"].split("|")) for row in rows} == {1, 2}
+
+
+def test_grey_is_never_the_mismatch_and_is_the_real_background(small_sample, sample):
+    for row in all_rows(sample):
+        assert "grey" not in (row["colour"], row["caption_colour"]), row
+        assert row["mismatch"] in ("none", "colour", "shape", "pitch"), row
+    grey_rows = [row for row in all_rows(sample) if "grey" in row["caption_colours"]]
+    kinds = Counter(row["mismatch"] for row in grey_rows)
+    assert set(kinds) == {"none", "colour", "shape", "pitch"}, kinds  # grey captions mismatch like any other
+    assert abs(kinds["none"] / len(grey_rows) - 0.5) < 0.1, kinds
+    for row in all_rows(small_sample):
+        if "grey" in row["caption_colours"]:
+            with Image.open(small_sample / row["image"]) as image:
+                pixels = np.asarray(image).reshape(-1, 3).astype(int)
+            grey = (pixels[:, 0] == pixels[:, 1]) & (pixels[:, 1] == pixels[:, 2]) & (pixels[:, 0] >= 200)
+            assert grey.sum() >= 8, row  # the background pixels around the shape are a light grey
+
+
+def test_multitask_tasks_name_columns_that_hold_their_targets(small_sample):
+    assert [task["name"] for task in MULTITASK_TASKS] == ["shape", "pitch_hz", "caption_colours", "match"]
+    assert MULTITASK_TASKS[2]["label_separator"] == "|"
+    with open(small_sample / "train.csv", newline="") as file:
+        header = next(csv.reader(file))
+    assert tuple(header) == COLUMNS
+    rows = all_rows(small_sample)
+    for task in MULTITASK_TASKS:
+        assert task["column"] in header and task["loss_weight"] == 1.0, task
+        values = [row[task["column"]] for row in rows]
+        if task["problem_type"] == "regression":
+            assert np.isfinite([float(value) for value in values]).all()
+        elif task["problem_type"] == "multi_label_classification":
+            labels = {label for value in values for label in value.split(task["label_separator"])}
+            assert labels == {*COLOURS, "grey"}, labels
+        else:
+            assert task["problem_type"] == "single_label_classification"
+            assert len(set(values)) == {"shape": 3, "label": 2}[task["column"]], task
+
+
+def test_write_examples_keeps_each_kind_and_the_four_columns(sample, tmp_path):
+    folder = write_examples(sample, tmp_path / "examples", per_kind=2)
+    with open(folder / "examples.csv", newline="") as file:
+        reader = csv.DictReader(file)
+        examples = list(reader)
+    assert reader.fieldnames == ["text", "image", "audio", "label"]
+    by_image = {row["image"]: row for row in read_split(sample, "test")}
+    kinds = Counter(by_image[row["image"]]["mismatch"] for row in examples)
+    assert kinds == {"none": 2, "colour": 2, "shape": 2, "pitch": 2}
+    for row in examples:
+        assert row["text"] == by_image[row["image"]]["text"] and row["label"] == by_image[row["image"]]["label"]
+        assert (folder / row["image"]).read_bytes() == (sample / row["image"]).read_bytes()
+        assert (folder / row["audio"]).read_bytes() == (sample / row["audio"]).read_bytes()
 
 
 def test_existing_sample_is_reused_and_regenerated_when_parameters_change(tmp_path):

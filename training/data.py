@@ -15,15 +15,20 @@ data exactly as to user input. Image/Audio features of a loaded data set are cas
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
+import yaml
 
+from modeling_mm.configuration_mm import PROBLEM_TYPES, normalised_tasks
 from processors import MMFusionProcessor
 
 logger = logging.getLogger(__name__)
@@ -49,6 +54,22 @@ class DataSettings:
     image_column: str = field(default="image", metadata={"help": "Column with image paths or bytes."})
     audio_column: str = field(default="audio", metadata={"help": "Column with audio paths or bytes."})
     label_column: str = field(default="label", metadata={"help": "Column with the label (name or integer)."})
+    problem_type: str = field(default="single_label_classification", metadata={
+        "help": "What the label column holds: single_label_classification (one class per row; digit strings such as "
+                "'0'..'9' are class names too), multi_label_classification (a list of tags per row: JSON/Parquet lists, "
+                "or strings split at --label_separator) or regression (numbers; standardised for training, predicted in "
+                "the original units). Short forms: single, multi, regression."})
+    label_separator: str = field(default="|", metadata={
+        "help": "For multi-label string cells (CSV): the separator between tags, e.g. 'a|b'."})
+    tasks: list[str] | None = field(default=None, metadata={
+        "help": "Multi-task training: one spec per task, 'column:problem_type[:loss_weight]' (e.g. "
+                "'severity:regression:0.5 findings:multi diagnosis:single'), or one YAML/JSON file holding a list of "
+                "{name, column, problem_type, loss_weight, label_separator}. Replaces label_column/problem_type. A row "
+                "may lack some tasks' targets: they are masked out of those tasks' losses."})
+    sample: str = field(default="classification", metadata={
+        "help": "Without train_data, which recipe of the built-in sample to train: classification (match / mismatch, "
+                "the main job) or multitask (shape from the image, pitch in Hz from the audio, the caption's colours "
+                "from the text and match from all three, as one multi-task model)."})
     validation_split: float = field(default=0.1, metadata={
         "help": "Fraction of the training data held out for validation when no validation data is given."})
     strict: bool = field(default=False, metadata={
@@ -123,9 +144,161 @@ def _resolve_relative_paths(table: datasets.DatasetDict, base: Path,
     return table.map(resolve, desc="resolving file paths")
 
 
-def prepare_splits(settings: DataSettings, seed: int) -> tuple[datasets.DatasetDict, list[str]]:
-    """Train/validation/(test) splits with media columns undecoded, and the sorted label names of the training
-    split. Splits the training data when no validation data exists."""
+# ---- targets: one definition per problem type, for training and evaluation alike ------------------------------------
+
+PROBLEM_TYPE_SHORT_NAMES = {"single": PROBLEM_TYPES[0], "multi": PROBLEM_TYPES[1], "regression": PROBLEM_TYPES[2],
+                            **{name: name for name in PROBLEM_TYPES}}
+
+
+def problem_type_named(value: str, field_name: str = "problem_type") -> str:
+    """The full problem type for `value` (a full name or a short form); `ValueError` naming `field_name`."""
+    if value not in PROBLEM_TYPE_SHORT_NAMES:
+        raise ValueError(f"{field_name}: {value!r} is not one of {sorted(PROBLEM_TYPE_SHORT_NAMES)}")
+    return PROBLEM_TYPE_SHORT_NAMES[value]
+
+
+def is_missing(value: Any) -> bool:
+    """An empty target cell: None, NaN, or a blank string (an empty list is a real multi-label target: no tag)."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and not value.strip()
+
+
+def tags(value: Any, separator: str | None) -> list[str]:
+    """A multi-label cell as its tags: a list/tuple/array as is, a string split at `separator` (blank parts dropped)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [str(v).strip() for v in value if not is_missing(v)]
+    if separator:
+        return [part.strip() for part in str(value).split(separator) if part.strip()]
+    return [str(value).strip()]
+
+
+def encode_targets(values: Sequence[Any], task: dict[str, Any]) -> torch.Tensor:
+    """A column of target cells as a task's targets (`MMFusionConfig.tasks` layout): class ids `(rows,)` long with
+    -100 where a cell is empty (single-label); 0/1 `(rows, labels)` float with a NaN row where a cell is empty
+    (multi-label; an empty list is a row of zeros); values `(rows,)` float with NaN where empty (regression).
+    Raises `ValueError` naming the task's column for a class it does not know or a value that is not a number."""
+    column = task.get("column") or task["name"]
+    problem_type = task["problem_type"]
+    if problem_type == "regression":
+        result = []
+        for value in values:
+            if is_missing(value):
+                result.append(math.nan)
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{column}: {value!r} is not a number (a regression target)") from None
+            if not math.isfinite(number):
+                raise ValueError(f"{column}: {value!r} is not a finite number (a regression target)")
+            result.append(number)
+        return torch.tensor(result, dtype=torch.float32)
+    ids = {name: i for i, name in enumerate(task["labels"])}
+    if problem_type == "multi_label_classification":
+        encoded = torch.zeros(len(values), len(ids))
+        for row, value in enumerate(values):
+            if is_missing(value):
+                encoded[row] = math.nan
+                continue
+            for tag in tags(value, task.get("label_separator")):
+                if tag not in ids:
+                    raise ValueError(f"{column}: tag {tag!r} is not one of the training tags {list(ids)}")
+                encoded[row, ids[tag]] = 1.0
+        return encoded
+    result = []
+    for value in values:
+        if is_missing(value):
+            result.append(-100)
+            continue
+        key = str(value).strip()
+        if key not in ids:
+            raise ValueError(f"{column}: label {value!r} is not one of the training labels {list(ids)}")
+        result.append(ids[key])
+    return torch.tensor(result, dtype=torch.long)
+
+
+def task_specs(settings: DataSettings) -> list[dict[str, Any]]:
+    """The tasks `settings` asks for, before the data fills in their labels and scales: from `tasks` (specs or a
+    YAML/JSON file) or else the one task of `label_column`/`problem_type`. Raises `ValueError` naming `tasks`."""
+    if not settings.tasks:
+        return [{"name": "label", "column": settings.label_column,
+                 "problem_type": problem_type_named(settings.problem_type),
+                 "label_separator": settings.label_separator}]
+    entries: list[Any] = list(settings.tasks) if isinstance(settings.tasks, (list, tuple)) else [settings.tasks]
+    if len(entries) == 1 and isinstance(entries[0], str) and entries[0].endswith((".yaml", ".yml", ".json")):
+        path = Path(entries[0])
+        if not path.is_file():
+            raise ValueError(f"tasks: {entries[0]!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+        entries = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(entries, list):
+            raise ValueError(f"tasks: {path} must hold a list of tasks, got {type(entries).__name__}")
+    specs = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            parts = entry.split(":")
+            if len(parts) not in (2, 3) or not parts[0]:
+                raise ValueError(f"tasks[{i}]: {entry!r} is not 'column:problem_type[:loss_weight]'")
+            entry = {"column": parts[0], "problem_type": parts[1]}
+            if len(parts) == 3:
+                try:
+                    entry["loss_weight"] = float(parts[2])
+                except ValueError:
+                    raise ValueError(f"tasks[{i}]: loss weight {parts[2]!r} is not a number") from None
+        if not isinstance(entry, dict) or not entry.get("column") and not entry.get("name"):
+            raise ValueError(f"tasks[{i}]: need a column (and a problem_type), got {entry!r}")
+        entry = dict(entry)
+        entry.setdefault("column", entry.get("name"))
+        entry.setdefault("name", entry["column"])
+        entry["problem_type"] = problem_type_named(entry.get("problem_type", ""), f"tasks[{i}].problem_type")
+        if entry["problem_type"] == "multi_label_classification":
+            entry.setdefault("label_separator", settings.label_separator)
+        specs.append(entry)
+    return specs
+
+
+def resolve_tasks(train: datasets.Dataset, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`specs` completed from the training split, in `MMFusionConfig.tasks` layout: the sorted class names (digit
+    strings are names too, sorted by value) or tags of a classification task, the mean and std of a regression
+    task's targets. Raises `ValueError` naming the column when it is missing, has too few classes, or a regression
+    target is constant or not a number."""
+    tasks = []
+    for spec in specs:
+        column = spec["column"]
+        if column not in train.column_names:
+            raise ValueError(f"{'label_column' if spec['name'] == 'label' else 'tasks'}: {column!r} is not a column of "
+                             f"the training data (columns: {train.column_names})")
+        values = [v for v in train[column] if not is_missing(v)]
+        task = {key: value for key, value in spec.items() if key != "labels"}
+        feature = train.features[column]
+        if spec["problem_type"] == "regression":
+            targets = encode_targets(values, {**task, "labels": None}).double().numpy()
+            if len(targets) < 2 or float(np.std(targets)) == 0.0:
+                raise ValueError(f"{column}: a regression target needs >= 2 different values in the training data")
+            task.update(target_mean=float(targets.mean()), target_std=float(targets.std()))
+        elif spec["problem_type"] == "multi_label_classification":
+            task["labels"] = sorted({tag for value in values for tag in tags(value, spec.get("label_separator"))})
+            if not task["labels"]:
+                raise ValueError(f"{column}: the training data has no tags")
+        else:
+            if isinstance(feature, datasets.ClassLabel):
+                task["labels"] = list(feature.names)
+            else:
+                names = {str(v).strip() for v in values}
+                task["labels"] = sorted(names, key=lambda v: (len(v), v) if v.lstrip("-").isdigit() else (0, v))
+            if len(task["labels"]) < 2:
+                raise ValueError(f"{'label_column' if spec['name'] == 'label' else column}: the training data has "
+                                 f"{len(task['labels'])} distinct label(s); need >= 2")
+        tasks.append(task)
+    return normalised_tasks(tasks)
+
+
+def prepare_splits(settings: DataSettings, seed: int) -> tuple[datasets.DatasetDict, list[dict[str, Any]]]:
+    """Train/validation/(test) splits with media columns undecoded, and the tasks (`resolve_tasks`: label names,
+    regression scales) from the training split. Splits the training data when no validation data exists."""
     media_columns = (settings.image_column, settings.audio_column)
     table = load_table(settings.train_data, media_columns)
     if "train" not in table:
@@ -143,19 +316,7 @@ def prepare_splits(settings: DataSettings, seed: int) -> tuple[datasets.DatasetD
     elif "test" in table:
         splits["test"] = table["test"]
     splits = {name: _undecoded(split, settings) for name, split in splits.items()}
-
-    label_feature = splits["train"].features.get(settings.label_column)
-    if label_feature is None:
-        raise ValueError(f"label_column: {settings.label_column!r} is not a column of the training data "
-                         f"(columns: {splits['train'].column_names})")
-    if isinstance(label_feature, datasets.ClassLabel):
-        label_names = list(label_feature.names)
-    else:
-        values = {str(v) for v in splits["train"][settings.label_column] if v is not None and str(v).strip() != ""}
-        label_names = sorted(values, key=lambda v: (len(v), v) if v.lstrip("-").isdigit() else (0, v))
-    if len(label_names) < 2:
-        raise ValueError(f"label_column: the training data has {len(label_names)} distinct label(s); need >= 2")
-    return datasets.DatasetDict(splits), label_names
+    return datasets.DatasetDict(splits), resolve_tasks(splits["train"], task_specs(settings))
 
 
 def _undecoded(split: datasets.Dataset, settings: DataSettings) -> datasets.Dataset:
@@ -188,24 +349,37 @@ class MMFusionCollator:
     `restricted_to(modalities)` gives a collator that reads only those modalities' columns; rows that have none of
     them get zeros and `has_*` False there (their other modalities come from elsewhere, e.g. cached tower states)."""
 
-    def __init__(self, processor: MMFusionProcessor, settings: DataSettings, label_names: Sequence[str],
+    def __init__(self, processor: MMFusionProcessor, settings: DataSettings, tasks: Sequence[dict[str, Any] | str],
                  modalities: Sequence[str] | None = None):
+        """`tasks` in `MMFusionConfig.tasks` layout (`prepare_splits` gives them), or just the label names of one
+        single-label task read from `settings.label_column`. Batches carry "labels": a dict by task name when
+        `settings.tasks` asks for multi-task training, else the one task's tensor (`encode_targets`)."""
         self.processor = processor
         self.settings = settings
-        self.label_ids = {name: i for i, name in enumerate(label_names)}
+        if all(isinstance(task, str) for task in tasks):
+            tasks = [{"name": "label", "column": settings.label_column, "problem_type": PROBLEM_TYPES[0],
+                      "labels": list(tasks)}]
+        self.tasks = [dict(task) for task in tasks]
+        self.multi_task = bool(settings.tasks)
         available = {"vision": processor.image_processor is not None, "text": processor.tokenizer is not None,
                      "audio": processor.feature_extractor is not None}
         self.model_modalities = tuple(m for m, present in available.items() if present)
         self.only = None if modalities is None else tuple(m for m in modalities if m in self.model_modalities)
 
     def restricted_to(self, modalities: Sequence[str]) -> MMFusionCollator:
-        return MMFusionCollator(self.processor, self.settings, list(self.label_ids), modalities)
+        return MMFusionCollator(self.processor, self.settings, self.tasks, modalities)
 
-    def label_id(self, value: Any) -> int:
-        key = str(value).strip() if value is not None else ""
-        if key not in self.label_ids:
-            raise ValueError(f"label {value!r} is not one of the training labels {list(self.label_ids)}")
-        return self.label_ids[key]
+    def targets(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Each task's targets for `rows` (`encode_targets`). Without multi-task training a row must have the
+        label (`ValueError` naming the column); with it, a row must have at least one task's target."""
+        result = {task["name"]: encode_targets([row.get(task["column"]) for row in rows], task) for task in self.tasks}
+        for index, row in enumerate(rows):
+            missing = [task["column"] for task in self.tasks if is_missing(row.get(task["column"]))]
+            if not self.multi_task and missing:
+                raise ValueError(f"{missing[0]}: the row has no label")
+            if len(missing) == len(self.tasks):
+                raise ValueError(f"tasks: the row has no target of any task (columns {missing})")
+        return result
 
     def inputs(self, rows: Sequence[dict[str, Any]]) -> dict[str, list]:
         s = self.settings
@@ -232,7 +406,8 @@ class MMFusionCollator:
                 for key, value in part.items():
                     batch[key] = value.new_zeros((len(rows), *value.shape[1:])).index_put_(
                         (torch.tensor(present),), value)
-        batch["labels"] = torch.tensor([self.label_id(row.get(self.settings.label_column)) for row in rows])
+        targets = self.targets(rows)
+        batch["labels"] = targets if self.multi_task else targets[self.tasks[0]["name"]]
         return batch
 
 

@@ -1,6 +1,7 @@
 """Interpretability of a fused prediction: what each modality contributes (the prediction with it, minus the
-prediction with it withheld through its `has_*` mask), where each stream's cross-attention goes, and
-`explain_sample`, the per-sample view the demo shows.
+prediction with it withheld through its `has_*` mask; or exactly, as Shapley values over every modality subset,
+`shapley_values` of `subset_value`s), where each stream's cross-attention goes, and `explain_sample`, the
+per-sample view the demo shows.
 
     >>> from training.interpretability import explain_sample
     >>> view = explain_sample(model, processor, text="a red circle, high tone", image="circle.png")  # doctest: +SKIP
@@ -14,17 +15,20 @@ model's stream names ("vision", "text", "audio") in the functions over batches.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import special
 from transformers.utils import logging as hf_logging
 
 from modeling_mm.configuration_mm import MODALITY_NAMES
 from processors import MMFusionProcessor
-from training.scoring import (REGRESSION, classifier, encode_towers, eval_mode, forward_kept, presence,
-                              problem_type_of, scores)
+from training.scoring import (MULTI_LABEL, REGRESSION, SINGLE_LABEL, classifier, encode_towers, eval_mode,
+                              forward_kept, presence, problem_type_of, scores)
 
 
 # ---- attention weights -----------------------------------------------------------------------------------------------
@@ -106,6 +110,102 @@ def contributions(with_all: np.ndarray, without: Mapping[str, np.ndarray]) -> di
     predicted = with_all.argmax(1)
     chosen = with_all[rows, predicted]
     return {modality: chosen - scores_without[rows, predicted] for modality, scores_without in without.items()}
+
+
+def subset_value(logits: np.ndarray, problem_type: str, reference_class: np.ndarray | None = None) -> np.ndarray:
+    """The value v(S) that the outputs `logits` (samples, num_labels) of a modality subset S give, per sample, on the
+    log-odds scale, for `shapley_values`:
+
+    - single-label: (samples,), the log-odds log(p / (1 - p)) of `reference_class` (samples,) (the class predicted
+      with all modalities) under softmax(logits), computed as logit_c - logsumexp(the other logits) so that it
+      stays finite where p rounds to 0 or 1. A NaN row (no prediction: the subset holds none of the sample's
+      modalities) gets the uniform prior's log-odds log(1 / (num_labels - 1)).
+    - multi-label: (samples, labels), the logits themselves (each label's log-odds under its sigmoid); a NaN row
+      gets 0, the log-odds of p = 0.5.
+    - regression: the raw outputs (samples, outputs); a NaN row stays NaN (the caller fills it, e.g. with the
+      training mean).
+
+    `reference_class` is required for single-label (refused if missing, of another length or out of range) and
+    ignored otherwise. An unknown `problem_type` is refused."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"logits: expected (samples, num_labels); got shape {logits.shape}")
+    missing = np.isnan(logits).any(1)
+    if problem_type == REGRESSION:
+        return logits.copy()
+    if problem_type == MULTI_LABEL:
+        return np.where(missing[:, None], 0.0, logits)
+    if problem_type != SINGLE_LABEL:
+        raise ValueError(f"problem_type: expected one of {[SINGLE_LABEL, MULTI_LABEL, REGRESSION]}; "
+                         f"got {problem_type!r}")
+    samples, num_labels = logits.shape
+    if num_labels < 2:
+        raise ValueError(f"logits: single-label classification needs at least 2 classes; got {num_labels}")
+    if reference_class is None:
+        raise ValueError("reference_class: required for single-label classification (the class predicted with all "
+                         "modalities, per sample)")
+    reference_class = np.asarray(reference_class)
+    if reference_class.shape != (samples,) or not np.issubdtype(reference_class.dtype, np.integer):
+        raise ValueError(f"reference_class: expected integer class ids of shape ({samples},); got "
+                         f"{reference_class.dtype} of shape {reference_class.shape}")
+    if samples and (reference_class.min() < 0 or reference_class.max() >= num_labels):
+        raise ValueError(f"reference_class: class ids must lie in [0, {num_labels}); got "
+                         f"[{reference_class.min()}, {reference_class.max()}]")
+    rows = np.arange(samples)
+    safe = np.where(missing[:, None], 0.0, logits)  # no NaN through logsumexp; those rows are replaced below
+    others = safe.copy()
+    others[rows, reference_class] = -np.inf
+    # log p_c - log(1 - p_c) = z_c - logsumexp(z_k, k != c): the softmax's normaliser cancels
+    log_odds = safe[rows, reference_class] - special.logsumexp(others, axis=1)
+    return np.where(missing, math.log(1.0 / (num_labels - 1)), log_odds)
+
+
+def shapley_values(subset_values: Mapping[frozenset[str], np.ndarray], modalities: Sequence[str]
+                   ) -> dict[str, np.ndarray]:
+    """Exact Shapley values of each modality, per sample: phi_m = sum over the subsets S of the other modalities of
+    |S|! (n - |S| - 1)! / n! * (v(S + {m}) - v(S)), with n = len(modalities).
+
+    `subset_values` holds, for every subset of `modalities` (all 2**n of them, the empty frozenset included), the
+    value function v(S) per sample as an array (samples, ...) of one shape, e.g. `subset_value` of that subset's
+    logits. Returns {modality: float64 array of that shape}. The values are efficient: for each sample they sum to
+    v(all modalities) - v(empty set), i.e. with `subset_value` to the log-odds (or output) with every modality minus
+    that of the prior; a modality that never changes v gets 0, and two that enter every subset alike get the same.
+    Every v(S) enters every phi_m with a nonzero weight, so a sample whose v is NaN in any subset gets NaN from each
+    modality.
+
+    Refuses (`ValueError` naming `subset_values`) a missing subset, a subset with a modality not in `modalities`,
+    or arrays of different shapes; and repeated or no `modalities`."""
+    modalities = list(modalities)
+    n = len(modalities)
+    if n == 0 or len(set(modalities)) != n:
+        raise ValueError(f"modalities: expected distinct modality names, at least one; got {modalities}")
+    for subset in subset_values:
+        if not frozenset(subset) <= set(modalities):
+            raise ValueError(f"subset_values: subset {sorted(subset)} holds modalities not in {modalities}")
+    values, shape = {}, None
+    for size in range(n + 1):
+        for members in itertools.combinations(modalities, size):
+            subset = frozenset(members)
+            if subset not in subset_values:
+                raise ValueError(f"subset_values: no value for the subset {sorted(subset)}; exact Shapley values "
+                                 f"need all {2 ** n} subsets of {modalities}, the empty one included")
+            values[subset] = np.asarray(subset_values[subset], dtype=np.float64)
+            if shape is None:
+                shape = values[subset].shape
+            elif values[subset].shape != shape:
+                raise ValueError(f"subset_values: the subset {sorted(subset)} has shape {values[subset].shape}; "
+                                 f"the empty subset has {shape}")
+    result = {}
+    for modality in modalities:
+        others = [m for m in modalities if m != modality]
+        phi = np.zeros(shape)
+        for size in range(n):
+            weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+            for members in itertools.combinations(others, size):
+                subset = frozenset(members)
+                phi += weight * (values[subset | {modality}] - values[subset])
+        result[modality] = phi
+    return result
 
 
 def explain_sample(model: torch.nn.Module, processor: MMFusionProcessor, text: str | None = None, image: Any = None,

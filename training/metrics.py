@@ -1,5 +1,6 @@
 """Quality metrics of model outputs: classification, multi-label and regression metrics (scikit-learn and scipy),
-bootstrap confidence intervals of the headline metrics, and calibration (ECE, NLL, temperature fitting).
+per-label decision thresholds for multi-label (`tune_thresholds`, fitted on validation data), bootstrap confidence
+intervals of the headline metrics, and calibration (ECE, NLL, temperature fitting).
 
 Pure functions of numpy arrays; `quality_metrics` reads model logits, where a NaN row is a sample without a
 prediction (see `training.scoring`): it counts as wrong (single-label: no class; multi-label: every label wrong;
@@ -117,20 +118,72 @@ def classification_metrics(y_true: Sequence[int], probabilities: np.ndarray, lab
     return result
 
 
-def multilabel_metrics(y_true: np.ndarray, probabilities: np.ndarray, label_names: Sequence[str],
-                       threshold: float = 0.5, predictions: np.ndarray | None = None) -> dict[str, Any]:
-    """Multi-label metrics with scikit-learn on (samples, labels) 0/1 arrays: micro/macro F1, subset accuracy
-    (reported as "accuracy" too), Hamming loss, per-label F1 and ROC-AUC (None where a label is all 0 or all 1).
-    `predictions` defaults to `probabilities >= threshold`."""
+def _multilabel_arrays(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`y_true` as int64 and `probabilities` as float64, both (samples, labels); refuses other shapes."""
     y_true = np.asarray(y_true, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    predictions = (probabilities >= threshold).astype(np.int64) if predictions is None else np.asarray(predictions)
-    per_label_auc = {}
-    for j, name in enumerate(label_names):
+    if y_true.ndim != 2 or probabilities.shape != y_true.shape:
+        raise ValueError(f"probabilities: expected the shape of y_true, (samples, labels) = {y_true.shape}; "
+                         f"got {probabilities.shape}")
+    return y_true, probabilities
+
+
+def label_thresholds(threshold: float | np.ndarray, num_labels: int) -> np.ndarray:
+    """`threshold` (one probability, or one per label) as a float64 (num_labels,) array; refuses another length or a
+    value outside [0, 1]."""
+    values = np.asarray(threshold, dtype=np.float64)
+    if values.ndim > 1 or values.size not in (1, num_labels):
+        raise ValueError(f"threshold: expected a float or one per label ({num_labels},); got shape {values.shape}")
+    if not np.all((values >= 0) & (values <= 1)):
+        raise ValueError(f"threshold: probabilities must lie in [0, 1]; got {values.tolist()}")
+    return np.broadcast_to(values, (num_labels,)).copy()
+
+
+def tune_thresholds(y_true: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Per label, the probability threshold that maximises that label's F1 on these (validation) data: the
+    threshold of `sklearn.metrics.precision_recall_curve` with the highest F1 (the lowest such on ties), so that
+    `probabilities >= threshold` predicts the label. A label that is constant in the data has no curve to choose
+    from and keeps 0.5. `y_true` and `probabilities` are (samples, labels); returns float64 (labels,)."""
+    y_true, probabilities = _multilabel_arrays(y_true, probabilities)
+    if not np.isfinite(probabilities).all():
+        raise ValueError("probabilities: must be finite (a sample without a prediction scores the uniform prior)")
+    thresholds = np.full(y_true.shape[1], 0.5)
+    for j in range(y_true.shape[1]):
         column = y_true[:, j]
-        per_label_auc[name] = None if column.min() == column.max() else float(
-            skm.roc_auc_score(column, probabilities[:, j]))
+        if column.min() == column.max():
+            continue
+        precision, recall, candidates = skm.precision_recall_curve(column, probabilities[:, j])
+        # the curve's last point (precision 1, recall 0) has no threshold; 0/0 (no true positive) is an F1 of 0
+        precision, recall = precision[:-1], recall[:-1]
+        f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
+                       where=precision + recall > 0)
+        thresholds[j] = candidates[int(np.argmax(f1))]
+    return thresholds
+
+
+def multilabel_metrics(y_true: np.ndarray, probabilities: np.ndarray, label_names: Sequence[str],
+                       threshold: float | np.ndarray = 0.5, predictions: np.ndarray | None = None) -> dict[str, Any]:
+    """Multi-label metrics with scikit-learn on (samples, labels) 0/1 arrays: micro/macro F1, subset accuracy
+    (reported as "accuracy" too), Hamming loss, per-label F1, ROC-AUC and average precision, and their mean
+    ("macro_roc_auc", "mean_average_precision": over the labels that are not constant; None if every label is). A
+    label that is all 0 or all 1 has None for its AUC and average precision, with the reason under "undefined".
+
+    `threshold` is one probability or one per label (`tune_thresholds`), reported under "thresholds";
+    `predictions` defaults to `probabilities >= threshold`."""
+    y_true, probabilities = _multilabel_arrays(y_true, probabilities)
+    thresholds = label_thresholds(threshold, y_true.shape[1])
+    predictions = (probabilities >= thresholds).astype(np.int64) if predictions is None else np.asarray(predictions)
+    varying = y_true.min(0) != y_true.max(0)
+    per_label_auc, per_label_ap = {}, {}
+    for j, name in enumerate(label_names):
+        if not varying[j]:
+            per_label_auc[name] = per_label_ap[name] = None
+            continue
+        per_label_auc[name] = float(skm.roc_auc_score(y_true[:, j], probabilities[:, j]))
+        per_label_ap[name] = float(skm.average_precision_score(y_true[:, j], probabilities[:, j]))
     defined = [v for v in per_label_auc.values() if v is not None]
+    mean_average_precision = float(skm.average_precision_score(
+        y_true[:, varying], probabilities[:, varying], average="macro")) if varying.any() else None
     per_label_f1 = skm.f1_score(y_true, predictions, average=None, zero_division=0)
     subset_accuracy = float(skm.accuracy_score(y_true, predictions))
     return {
@@ -141,20 +194,32 @@ def multilabel_metrics(y_true: np.ndarray, probabilities: np.ndarray, label_name
         "macro_f1": float(skm.f1_score(y_true, predictions, average="macro", zero_division=0)),
         "hamming_loss": float(skm.hamming_loss(y_true, predictions)),
         "per_label": {name: {"f1": float(per_label_f1[j]), "roc_auc": per_label_auc[name],
-                             "support": int(y_true[:, j].sum())} for j, name in enumerate(label_names)},
+                             "average_precision": per_label_ap[name], "support": int(y_true[:, j].sum())}
+                      for j, name in enumerate(label_names)},
         "macro_roc_auc": float(np.mean(defined)) if defined else None,
-        "undefined": {f"roc_auc[{name}]": "the label is constant in the data"
-                      for name, v in per_label_auc.items() if v is None},
+        "mean_average_precision": mean_average_precision,
+        "thresholds": {name: float(thresholds[j]) for j, name in enumerate(label_names)},
+        "undefined": {f"{metric}[{name}]": "the label is constant in the data"
+                      for name, v in per_label_auc.items() if v is None
+                      for metric in ("roc_auc", "average_precision")},
     }
 
 
+def _root_mean_squared_error(y_true: np.ndarray, y_pred: np.ndarray, **options: Any) -> Any:
+    # scikit-learn >= 1.4 has it (and deprecates mean_squared_error(squared=False)); older ones take the root here
+    if hasattr(skm, "root_mean_squared_error"):
+        return skm.root_mean_squared_error(y_true, y_pred, **options)
+    return np.sqrt(skm.mean_squared_error(y_true, y_pred, **options))
+
+
 def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[str, Any]:
-    """MSE, MAE, R² (scikit-learn), Pearson and Spearman correlation (scipy); a correlation with a constant input
-    is None, with the reason under "undefined"."""
+    """MSE, RMSE, MAE, R² (scikit-learn), Pearson and Spearman correlation (scipy); a correlation with a constant
+    input is None, with the reason under "undefined"."""
     y_true, y_pred = np.asarray(y_true, dtype=np.float64).ravel(), np.asarray(y_pred, dtype=np.float64).ravel()
     result: dict[str, Any] = {
         "samples": int(len(y_true)),
         "mse": float(skm.mean_squared_error(y_true, y_pred)),
+        "rmse": float(_root_mean_squared_error(y_true, y_pred)),
         "mae": float(skm.mean_absolute_error(y_true, y_pred)),
         "r2": finite_or_none(skm.r2_score(y_true, y_pred)) if len(y_true) > 1 else None,
         "undefined": {},
@@ -229,34 +294,47 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, problem_type: str = 
     return float(math.exp(result.x))
 
 
-def predicted_labels(logits: np.ndarray, labels: np.ndarray, problem_type: str) -> np.ndarray:
-    """Class ids (single-label; -1 = no prediction) or 0/1 rows (multi-label; a sample without prediction gets the
-    complement of its labels, i.e. counts as wrong on every label)."""
+def predicted_labels(logits: np.ndarray, labels: np.ndarray, problem_type: str,
+                     thresholds: np.ndarray | None = None) -> np.ndarray:
+    """Class ids (single-label; -1 = no prediction) or 0/1 rows (multi-label: sigmoid(logits) >= `thresholds`, one
+    probability per label, 0.5 by default; a sample without prediction gets the complement of its labels, i.e.
+    counts as wrong on every label)."""
     missing = np.isnan(logits).any(1)
     if problem_type == MULTI_LABEL:
-        predicted = (np.nan_to_num(logits, nan=0.0) >= 0).astype(np.int64)
+        # on probabilities, not logits, so tuned thresholds (probabilities of samples) split exactly as they were fit
+        threshold = label_thresholds(0.5 if thresholds is None else thresholds, logits.shape[1])
+        predicted = (scores(logits, MULTI_LABEL) >= threshold).astype(np.int64)
         predicted[missing] = 1 - labels[missing]
         return predicted
     return np.where(missing, -1, np.nan_to_num(logits, nan=0.0).argmax(1))
 
 
-def quality_metrics(logits: np.ndarray, labels: np.ndarray, label_names: Sequence[str], problem_type: str
-                    ) -> dict[str, Any]:
-    """The metrics of `problem_type` for model outputs `logits` (NaN rows: samples without a prediction)."""
+def _only_multilabel_thresholds(thresholds: np.ndarray | None, problem_type: str) -> None:
+    if thresholds is not None and problem_type != MULTI_LABEL:
+        raise ValueError(f"thresholds: per-label thresholds are for {MULTI_LABEL}; this is {problem_type}")
+
+
+def quality_metrics(logits: np.ndarray, labels: np.ndarray, label_names: Sequence[str], problem_type: str,
+                    thresholds: np.ndarray | None = None) -> dict[str, Any]:
+    """The metrics of `problem_type` for model outputs `logits` (NaN rows: samples without a prediction).
+    `thresholds` (multi-label only; refused otherwise): one probability per label (`tune_thresholds` on validation
+    data) instead of 0.5."""
+    _only_multilabel_thresholds(thresholds, problem_type)
     logits = np.asarray(logits, dtype=np.float64)
     if problem_type == REGRESSION:
         missing = np.isnan(logits).any(1)
         if missing.all():
             return {"samples": int(len(logits)), "samples_without_prediction": int(missing.sum()), "mse": None,
-                    "mae": None, "r2": None, "pearson": None, "spearman": None,
+                    "rmse": None, "mae": None, "r2": None, "pearson": None, "spearman": None,
                     "undefined": {"all": "no sample has a prediction"}}
         values = logits[~missing]
         result = regression_metrics(labels[~missing], values[:, 0] if values.shape[1] == 1 else values)
         return {**result, "samples_without_prediction": int(missing.sum())}
     probabilities = scores(logits, problem_type)
-    predicted = predicted_labels(logits, labels, problem_type)
+    predicted = predicted_labels(logits, labels, problem_type, thresholds)
     if problem_type == MULTI_LABEL:
-        result = multilabel_metrics(labels, probabilities, label_names, predictions=predicted)
+        result = multilabel_metrics(labels, probabilities, label_names, predictions=predicted,
+                                    threshold=0.5 if thresholds is None else thresholds)
         return {**result, "samples_without_prediction": int(np.isnan(logits).any(1).sum())}
     return classification_metrics(labels, probabilities, label_names, predictions=predicted)
 
@@ -269,9 +347,9 @@ def primary_metric(problem_type: str) -> str:
 def headline_keys(problem_type: str) -> tuple[str, ...]:
     """The headline metrics of `problem_type` (those with bootstrap intervals)."""
     if problem_type == REGRESSION:
-        return ("mse", "mae", "r2")
+        return ("mae", "rmse", "r2", "pearson", "spearman")
     if problem_type == MULTI_LABEL:
-        return ("accuracy", "micro_f1", "macro_f1")
+        return ("accuracy", "micro_f1", "macro_f1", "hamming_loss")  # accuracy: subset accuracy
     return ("accuracy", "macro_f1", "balanced_accuracy")
 
 
@@ -288,26 +366,50 @@ def _class_counts(values: np.ndarray, num_classes: int) -> np.ndarray:
     return counts.reshape(*values.shape[:-1], num_classes)
 
 
-def headline_statistics(labels: np.ndarray, logits: np.ndarray, label_names: Sequence[str], problem_type: str
+def headline_statistics(labels: np.ndarray, logits: np.ndarray, label_names: Sequence[str], problem_type: str,
+                        thresholds: np.ndarray | None = None
                         ) -> tuple[int, dict[str, Callable[[np.ndarray], np.ndarray]]]:
     """(samples, {headline metric: vectorised statistic(indices)}) for `bootstrap_intervals`, the same definitions
-    as `quality_metrics`. Single-label statistics are computed with numpy from per-class counts of all the resamples
-    at once (the bootstrap's cost would otherwise be thousands of scikit-learn calls); the others call
-    scikit-learn once per resample."""
+    as `quality_metrics` (with the same multi-label `thresholds`). Classification statistics are computed with numpy
+    from per-class (per-label) counts of all the resamples at once (the bootstrap's cost would otherwise be
+    thousands of scikit-learn calls); regression ones with one scikit-learn/scipy call over all resamples (a
+    resample is one output column for scikit-learn, one row along `axis` for scipy)."""
+    _only_multilabel_thresholds(thresholds, problem_type)
     if problem_type == REGRESSION:
         keep = ~np.isnan(logits).any(1)
-        y, p = labels[keep], logits[keep][:, 0]
-        return len(y), {"mse": per_resample(lambda i: skm.mean_squared_error(y[i], p[i])),
-                        "mae": per_resample(lambda i: skm.mean_absolute_error(y[i], p[i])),
-                        "r2": per_resample(lambda i: skm.r2_score(y[i], p[i]))}
-    predicted = predicted_labels(logits, labels, problem_type)
+        y, p = np.asarray(labels, dtype=np.float64)[keep], logits[keep][:, 0]
+
+        def columns(metric):  # metric(y_true, y_pred, multioutput=...) with each resample as one output column
+            def statistic(i):
+                flat = i.reshape(-1, i.shape[-1])  # (resamples, samples)
+                return metric(y[flat].T, p[flat].T, multioutput="raw_values").reshape(i.shape[:-1])
+            return statistic
+
+        def spearman(i):  # Spearman's rho is Pearson's r of the (average) ranks, as scipy.stats.spearmanr computes it
+            return stats.pearsonr(stats.rankdata(y[i], axis=-1), stats.rankdata(p[i], axis=-1), axis=-1).statistic
+
+        return len(y), {"mae": columns(skm.mean_absolute_error), "rmse": columns(_root_mean_squared_error),
+                        "r2": columns(skm.r2_score),
+                        "pearson": lambda i: stats.pearsonr(y[i], p[i], axis=-1).statistic, "spearman": spearman}
+    predicted = predicted_labels(logits, labels, problem_type, thresholds)
     if problem_type == MULTI_LABEL:
-        return len(labels), {
-            "accuracy": per_resample(lambda i: skm.accuracy_score(labels[i], predicted[i])),
-            "micro_f1": per_resample(lambda i: skm.f1_score(labels[i], predicted[i], average="micro",
-                                                             zero_division=0)),
-            "macro_f1": per_resample(lambda i: skm.f1_score(labels[i], predicted[i], average="macro",
-                                                             zero_division=0))}
+        truth, hit = labels.astype(bool), predicted.astype(bool)
+
+        def label_counts(i):  # per label: 2 * true positives, and false positives + false negatives; (..., labels)
+            y, p = truth[i], hit[i]  # (..., samples, labels)
+            return 2 * (y & p).sum(-2), (y ^ p).sum(-2)
+
+        def micro_f1(i):
+            doubled_hits, errors = (count.sum(-1) for count in label_counts(i))
+            return doubled_hits / np.maximum(doubled_hits + errors, 1)
+
+        def macro_f1(i):  # mean over every label; 0 for a label neither true nor predicted (zero_division=0)
+            doubled_hits, errors = label_counts(i)
+            return (doubled_hits / np.maximum(doubled_hits + errors, 1)).mean(-1)
+
+        return len(labels), {"accuracy": lambda i: (truth[i] == hit[i]).all(-1).mean(-1),
+                             "micro_f1": micro_f1, "macro_f1": macro_f1,
+                             "hamming_loss": lambda i: (truth[i] != hit[i]).mean((-2, -1))}
     num_classes = len(label_names)
 
     def counts(i):  # per class: true samples, predicted samples, true positives; each (..., classes)

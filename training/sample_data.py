@@ -1,11 +1,21 @@
 """The built-in sample: a coloured shape, a tone and a caption that does or does not describe both.
 
-Each row shows an image (a red/green/blue/yellow circle/square/triangle on a plain background), a tone (low 220 Hz
-or high 880 Hz) and a caption naming a colour, a shape and a pitch ("deep" or "shrill"). The label is `match` when
-the caption names all three correctly, else `mismatch`; half the rows of every split match, and a mismatch gets exactly one of
-colour, shape or pitch wrong, each a third of the time. So no single modality says anything about the label;
+Each row shows an image (a red/green/blue/yellow circle/square/triangle on a plain grey background), a tone (low:
+180-300 Hz, or high: 660-1000 Hz, the frequency drawn uniformly in its range) and a caption naming a colour, a
+shape and a pitch ("deep" or "shrill"); 30% of the captions also name the grey background ("a red circle on grey
+with a deep tone"), which is always true. The label is `match` when the caption names colour, shape and pitch
+correctly, else `mismatch`; half the rows of every split match, and a mismatch gets exactly one of colour, shape or
+pitch wrong, each a third of the time (never the background). So no single modality says anything about the label;
 image + text can catch colour and shape mismatches only (best accuracy 5/6, about 83%), text + audio pitch
 mismatches only (2/3, about 67%), and only all three reach 100%.
+
+Next to the label, each row carries the targets of a multi-task recipe (`MULTITASK_TASKS`, what
+`mm-train --sample multitask` trains), each of which one modality alone can learn, except the last:
+
+    shape            image   single-label classification (circle/square/triangle)
+    pitch_hz         audio   regression: the tone's true frequency in Hz, rounded to 0.1
+    caption_colours  text    multi-label classification: the colours the caption names, "|"-joined ("red|grey")
+    label            all     single-label classification (match/mismatch), the task named `match`
 
 The folder holds real files, read back through `datasets` like any user data:
 
@@ -13,8 +23,8 @@ The folder holds real files, read back through `datasets` like any user data:
 
 CSV columns: `text, image, audio, label`, where `image`/`audio` are paths relative to the CSV's folder (so the
 folder can move, and loading works from any working directory), plus what each row really shows: `colour, shape,
-pitch`, what its caption says: `caption_colour, caption_shape, caption_pitch`, and `mismatch` (`none` or the
-attribute the caption gets wrong).
+pitch, pitch_hz`, what its caption says: `caption_colour, caption_shape, caption_pitch, caption_colours`, and
+`mismatch` (`none` or the attribute the caption gets wrong).
 
 Generation is deterministic: the same parameters give byte-identical files on every run. The folder is written
 to a temporary sibling and renamed into place with a `COMPLETE.json` marker holding the parameters, so an
@@ -38,14 +48,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when the generator's output changes, so that cached samples of an older version are regenerated.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 COMPLETE_MARKER = "COMPLETE.json"
 SPLITS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 LABELS = ("match", "mismatch")
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
-PITCHES = {"low": 220.0, "high": 880.0}
+# Each pitch's frequency range in Hz. A continuous range makes `pitch_hz` a regression target worth learning; the
+# ranges lie more than an octave apart (300 to 660 Hz), so low and high stay easy to tell apart.
+PITCHES = {"low": (180.0, 300.0), "high": (660.0, 1000.0)}
 # How captions name the pitches. Not "low"/"high": a sentence encoder places those antonyms almost on top of each
 # other (in all-MiniLM-L6-v2 they explain 4% of a caption's mean-pooled variance, against 21% for these words), so
 # the tone would be the one attribute a caption hardly tells apart.
@@ -58,8 +70,27 @@ CAPTION_TEMPLATES = (
     "a {pitch} beep and a {colour} {shape}",
     "{colour} {shape}, {pitch} tone",
 )
-COLUMNS = ("text", "image", "audio", "label", "colour", "shape", "pitch", "caption_colour", "caption_shape",
-           "caption_pitch", "mismatch")
+# The image's background is a random grey level, so a caption naming it stays true. These captions make
+# `caption_colours` multi-label (two colours instead of one); they name the shape's colour first, as the column does.
+BACKGROUND = "grey"
+BACKGROUND_CAPTION_TEMPLATES = (
+    "a {colour} {shape} on {background} with a {pitch} tone",
+    "the {shape} is {colour} on {background} and the tone is {pitch}",
+)
+# Share of each split's captions that name the background: exact (not drawn per row), so a small sample has some too.
+BACKGROUND_CAPTION_FRACTION = 0.3
+CAPTION_COLOURS_SEPARATOR = "|"
+COLUMNS = ("text", "image", "audio", "label", "colour", "shape", "pitch", "pitch_hz", "caption_colour",
+           "caption_shape", "caption_pitch", "caption_colours", "mismatch")
+# The multi-task recipe on this sample: shape from the image, pitch_hz from the audio, caption_colours from the
+# text, and match (the `label` column) from all three.
+MULTITASK_TASKS = [
+    {"name": "shape", "column": "shape", "problem_type": "single_label_classification", "loss_weight": 1.0},
+    {"name": "pitch_hz", "column": "pitch_hz", "problem_type": "regression", "loss_weight": 1.0},
+    {"name": "caption_colours", "column": "caption_colours", "problem_type": "multi_label_classification",
+     "loss_weight": 1.0, "label_separator": CAPTION_COLOURS_SEPARATOR},
+    {"name": "match", "column": "label", "problem_type": "single_label_classification", "loss_weight": 1.0},
+]
 
 
 def default_sample_dir() -> Path:
@@ -110,7 +141,7 @@ def _checked_parameters(rows: int, seed: int, image_size: int, audio_seconds: fl
         raise ValueError(f"image_size: {image_size} is too small; need >= 16 pixels to tell the shapes apart")
     if not audio_seconds > 0:
         raise ValueError(f"audio_seconds: {audio_seconds} must be > 0")
-    highest = max(PITCHES.values()) * 1.05
+    highest = max(top for _, top in PITCHES.values())
     if sampling_rate < 4 * highest:
         raise ValueError(f"sampling_rate: {sampling_rate} Hz is too low for a {highest:.0f} Hz tone; need >= "
                          f"{int(4 * highest)} Hz")
@@ -159,32 +190,42 @@ def _balanced(values: tuple, count: int, rng: np.random.Generator) -> list:
 
 
 def _make_rows(parameters: dict) -> dict[str, list[dict]]:
-    """The table of every split: what each row shows and what its caption says. Labels and mismatch kinds are
-    balanced within each split; shown attributes and templates are drawn independently of the label."""
+    """The table of every split: what each row shows and what its caption says. Labels, mismatch kinds and the
+    share of captions naming the background are balanced within each split; shown attributes, frequencies and
+    templates are drawn independently of the label."""
     rng = np.random.default_rng([parameters["seed"], 0])
     colours, pitches = tuple(COLOURS), tuple(PITCHES)
     splits, index = {}, 0
     for split, size in _split_sizes(parameters["rows"]).items():
         labels = _balanced(LABELS, size, rng)
         kinds = iter(_balanced(MISMATCH_KINDS, labels.count("mismatch"), rng))
+        names_background = iter(rng.permutation(size) < int(round(size * BACKGROUND_CAPTION_FRACTION)))
         split_rows = []
         for label in labels:
             shown = {"colour": colours[rng.integers(len(colours))], "shape": SHAPES[rng.integers(len(SHAPES))],
                      "pitch": pitches[rng.integers(2)]}
+            # rounded here, so the CSV holds the very frequency the tone is made at
+            pitch_hz = round(float(rng.uniform(*PITCHES[shown["pitch"]])), 1)
             caption = dict(shown)
             kind = next(kinds) if label == "mismatch" else "none"
             if kind != "none":
                 choices = {"colour": colours, "shape": SHAPES, "pitch": pitches}[kind]
                 others = [value for value in choices if value != shown[kind]]
                 caption[kind] = others[rng.integers(len(others))]
-            template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
+            with_background = bool(next(names_background))
+            templates = BACKGROUND_CAPTION_TEMPLATES if with_background else CAPTION_TEMPLATES
+            template = templates[rng.integers(len(templates))]
+            caption_colours = [caption["colour"], BACKGROUND] if with_background else [caption["colour"]]
             split_rows.append({
-                "text": template.format(**{**caption, "pitch": PITCH_WORDS[caption["pitch"]]}),
+                "text": template.format(**{**caption, "pitch": PITCH_WORDS[caption["pitch"]],
+                                           "background": BACKGROUND}),
                 "image": f"images/{index:05d}.png",
                 "audio": f"audio/{index:05d}.wav",
                 "label": label,
                 **shown,
+                "pitch_hz": pitch_hz,
                 **{f"caption_{key}": value for key, value in caption.items()},
+                "caption_colours": CAPTION_COLOURS_SEPARATOR.join(caption_colours),
                 "mismatch": kind,
             })
             index += 1
@@ -216,11 +257,10 @@ def _draw_image(colour: str, shape: str, size: int, rng: np.random.Generator) ->
     return image
 
 
-def _tone(pitch: str, seconds: float, sampling_rate: int, rng: np.random.Generator) -> np.ndarray:
-    """A sine at the pitch's frequency (+-3%) with random amplitude and phase, 5 ms fades and faint noise: int16."""
+def _tone(frequency: float, seconds: float, sampling_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """A sine at `frequency` Hz with random amplitude and phase, 5 ms fades and faint noise: int16."""
     samples = int(round(seconds * sampling_rate))
     time = np.arange(samples) / sampling_rate
-    frequency = PITCHES[pitch] * rng.uniform(0.97, 1.03)
     signal = rng.uniform(0.3, 0.6) * np.sin(2 * np.pi * frequency * time + rng.uniform(0, 2 * np.pi))
     fade = min(samples // 2, int(0.005 * sampling_rate))
     if fade:
@@ -248,7 +288,7 @@ def _write_sample(folder: Path, parameters: dict) -> None:
             # one generator per row: a file depends only on (seed, row), never on the order of writing
             rng = np.random.default_rng([parameters["seed"], 1, index])
             _draw_image(row["colour"], row["shape"], parameters["image_size"], rng).save(folder / row["image"])
-            tone = _tone(row["pitch"], parameters["audio_seconds"], parameters["sampling_rate"], rng)
+            tone = _tone(row["pitch_hz"], parameters["audio_seconds"], parameters["sampling_rate"], rng)
             _write_wav(folder / row["audio"], tone, parameters["sampling_rate"])
         with open(folder / f"{split}.csv", "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=COLUMNS, lineterminator="\n")

@@ -68,7 +68,8 @@ def compute_tower_cache(accelerator: Accelerator, model: torch.nn.Module, splits
         position = 0
         for batch in loader:
             batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            count = len(batch["labels"])
+            labels = batch["labels"]
+            count = len(next(iter(labels.values())) if isinstance(labels, dict) else labels)
             states = {m: [None] * count for m in modalities}
             for modality in modalities:
                 present = batch.get(PRESENCE_KEYS[modality])

@@ -4,6 +4,9 @@
     mm-train --train_data data.csv --vision google/vit-base-patch16-224-in21k --text bert-base-uncased \\
              --audio facebook/wav2vec2-base --text_mode lora --output_dir outputs/run
     mm-train settings.yaml                     # the same flags as a YAML or JSON file
+    mm-train --problem_type regression --label_column price --train_data data.csv --text ...   # one numeric target
+    mm-train --tasks severity:regression:0.5 findings:multi diagnosis:single --train_data data.parquet ...
+    mm-train --sample multitask                # the built-in sample's four targets at once (shape, pitch, colours, match)
     accelerate launch --multi_gpu --num_processes 2 -m training.train ...   # DDP (also on CPU, with gloo)
     accelerate config && accelerate launch -m training.train ...         # FSDP / DeepSpeed from its config
 
@@ -48,7 +51,6 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcast_object_list, parse_flag_from_env,
                               set_seed)
-from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
@@ -56,11 +58,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import modeling_mm  # noqa: F401  (registers the Auto classes)
-from modeling_mm import MMFusionForSequenceClassification
+from modeling_mm import MMFusionForMultiTask, MMFusionForSequenceClassification
+from modeling_mm.modeling_mm import task_loss
 from processors import MMFusionProcessor
 from training.data import DataSettings, MMFusionCollator, find_bad_rows, prepare_splits, row_lengths
 from training.lora import LoraSettings, apply_lora, save_trained_model
-from training.scoring import forward_kept
+from training.metrics import quality_metrics
+from training.scoring import MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, forward_kept, tasks_of
 from training.tower_cache import CachedTowersCollator, CachedTowersDataset, compute_tower_cache, frozen_modalities
 
 logger = logging.getLogger("mm_fusion.train")
@@ -69,6 +73,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "COMPLETE"
 BEST_WEIGHTS = "best_trainable_weights.pt"  # the best validation step's trainable weights, while training
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SAMPLE_RECIPES = ("classification", "multitask")
 # what `accelerate launch` tells its processes it was asked for (from its config or flags), in its own checking order
 REQUESTED_DISTRIBUTED_TYPES = (("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
                                ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
@@ -89,6 +94,9 @@ class ModelSettings:
     fusion_intermediate_size: int | None = field(default=None, metadata={"help": "Fusion MLP size (4x width)."})
     fusion_dropout: float = field(default=0.1, metadata={"help": "Dropout in fusion layers."})
     classifier_dropout: float = field(default=0.1, metadata={"help": "Dropout before the classification head."})
+    task_weighting: str = field(default="fixed", metadata={
+        "help": "Multi-task loss: fixed (each task's loss_weight) or uncertainty (learned per-task weights, Kendall, "
+                "Gal & Cipolla 2018)."})
     modality_dropout: float = field(default=0.1, metadata={
         "help": "Training-time probability of dropping each present modality of a sample (one always stays)."})
     activation_checkpointing: bool = field(default=False, metadata={
@@ -116,7 +124,12 @@ class TrainingSettings:
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "'latest' (the newest complete checkpoint in output_dir) or a checkpoint folder."})
     early_stopping_patience: int = field(default=0, metadata={
-        "help": "Stop after this many evaluations without a better validation macro-F1 (0 = never)."})
+        "help": "Stop after this many evaluations without a better metric_for_best_model (0 = never)."})
+    metric_for_best_model: str | None = field(default=None, metadata={
+        "help": "The validation metric that picks the kept weights: a key of the validation metrics, e.g. macro_f1, "
+                "rmse, or for multi-task <task>/<metric> (severity/rmse) or mean_score (the mean over tasks of macro-F1 "
+                "or R²). Losses, errors and hamming_loss count lower as better. Default: macro_f1 (classification), "
+                "rmse (regression), mean_score (multi-task)."})
     max_nonfinite_steps: int = field(default=5, metadata={
         "help": "Abort after this many non-finite losses in a row (each one is skipped with a warning)."})
     merge_lora: bool = field(default=True, metadata={
@@ -202,9 +215,11 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
     initial_threads = torch.get_num_threads()
     _set_cpu_threads(accelerator, data_settings.num_workers, initial_threads)
 
-    splits, label_names = load_splits(accelerator, data_settings, settings.seed)
-    model, processor = build_model_and_processor(model_settings, label_names)
-    collator = MMFusionCollator(processor, data_settings, label_names)
+    splits, tasks = load_splits(accelerator, data_settings, settings.seed)
+    model, processor = build_model_and_processor(model_settings, tasks, multi_task=bool(data_settings.tasks))
+    collator = MMFusionCollator(processor, data_settings, tasks)
+    settings.metric_for_best_model = best_model_metric(settings.metric_for_best_model, tasks,
+                                                       bool(data_settings.tasks))
     bad_rows = drop_bad_rows(accelerator, splits, collator, data_settings.strict)
     model = configure_model(model, model_settings, lora_settings, settings)
     loaders = make_loaders(accelerator, model, splits, collator, settings, data_settings.num_workers, initial_threads)
@@ -224,7 +239,7 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
                      "training": asdict(settings)}
         model_dir = save_model_folder(run, metrics, arguments)
         if settings.evaluation_report and "test" in splits:
-            write_report(run, model_dir, splits, label_names, data_settings, bad_rows)
+            write_report(run, model_dir, splits, data_settings, bad_rows)
         (run.output_dir / BEST_WEIGHTS).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -262,35 +277,46 @@ def make_accelerator(settings: TrainingSettings) -> Accelerator:
 
 
 def load_splits(accelerator: Accelerator, data_settings: DataSettings, seed: int
-                ) -> tuple[dict[str, datasets.Dataset], list[str]]:
+                ) -> tuple[dict[str, datasets.Dataset], list[dict[str, Any]]]:
     """The train and, where given or split off, validation and test splits (media undecoded), read on the main
-    process first so the others reuse its `datasets` cache, and the label names in id order."""
+    process first so the others reuse its `datasets` cache, and the tasks (`training.data.resolve_tasks`: label
+    names in id order, regression scales), from the training split."""
     if data_settings.train_data is None:
         raise ValueError("train_data: none given; give a data file or folder (mm-train without one trains on the "
                          "built-in sample, which resolve_sample points the settings at)")
     with accelerator.main_process_first():
-        splits, label_names = prepare_splits(data_settings, seed)
-    logger.info("data: %s; labels %s", {k: len(v) for k, v in splits.items()}, label_names)
-    return splits, label_names
+        splits, tasks = prepare_splits(data_settings, seed)
+    logger.info("data: %s; %s", {k: len(v) for k, v in splits.items()}, "; ".join(
+        f"{task['name']} ({task['problem_type']}): " + (", ".join(task["labels"]) if task["labels"] else
+                                                        f"mean {task['target_mean'][0]:.4g}, std {task['target_std'][0]:.4g}")
+        for task in tasks))
+    return splits, tasks
 
 
-def build_model_and_processor(settings: ModelSettings, label_names: list[str]
-                              ) -> tuple[MMFusionForSequenceClassification, MMFusionProcessor]:
-    """The classifier for `label_names` and its processor: loaded from `settings.model` (a new head when the labels
-    differ), else built from the towers given. Refuses (`ValueError`) settings with neither."""
-    id2label = dict(enumerate(label_names))
-    label2id = {name: i for i, name in id2label.items()}
+def build_model_and_processor(settings: ModelSettings, tasks: list[dict[str, Any]], multi_task: bool = False
+                              ) -> tuple[MMFusionForSequenceClassification | MMFusionForMultiTask, MMFusionProcessor]:
+    """The model for `tasks` (`MMFusionConfig.tasks` layout) and its processor: an `MMFusionForMultiTask` with a head
+    per task when `multi_task`, else a classifier for the one task (single-label, multi-label or regression, with
+    the regression targets' mean and std, so it predicts in their units). Loaded from `settings.model` (new heads
+    where the tasks differ), else built from the towers given. Refuses (`ValueError`) settings with neither."""
+    if multi_task:
+        model_class = MMFusionForMultiTask
+        head = {"tasks": tasks, "task_weighting": settings.task_weighting}
+    else:
+        model_class, task = MMFusionForSequenceClassification, tasks[0]
+        names = task["labels"] or [task["name"]]
+        head = {"num_labels": task["num_outputs"], "problem_type": task["problem_type"],
+                "id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)},
+                "target_mean": task["target_mean"], "target_std": task["target_std"]}
     if settings.model:
         processor = MMFusionProcessor.from_pretrained(settings.model)
-        model = MMFusionForSequenceClassification.from_pretrained(
-            settings.model, num_labels=len(label_names), id2label=id2label, label2id=label2id,
-            ignore_mismatched_sizes=True)
+        model = model_class.from_pretrained(settings.model, **head, ignore_mismatched_sizes=True)
         return model, processor
     towers = {m: getattr(settings, m) for m in ("vision", "text", "audio") if getattr(settings, m)}
     if not towers:
         raise ValueError("model, vision, text, audio: give an mm-fusion model or at least one tower")
     processor = MMFusionProcessor.from_towers(**towers)
-    model = MMFusionForSequenceClassification.from_towers(
+    model = model_class.from_towers(
         **towers,
         fusion_hidden_size=settings.fusion_hidden_size,
         fusion_num_layers=settings.fusion_num_layers,
@@ -299,7 +325,7 @@ def build_model_and_processor(settings: ModelSettings, label_names: list[str]
         fusion_dropout=settings.fusion_dropout,
         classifier_dropout=settings.classifier_dropout,
         modality_dropout=settings.modality_dropout,
-        num_labels=len(label_names), id2label=id2label, label2id=label2id,
+        **head,
     )
     return model, processor
 
@@ -524,15 +550,15 @@ def after_step(run: Run, step_loss: float, progress: tqdm) -> bool:
 
 def evaluate_and_track(run: Run) -> bool:
     """Validate, record the result in `state.history` and the trackers, and keep the trainable weights of the best
-    macro-F1 so far. Returns whether early stopping ends the run (`early_stopping_patience`)."""
+    `metric_for_best_model` so far. Returns whether early stopping ends the run (`early_stopping_patience`)."""
     accelerator, settings, state = run.accelerator, run.settings, run.state
     metrics = evaluate(accelerator, run.model, run.loaders["validation"], desc="validation")
     state.history.append({"step": state.global_step, **{f"validation_{k}": v for k, v in metrics.items()}})
     accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.global_step)
-    logger.info("step %d: validation accuracy %.4f, macro-F1 %.4f, loss %.4f", state.global_step,
-                metrics["accuracy"], metrics["macro_f1"], metrics["loss"])
-    if metrics["macro_f1"] > state.best_metric:
-        state.best_metric, state.best_step = metrics["macro_f1"], state.global_step
+    logger.info("step %d: validation %s", state.global_step, _summary(metrics))
+    score = metric_score(metrics, settings.metric_for_best_model)
+    if score > state.best_metric:
+        state.best_metric, state.best_step = score, state.global_step
         state.evaluations_without_improvement = 0
         if accelerator.is_main_process:
             trainable = {n: p.detach().cpu().clone() for n, p in accelerator.unwrap_model(run.model).named_parameters()
@@ -541,8 +567,8 @@ def evaluate_and_track(run: Run) -> bool:
         return False
     state.evaluations_without_improvement += 1
     if settings.early_stopping_patience and state.evaluations_without_improvement >= settings.early_stopping_patience:
-        logger.info("early stopping: %d evaluations without a better validation macro-F1 (best %.4f at step %d)",
-                    state.evaluations_without_improvement, state.best_metric, state.best_step)
+        logger.info("early stopping: %d evaluations without a better validation %s (best at step %d)",
+                    state.evaluations_without_improvement, settings.metric_for_best_model, state.best_step)
         return True
     return False
 
@@ -550,7 +576,8 @@ def evaluate_and_track(run: Run) -> bool:
 # ---- the end: best weights, test evaluations, the model folder, the report -----------------------------------------
 
 def restore_best_weights(run: Run) -> None:
-    """Put back the trainable weights of the best validation macro-F1 when a later step ended the run."""
+    """Put back the trainable weights of the best validation `metric_for_best_model` when a later step ended the
+    run."""
     run.accelerator.wait_for_everyone()
     best_path = run.output_dir / BEST_WEIGHTS
     if best_path.exists() and run.state.best_step != run.state.global_step:
@@ -559,19 +586,21 @@ def restore_best_weights(run: Run) -> None:
             for name, param in run.accelerator.unwrap_model(run.model).named_parameters():
                 if name in best:
                     param.copy_(best[name].to(param.device, param.dtype))
-        logger.info("restored the best weights (validation macro-F1 %.4f at step %d)", run.state.best_metric,
+        logger.info("restored the best weights (validation %s at step %d)", run.settings.metric_for_best_model,
                     run.state.best_step)
 
 
 def final_evaluations(run: Run, bad_rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """metrics.json: the run's record (steps, losses, validation history, bad rows), validation and test accuracy,
-    macro-F1 and loss, and the test split with only one or two modalities (what each one adds; a sample left with
-    none counts as wrong). Every process takes part; each gets the same result."""
+    """metrics.json: the run's record (steps, losses, validation history, bad rows, the metric that picked the
+    weights), the validation and test metrics (`evaluate`), and the test split with only one or two modalities
+    (what each one adds; a sample left with none counts as wrong). Every process takes part; each gets the same
+    result."""
     accelerator, state = run.accelerator, run.state
     metrics: dict[str, Any] = {
         "global_step": state.global_step, "skipped_nonfinite_steps": state.skipped_steps,
         "num_processes": accelerator.num_processes,
-        "best_step": state.best_step, "history": state.history, "bad_rows": bad_rows,
+        "best_step": state.best_step, "metric_for_best_model": run.settings.metric_for_best_model,
+        "history": state.history, "bad_rows": bad_rows,
         "train_loss": state.losses[-1][1] if state.losses else None, "losses": state.losses,
     }
     if "validation" in run.loaders:
@@ -579,7 +608,7 @@ def final_evaluations(run: Run, bad_rows: dict[str, list[dict[str, Any]]]) -> di
     if "test" in run.loaders:
         test_loader = run.loaders["test"]
         metrics["test"] = evaluate(accelerator, run.model, test_loader, desc="test")
-        logger.info("test accuracy %.4f, macro-F1 %.4f", metrics["test"]["accuracy"], metrics["test"]["macro_f1"])
+        logger.info("test %s", _summary(metrics["test"]))
         subsets = [s for n in (1, 2) for s in itertools.combinations(("vision", "text", "audio"), n)]
         metrics["test_by_modalities"] = {
             "+".join(subset): evaluate(accelerator, run.model, test_loader, modalities=subset, desc="+".join(subset))
@@ -599,15 +628,15 @@ def save_model_folder(run: Run, metrics: dict[str, Any], arguments: dict[str, An
     return model_dir
 
 
-def write_report(run: Run, model_dir: Path, splits: dict[str, datasets.Dataset], label_names: list[str],
-                 data_settings: DataSettings, bad_rows: dict[str, list[dict[str, Any]]]) -> None:
+def write_report(run: Run, model_dir: Path, splits: dict[str, datasets.Dataset], data_settings: DataSettings,
+                 bad_rows: dict[str, list[dict[str, Any]]]) -> None:
     """mm-eval's full report on the test split (quality, modality ablation, robustness, calibration, efficiency)
     into `<model_dir>/evaluation` (main process only)."""
     from training.evaluation import EvaluationSettings, evaluate_model
 
     evaluate_model(run.accelerator.unwrap_model(run.model), run.processor, splits["test"], model_dir / "evaluation",
                    EvaluationSettings(seed=run.settings.seed, num_workers=data_settings.num_workers),
-                   label_names, validation=splits.get("validation"), data_settings=data_settings,
+                   validation=splits.get("validation"), data_settings=data_settings,
                    data_source=data_settings.test_data, model_path=str(model_dir),
                    skipped_rows=bad_rows.get("test"))
 
@@ -677,33 +706,110 @@ def resolve_checkpoint(setting: str | None, output_dir: Path) -> Path | None:
 
 # ---- evaluation ------------------------------------------------------------------------------------------------------
 
+# the validation metrics mm-train logs and can select on, per problem type (all from `training.metrics`)
+VALIDATION_METRICS = {SINGLE_LABEL: ("accuracy", "macro_f1"), MULTI_LABEL: ("micro_f1", "macro_f1", "subset_accuracy",
+                                                                           "hamming_loss"),
+                      REGRESSION: ("mae", "rmse", "r2")}
+# a task's normalised score for `mean_score` (in [0, 1] for a useful model; R² is < 0 below the mean predictor)
+TASK_SCORE = {SINGLE_LABEL: "macro_f1", MULTI_LABEL: "macro_f1", REGRESSION: "r2"}
+LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse", "hamming_loss")
+
+
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, loader, modalities: tuple[str, ...] = ("vision", "text", "audio"),
              desc: str = "evaluating") -> dict[str, float]:
-    """Accuracy, macro-F1 and mean loss over `loader`, using only `modalities` (the others are marked absent;
-    samples left with none are counted as wrong, having nothing to go on)."""
+    """Each task's metrics over `loader` (`training.metrics.quality_metrics`, the definitions mm-eval reports), using
+    only `modalities` (the others withheld; a sample left with none has no prediction and counts as wrong), over the
+    rows that have the task's target. Keys: the metrics of `VALIDATION_METRICS` and `loss` for a classifier; for a
+    multi-task model `<task>/<metric>` and `<task>/loss` for each task, `mean_score` (the tasks' mean `TASK_SCORE`)
+    and `loss` (the sum of the tasks' loss_weight times loss). Always `samples`."""
     model.eval()
-    num_labels = accelerator.unwrap_model(model).config.num_labels
-    predictions, references, losses = [], [], []
+    base = accelerator.unwrap_model(model)
+    tasks = tasks_of(base)
+    outputs, targets = [], {task.name: [] for task in tasks}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         batch = dict(batch)
         labels, tower_states = batch.pop("labels"), batch.pop("tower_states", None)
-        logits, present, _ = forward_kept(model, batch, modalities, tower_states=tower_states, num_labels=num_labels)
-        loss = torch.nn.functional.cross_entropy(logits[present], labels[present], reduction="sum") if bool(
-            present.any()) else logits.new_zeros(())
-        prediction = torch.where(present, logits.nan_to_num(-1e9).argmax(-1), -1)
-        prediction, reference = accelerator.gather_for_metrics((prediction, labels))
-        predictions.append(prediction.cpu()), references.append(reference.cpu())
-        losses.append(accelerator.reduce(loss, "sum").item())
+        labels = labels if isinstance(labels, dict) else {tasks[0].name: labels}
+        logits, _, _ = forward_kept(model, batch, modalities, tower_states=tower_states)
+        logits, labels = accelerator.gather_for_metrics((logits, labels))
+        outputs.append(logits.cpu())
+        for name, value in labels.items():
+            targets[name].append(value.cpu())
     model.train()
-    predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
-    return {
-        "accuracy": float(accuracy_score(references, predictions)),
-        "macro_f1": float(f1_score(references, predictions, average="macro",
-                                   labels=sorted(set(references.tolist())), zero_division=0)),
-        "loss": float(sum(losses) / max(1, len(references))),
-        "samples": int(len(references)),
-    }
+    logits = torch.cat(outputs).double()
+    config_tasks = {task["name"]: task for task in base.config.tasks} if base.config.tasks else None
+    result: dict[str, float] = {"samples": int(len(logits))}
+    total_loss, task_scores = 0.0, []
+    for task in tasks:
+        task_logits, target = logits[:, task.outputs], torch.cat(targets[task.name])
+        metrics = _task_metrics(task, task_logits, target, base.config, config_tasks)
+        prefix = f"{task.name}/" if config_tasks else ""
+        result.update({f"{prefix}{key}": value for key, value in metrics.items()})
+        weight = config_tasks[task.name]["loss_weight"] if config_tasks else 1.0
+        total_loss += weight * metrics["loss"]
+        task_scores.append(metrics.get(TASK_SCORE[task.problem_type]) or 0.0)
+    if config_tasks:
+        result["loss"], result["mean_score"] = float(total_loss), float(np.mean(task_scores))
+    return result
+
+
+def _task_metrics(task: Task, logits: torch.Tensor, target: torch.Tensor, config, config_tasks) -> dict[str, float]:
+    """One task's `VALIDATION_METRICS` and loss (the model's own `task_loss`) over the rows with its target."""
+    labelled = (target != -100) if task.problem_type == SINGLE_LABEL else ~torch.isnan(target.reshape(len(target), -1)).all(1)
+    logits, target = logits[labelled], target[labelled]
+    predicted = ~torch.isnan(logits).any(1)
+    scaling = (config_tasks[task.name] if config_tasks else
+               {"target_mean": config.target_mean, "target_std": config.target_std})
+    mean, std = scaling["target_mean"], scaling["target_std"]
+    head_output = logits[predicted].float()
+    if task.problem_type == REGRESSION and mean is not None:  # back to the standardised scale the head learns on
+        head_output = (head_output - head_output.new_tensor(mean)) / head_output.new_tensor(std)
+    loss, _ = task_loss(head_output, target[predicted], task.problem_type, mean, std)
+    if task.problem_type == REGRESSION:
+        labels = target.double().numpy()
+    elif task.problem_type == MULTI_LABEL:
+        labels = target.long().numpy()
+    else:
+        labels = target.numpy()
+    metrics = quality_metrics(logits.numpy(), labels, task.label_names, task.problem_type) if len(labels) else {}
+    chosen = {key: float(metrics[key]) if metrics.get(key) is not None else float("nan")
+              for key in VALIDATION_METRICS[task.problem_type]}
+    return {**chosen, "loss": float(loss), "labelled": int(len(labels))}
+
+
+def best_model_metric(requested: str | None, tasks: list[dict[str, Any]], multi_task: bool) -> str:
+    """The validation metric that picks the kept weights: `requested`, or the default for the tasks (macro_f1,
+    rmse for regression, mean_score for multi-task). Refuses (`ValueError` naming `metric_for_best_model`) a metric
+    validation does not compute."""
+    if multi_task:
+        known = ["loss", "mean_score"] + [f"{task['name']}/{key}" for task in tasks
+                                          for key in (*VALIDATION_METRICS[task["problem_type"]], "loss")]
+        default = "mean_score"
+    else:
+        known = [*VALIDATION_METRICS[tasks[0]["problem_type"]], "loss"]
+        default = "rmse" if tasks[0]["problem_type"] == REGRESSION else "macro_f1"
+    if requested is None:
+        return default
+    if requested not in known:
+        close = difflib.get_close_matches(requested, known, n=3)
+        raise ValueError(f"metric_for_best_model: {requested!r} is not a validation metric of these tasks; known: "
+                         f"{', '.join(known)}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    return requested
+
+
+def metric_score(metrics: dict[str, float], name: str) -> float:
+    """`metrics[name]` as a score where higher is better (negated for losses and errors); -inf when undefined."""
+    value = metrics.get(name)
+    if value is None or math.isnan(value):
+        return -math.inf
+    return -value if name.rsplit("/", 1)[-1] in LOWER_IS_BETTER else value
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    """The metrics as one log line: `name value` pairs, 4 significant digits."""
+    return ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()
+                     if key != "samples" and not key.endswith("labelled"))
 
 
 # ---- small helpers -----------------------------------------------------------------------------------------------------
@@ -794,13 +900,23 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
 def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, output_dir: str | os.PathLike
                    ) -> Path | None:
     """Without `train_data`, point `data_settings` at the built-in sample (generated on first use by the main process
-    while the others wait) and, when no model or tower is given either, `model_settings` at the main job's towers
+    while the others wait), with the tasks of its `multitask` recipe when `data_settings.sample` asks for it, and, when no model or tower is given either, `model_settings` at the main job's towers
     (saved under `<output_dir>/towers`). Changes the settings in place, so training_args.json records what ran.
     Returns the sample folder, or None when data was given. Raises `ValueError` when the built-in text tower's
     package is not installed."""
+    if data_settings.sample not in SAMPLE_RECIPES:
+        raise ValueError(f"sample: {data_settings.sample!r} is not one of {', '.join(SAMPLE_RECIPES)}")
     if data_settings.train_data is not None:
+        if data_settings.sample != SAMPLE_RECIPES[0]:
+            raise ValueError(f"sample: {data_settings.sample!r} picks a recipe of the built-in sample, which trains "
+                             f"only without train_data (given: {data_settings.train_data!r})")
         return None
-    from training.sample_data import default_sample_dir, generate_sample
+    from training.sample_data import MULTITASK_TASKS, default_sample_dir, generate_sample
+
+    if data_settings.sample == "multitask":
+        if data_settings.tasks:
+            raise ValueError("sample, tasks: the multitask sample brings its own tasks; give one or the other")
+        data_settings.tasks = [dict(task) for task in MULTITASK_TASKS]
 
     # the process group that `make_accelerator` joins later (the same `cpu` choice), so that one process generates
     state = PartialState(cpu=_distributed_on_cpu())
@@ -888,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
 
             write_examples(sample, model_dir / "examples")
         if "test" in metrics:
-            print(f"test accuracy {metrics['test']['accuracy']:.4f}, macro-F1 {metrics['test']['macro_f1']:.4f}")
+            print(f"test {_summary(metrics['test'])}")
         print(f"model written to {model_dir}")
     return 0
 
