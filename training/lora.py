@@ -41,9 +41,12 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 import modeling_mm  # noqa: F401  (registers the Auto classes, so merged folders get auto_map and code files)
-from modeling_mm import MMFusionForSequenceClassification, MMFusionModel
+from modeling_mm import MMFusionForMultiTask, MMFusionForSequenceClassification, MMFusionModel
 from modeling_mm.configuration_mm import MODALITIES
 from modeling_mm.modeling_mm import load_tower
+
+# the classes a saved folder's `architectures` may name
+SAVED_CLASSES = {cls.__name__: cls for cls in (MMFusionModel, MMFusionForSequenceClassification, MMFusionForMultiTask)}
 
 TOWER_MODES = ("lora", "full", "frozen")
 
@@ -304,13 +307,13 @@ def _absolute_if_local(source: str) -> str:
 
 
 def load_trained_model(path: str | os.PathLike) -> PreTrainedModel | PeftModel:
-    """Load what `save_trained_model` wrote, in eval mode, as the class it was saved from (`MMFusionModel` or
-    `MMFusionForSequenceClassification`, per the config's `architectures`): a `PeftModel` from an adapter folder (its
-    base rebuilt as described there), else the plain model."""
+    """Load what `save_trained_model` wrote, in eval mode, as the class it was saved from (`MMFusionModel`,
+    `MMFusionForSequenceClassification` or `MMFusionForMultiTask`, per the config's `architectures`): a `PeftModel`
+    from an adapter folder (its base rebuilt as described there), else the plain model."""
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     architecture = (config.architectures or [MMFusionForSequenceClassification.__name__])[0]
-    model_class = MMFusionModel if architecture == MMFusionModel.__name__ else MMFusionForSequenceClassification
+    model_class = SAVED_CLASSES.get(architecture, MMFusionForSequenceClassification)
     if not (path / "adapter_config.json").exists():
         return model_class.from_pretrained(path)
     base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
