@@ -1,4 +1,4 @@
-"""`mm-demo`: a Gradio web app for any mm-fusion classifier.
+"""`mm-demo`: a Gradio web app for any mm-fusion classifier or multi-task model.
 
     mm-demo                                         # the README's sample model (outputs/sample/model)
     mm-demo --model outputs/my-run/model            # a folder written by mm-train (merged model or peft adapter)
@@ -6,8 +6,14 @@
     python demo/app.py ...                          # the same, from a checkout without installing
 
 The page shows one input per modality the model has (image: upload, webcam, clipboard; text; audio: upload,
-microphone), every one optional, and answers with the labels' probabilities, a chart of what each given input
-added to the predicted label (its probability minus the probability with that input withheld), and the latency.
+microphone), every one optional, and answers, for each task of the model (a classifier has one), with its output and
+a chart of what each given input added to it, then the latency. The output follows the task's problem type: the
+labels' probabilities (single-label), the tags whose probability reaches their threshold, with their probabilities
+(multi-label; thresholds tuned on validation by mm-eval, read from `<model>/evaluation/report.json`, else the
+config's, else 0.5), or the number in the targets' units (regression). What an input added is its exact Shapley value
+over every subset of the sample's given inputs (each subset scored with the others withheld through the `has_*`
+masks): on the log-odds of the predicted label (single-label) or of each tag (multi-label), in the output's units
+(regression); the values sum to the output with every given input minus the output with none (the prior).
 
 Requests are queued (bounded, with a concurrency limit) and run in batches; each request of a batch is decoded and
 checked on its own (`processors.media` limits), so a bad file gives that request a readable error and leaves the
@@ -25,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import html
+import itertools
+import json
 import logging
 import os
 import re
@@ -48,9 +56,11 @@ import torch
 import gradio as gr
 from gradio.utils import get_upload_folder
 from modeling_mm.configuration_mm import MODALITY_NAMES
+from modeling_mm.pipeline_mm import DEFAULT_THRESHOLD, task_thresholds
 from processors.media import MediaLimits, load_audio, load_image
-from training.interpretability import contributions
-from training.scoring import encode_towers, forward_kept, presence, problem_type_of, scores
+from training.interpretability import shapley_values, subset_value
+from training.scoring import (MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, classifier, encode_towers, forward_kept,
+                              presence, scores, tasks_of)
 
 logger = logging.getLogger("mm_fusion.demo")
 
@@ -64,6 +74,9 @@ MAX_DESCRIPTION_CHARACTERS = 400
 INPUT_NAMES = {modality: names.user for modality, names in MODALITY_NAMES.items()}
 IMAGE_INPUT_HEIGHT = 300
 """Pixels: without a fixed height, Gradio 6 shrinks the image input to a thin strip once an example fills it."""
+OUTPUT_DECIMALS = 4
+"""A regression output is shown rounded to this many decimals."""
+NO_TAGS = "no tag reaches its threshold"
 PAGE_CSS = "#mm-image img { object-fit: contain; }"
 """Gradio shows an image with `object-fit: scale-down`, which never enlarges: a 32-pixel sample image stayed a
 32-pixel thumbnail in the input. `contain` scales it to the input's height (larger images still shrink to fit).
@@ -74,14 +87,16 @@ Passed to `launch()` (Gradio 6 takes CSS there only); a host that launches `demo
 
 
 def load_model(model_path: str, trust_remote_code: bool = False, device: str | None = None):
-    """Load an mm-fusion classifier and its processor for inference: `model_path` is a folder written by mm-train
-    (a merged model, or a peft adapter folder, which is merged here) or a Hub id. The model goes to `device`
-    (default: CUDA when available, else CPU), in eval mode, in bf16 on a GPU that supports it.
+    """Load an mm-fusion model with task heads (a classifier, or a multi-task model) and its processor for inference:
+    `model_path` is a folder written by mm-train (a merged model, or a peft adapter folder, which is merged here) or a
+    Hub id. The model goes to `device` (default: CUDA when available, else CPU), in eval mode, in bf16 on a GPU that
+    supports it.
 
     `trust_remote_code` runs the code a Hub model carries (its `auto_map`); without it the classes come from this
-    package. Returns `(model, processor)`. Raises `ValueError` for a model without a classification head.
+    package. Returns `(model, processor)`. Raises `ValueError` for a missing folder, a model that is not mm-fusion,
+    and a model without task heads.
     """
-    from transformers import AutoModelForSequenceClassification, AutoProcessor
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoProcessor
 
     # a Hub id is "name" or "owner/name"; anything else is a folder, and a missing one deserves a plain message
     if not Path(model_path).exists() and (model_path.startswith((".", "/", "~")) or model_path.count("/") > 1):
@@ -89,22 +104,61 @@ def load_model(model_path: str, trust_remote_code: bool = False, device: str | N
         raise ValueError(f"model: no folder {model_path!r}{hint}; pass --model with a model folder or Hub id")
     if not trust_remote_code:
         import modeling_mm  # noqa: F401  (registers mm_fusion with the Auto classes)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if getattr(config, "model_type", None) != "mm_fusion":
+        raise ValueError(f"model: {model_path!r} is a {config.model_type!r} model, not an mm-fusion model")
     if (Path(model_path) / "adapter_config.json").exists():
         from training.lora import load_trained_model
 
         model = load_trained_model(model_path).merge_and_unload()
+    elif getattr(config, "tasks", None):
+        # a multi-task folder's auto_map names its class under AutoModel, but this package registers AutoModel as
+        # the bare fusion model, and transformers prefers a registered class to remote code: name the class here
+        if trust_remote_code:
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+            model_class = get_class_from_dynamic_module(config.auto_map["AutoModel"], model_path)
+            model = model_class.from_pretrained(model_path)
+        else:
+            from modeling_mm import MMFusionForMultiTask
+
+            model = MMFusionForMultiTask.from_pretrained(model_path)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    config = model.config
-    if getattr(config, "model_type", None) != "mm_fusion":
-        raise ValueError(f"model: {model_path!r} is a {config.model_type!r} model, not an mm-fusion model")
-    if config.problem_type == "regression" or config.num_labels < 2:
-        raise ValueError(f"model: {model_path!r} is a regression model; mm-demo shows classifiers")
+    if getattr(config, "tasks", None) and not hasattr(classifier(model), "heads"):
+        raise ValueError(f"model: {model_path!r} is a multi-task model but loaded as {type(model).__name__}")
+    classifier(model)  # refuses a model without task heads
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Loading straight into bf16 can leave composite towers in float32 (DESIGN.md); casting after loading cannot
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     return model.to(device=device, dtype=dtype).eval(), processor
+
+
+def decision_thresholds(model, report_path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """Per multi-label task of `model` (by task name), its decision thresholds, one per label in label order: those
+    mm-eval tuned on validation, from the report.json at `report_path` (`report["tasks"][name]["metrics"]
+    ["thresholds"]` for a multi-task model, `report["metrics"]["thresholds"]` for a classifier, {label: value}); else
+    those the task carries in the config (`pipeline_mm.task_thresholds`); else `DEFAULT_THRESHOLD`. A label the report
+    leaves out keeps the fallback; a report that cannot be read is logged and ignored."""
+    report: dict[str, Any] = {}
+    if report_path is not None and Path(report_path).is_file():
+        try:
+            report = json.loads(Path(report_path).read_text())
+        except (OSError, ValueError) as error:
+            logger.warning("cannot read %s (%s); multi-label thresholds come from the config or are %s",
+                           report_path, error, DEFAULT_THRESHOLD)
+    config_tasks = {task["name"]: task for task in getattr(classifier(model).config, "tasks", None) or []}
+    result = {}
+    for task in tasks_of(model):
+        if task.problem_type != MULTI_LABEL:
+            continue
+        fallback = (task_thresholds(config_tasks[task.name]) if task.name in config_tasks
+                    else np.full(len(task.label_names), DEFAULT_THRESHOLD))
+        section = (report.get("tasks") or {}).get(task.name) if config_tasks else report
+        tuned = ((section or {}).get("metrics") or {}).get("thresholds") or {}
+        result[task.name] = np.array([float(tuned.get(label, fallback[i])) for i, label in enumerate(task.label_names)])
+    return result
 
 
 @dataclass
@@ -148,27 +202,41 @@ def decode_sample(
 
 
 @torch.inference_mode()
-def classify(model, processor, samples: list[Sample]) -> list[dict[str, Any] | Exception]:
-    """Classify `samples` in one batch and say what each given input added.
+def classify(model, processor, samples: list[Sample], thresholds: dict[str, np.ndarray] | None = None
+             ) -> list[dict[str, dict[str, Any]] | Exception]:
+    """Run `samples` through the model in one batch and say, per task, what each given input added.
 
-    Returns, per sample, `{"probabilities": {label: p}, "predicted": label, "contributions": {input: delta}}`, where
-    an input's contribution is the predicted label's probability minus its probability with that input withheld
-    through the `has_*` masks (the per-sample view of the evaluation); a sample with a single input has nothing
-    left to withhold to, so its input is compared with the uniform prior (softmax) or 0.5 (multi-label). Where
-    the batch fails, each sample runs alone, so a failing sample returns its exception and the others a result.
+    Returns, per sample, `{task name: answer}` for every task of `tasks_of(model)` (a classifier's one task is named
+    "label"), where the answer is:
+
+    - single-label: `{"probabilities": {label: p}, "predicted": label, "contributions": {input: value}}`, an input's
+      value being its Shapley value on the log-odds of the predicted label;
+    - multi-label: `{"probabilities": {label: p}, "thresholds": {label: t}, "tags": [labels with p >= t, most probable
+      first], "contributions": {input: {label: value}}}` (Shapley values on each label's log-odds); `thresholds` per
+      task name (see `decision_thresholds`), `DEFAULT_THRESHOLD` where not given;
+    - regression: `{"values": {output name: value}, "contributions": {input: {output name: value}}}`, in the
+      targets' units (Shapley values of the output; with no input the output is the training mean, or 0 where the
+      model does not know it).
+
+    Shapley values are exact, over every subset of the sample's given inputs ("image", "text", "audio"), each scored
+    with the others withheld through the `has_*` masks (`training.interpretability.shapley_values`); the towers run
+    once. Where the batch fails, each sample runs alone, so a failing sample returns its exception and the others
+    a result.
     """
     if not samples:
         return []
     try:
-        return _classify_batch(model, processor, samples)
+        return _classify_batch(model, processor, samples, thresholds or {})
     except Exception as err:
         if len(samples) == 1:
             return [err]
-        return [result for sample in samples for result in classify(model, processor, [sample])]
+        return [result for sample in samples for result in classify(model, processor, [sample], thresholds)]
 
 
-def _classify_batch(model, processor, samples: list[Sample]) -> list[dict[str, Any]]:
-    config = model.config
+def _classify_batch(model, processor, samples: list[Sample], thresholds: dict[str, np.ndarray]
+                    ) -> list[dict[str, dict[str, Any]]]:
+    config = classifier(model).config
+    modalities = list(config.modalities)
     sampling_rate = processor.feature_extractor.sampling_rate if processor.feature_extractor is not None else None
     batch = processor(
         text=[s.text for s in samples] if processor.tokenizer is not None else None,
@@ -176,26 +244,65 @@ def _classify_batch(model, processor, samples: list[Sample]) -> list[dict[str, A
         audio=[s.audio for s in samples] if processor.feature_extractor is not None else None,
         sampling_rate=sampling_rate,
     )
-    # the towers once, then the fusion with everything and with each modality withheld (the evaluation's scoring)
-    problem_type = problem_type_of(model)
+    # the towers once, then the fusion under every subset of the model's modalities: a sample's output for a subset
+    # of its own inputs is the output with that subset kept (what it lacks is withheld anyway)
     states = encode_towers(model, batch)
-    probabilities = scores(forward_kept(model, batch, config.modalities, tower_states=states)[0], problem_type)
-    without = {m: scores(forward_kept(model, batch, [o for o in config.modalities if o != m], tower_states=states)[0],
-                         problem_type) for m in config.modalities}
-    change = contributions(probabilities, without)
+    subsets = [frozenset(keep) for size in range(len(modalities) + 1)
+               for keep in itertools.combinations(modalities, size)]
+    outputs = {subset: forward_kept(model, batch, sorted(subset), tower_states=states)[0].cpu().double().numpy()
+               for subset in subsets}
     given = presence(batch)
+    inputs = [[m for m in modalities if m in given and bool(given[m][index])] for index in range(len(samples))]
 
-    labels = [config.id2label[i] for i in range(config.num_labels)]
-    results = []
-    for index in range(len(samples)):
-        predicted = int(probabilities[index].argmax())
-        results.append({
-            "probabilities": {label: float(p) for label, p in zip(labels, probabilities[index])},
-            "predicted": labels[predicted],
-            "contributions": {MODALITY_NAMES[m].user: float(change[m][index]) for m in config.modalities
-                              if bool(given[m][index])},
-        })
+    results: list[dict[str, dict[str, Any]]] = [{} for _ in samples]
+    for task in tasks_of(model):
+        full = outputs[frozenset(modalities)][:, task.outputs]
+        probabilities = scores(full, task.problem_type)
+        reference = probabilities.argmax(1) if task.problem_type == SINGLE_LABEL else None
+        values = {subset: subset_value(logits[:, task.outputs], task.problem_type, reference)
+                  for subset, logits in outputs.items()}
+        if task.problem_type == REGRESSION:  # no input: the output a model that saw nothing gives, its training mean
+            prior = np.asarray(task.target_mean if task.target_mean is not None else np.zeros(task.num_outputs))
+            values = {subset: np.where(np.isnan(value), prior, value) for subset, value in values.items()}
+        contributions = _shapley_per_sample(values, inputs)
+        names = list(task.label_names)
+        for index, result in enumerate(results):
+            change = {MODALITY_NAMES[m].user: value for m, value in contributions[index].items()}
+            if task.problem_type == SINGLE_LABEL:
+                result[task.name] = {
+                    "probabilities": dict(zip(names, map(float, probabilities[index]))),
+                    "predicted": names[int(reference[index])],
+                    "contributions": {name: float(value) for name, value in change.items()},
+                }
+            elif task.problem_type == MULTI_LABEL:
+                limits = thresholds.get(task.name, np.full(len(names), DEFAULT_THRESHOLD))
+                row = probabilities[index]
+                result[task.name] = {
+                    "probabilities": dict(zip(names, map(float, row))),
+                    "thresholds": dict(zip(names, map(float, limits))),
+                    "tags": [names[i] for i in np.argsort(-row, kind="stable") if row[i] >= limits[i]],
+                    "contributions": {name: dict(zip(names, map(float, value))) for name, value in change.items()},
+                }
+            else:
+                result[task.name] = {
+                    "values": dict(zip(names, map(float, full[index]))),
+                    "contributions": {name: dict(zip(names, map(float, value))) for name, value in change.items()},
+                }
     return results
+
+
+def _shapley_per_sample(values: dict[frozenset, np.ndarray], inputs: list[list[str]]) -> list[dict[str, np.ndarray]]:
+    """Each sample's Shapley values over the subsets of its own inputs, `{modality: value}` in model order, from
+    `values` {subset of the model's modalities: (samples, ...)}; samples with the same inputs are computed together."""
+    per_sample: list[dict[str, np.ndarray]] = [{} for _ in inputs]
+    for own in {tuple(modalities) for modalities in inputs}:
+        rows = [index for index, modalities in enumerate(inputs) if tuple(modalities) == own]
+        subsets = {frozenset(keep): values[frozenset(keep)][rows]
+                   for size in range(len(own) + 1) for keep in itertools.combinations(own, size)}
+        phi = shapley_values(subsets, own)
+        for position, index in enumerate(rows):
+            per_sample[index] = {m: phi[m][position] for m in own}
+    return per_sample
 
 
 # ---- the page --------------------------------------------------------------------------------------------------------
@@ -224,7 +331,9 @@ def describe_model(model_path: str, config) -> tuple[str, str]:
         logger.info("no model card for %s (%s); describing the model from its config", model_path, err)
     if not text:
         inputs = ", ".join(INPUT_NAMES[m] for m in config.modalities)
-        text = f"An mm-fusion classifier that reads {inputs} and fuses them with cross-attention."
+        kind = (f"multi-task model ({', '.join(task['name'] for task in config.tasks)})"
+                if getattr(config, "tasks", None) else "classifier")
+        text = f"An mm-fusion {kind} that reads {inputs} and fuses them with cross-attention."
     return name, text
 
 
@@ -304,7 +413,9 @@ def build_demo(
     uploads older than `delete_cache[1]` seconds are deleted; all of them when the server stops. Requests may name
     only files in Gradio's upload folder (uploads, and Gradio's copies of the examples), and media over `limits`
     are refused before decoding. With `quantize`, the model runs on the CPU with dynamic int8 Linears
-    (`training.quantize.quantize_for_cpu`). The returned Blocks also carries `examples_dir`, `model` and `processor`.
+    (`training.quantize.quantize_for_cpu`). Multi-label tags use the thresholds of `decision_thresholds`, read from
+    `<model_path>/evaluation/report.json` where mm-eval wrote one. The returned Blocks also carries `examples_dir`,
+    `model`, `processor` and `thresholds`.
     """
     model, processor = load_model(model_path, trust_remote_code=trust_remote_code,
                                   device="cpu" if quantize and device is None else device)
@@ -315,7 +426,8 @@ def build_demo(
     config = model.config
     modalities = tuple(m for m in ("vision", "text", "audio") if m in config.modalities)
     sampling_rate = processor.feature_extractor.sampling_rate if processor.feature_extractor is not None else 16_000
-    labels = [config.id2label[i] for i in range(config.num_labels)]
+    tasks = tasks_of(model)
+    thresholds = decision_thresholds(model, Path(model_path) / "evaluation" / "report.json")
     name, description = describe_model(model_path, config)
     examples_dir = examples_dir or default_examples_dir(model_path)
     # where Gradio keeps uploads and its copies of the examples: the only files a request may name
@@ -335,25 +447,22 @@ def build_demo(
                 decoded.append(decode_sample(**{**given, **files}, sampling_rate=sampling_rate, limits=limits))
             except Exception as err:
                 decoded.append(err)
-        results = iter(classify(model, processor, [s for s in decoded if isinstance(s, Sample)]))
+        results = iter(classify(model, processor, [s for s in decoded if isinstance(s, Sample)], thresholds))
         outcomes = [next(results) if isinstance(s, Sample) else s for s in decoded]
         latency = f"{(time.perf_counter() - start) * 1000:.0f} ms (decoding and model, batch of {batch_size})"
-        probabilities, charts, errors = [], [], []
+        rows, errors = [], []  # rows: one value per task output component, per item
         for outcome in outcomes:
             if isinstance(outcome, Exception):
-                probabilities.append(None)
-                charts.append(None)
+                rows.append([None] * len(task_components))
                 errors.append(_error_message(outcome))
             else:
-                probabilities.append(outcome["probabilities"])
-                charts.append(_contribution_frame(outcome["contributions"]))
+                rows.append([value for task in tasks for value in _task_values(task, outcome[task.name])])
                 errors.append("")
-        return probabilities, charts, [latency] * batch_size, errors
+        return (*(list(column) for column in zip(*rows)), [latency] * batch_size, errors)
 
     with gr.Blocks(title=f"{name} · mm-demo", analytics_enabled=False, delete_cache=delete_cache) as demo:
         gr.Markdown(
-            f"# {_escape_markdown(name)}\n\n{_escape_markdown(description)}\n\n"
-            f"**Labels:** {', '.join(_escape_markdown(label) for label in labels)}  \n"
+            f"# {_escape_markdown(name)}\n\n{_escape_markdown(description)}\n\n{_outputs_line(tasks)}  \n"
             f"**Inputs:** {', '.join(INPUT_NAMES[m] for m in modalities)}; each one is optional.",
             elem_id="mm-header",
         )
@@ -375,23 +484,21 @@ def build_demo(
                     )
                 with gr.Row():
                     clear = gr.ClearButton(list(inputs.values()), value="Clear", elem_id="mm-clear")
-                    submit = gr.Button("Classify", variant="primary", elem_id="mm-submit")
+                    verb = "Predict" if any(task.problem_type == REGRESSION for task in tasks) else "Classify"
+                    submit = gr.Button(verb, variant="primary", elem_id="mm-submit")
             with gr.Column():
-                label_output = gr.Label(label="Prediction", num_top_classes=min(10, len(labels)), elem_id="mm-label")
-                chart_output = gr.BarPlot(
-                    x="input", y="contribution", label="What each input added",
-                    y_title="predicted label's probability, minus without this input", sort=None, height=220,
-                    elem_id="mm-contributions",
-                )
+                # each task's output components, then its chart, in task order; a classifier's one task keeps the
+                # ids mm-label and mm-contributions
+                task_components = [component for task in tasks for component in _task_components(task, len(tasks))]
                 latency_output = gr.Textbox(label="Latency", interactive=False, elem_id="mm-latency")
                 error_output = gr.Markdown(elem_id="mm-error")
         if examples_dir:
             gr.Examples(
                 load_examples(examples_dir, modalities), inputs=list(inputs.values()), cache_examples=False,
-                label="Examples (click one, then Classify)", examples_per_page=MAX_EXAMPLES,
+                label=f"Examples (click one, then {verb})", examples_per_page=MAX_EXAMPLES,
             )
-        clear.add([label_output, chart_output, latency_output, error_output])
-        outputs = [label_output, chart_output, latency_output, error_output]
+        outputs = [*task_components, latency_output, error_output]
+        clear.add(outputs)
         # preprocess=False: Gradio's own preprocessing would open images with PIL, without our limits, and an
         # exception there fails the whole batch; predict decodes each item itself, from the upload folder only
         event = submit.click(
@@ -403,8 +510,90 @@ def build_demo(
                    concurrency_limit=None)
     demo.queue(max_size=max_queue_size, default_concurrency_limit=concurrency_limit)
     demo.examples_dir = examples_dir
-    demo.model, demo.processor = model, processor
+    demo.model, demo.processor, demo.thresholds = model, processor, thresholds
     return demo
+
+
+# ---- one task's output: components, values, chart --------------------------------------------------------------------
+# Each problem type has its output components (`_output_components`) and their values (`_output_values`); the chart
+# of contributions is common, with one bar per input, or per input and output where a task has several.
+
+
+def _outputs_line(tasks: list[Task]) -> str:
+    """The header's line about the outputs: a classifier's labels, or each task with what it answers."""
+    def labels(task: Task) -> str:
+        return ", ".join(_escape_markdown(label) for label in task.label_names)
+
+    def answer(task: Task) -> str:
+        if task.problem_type == REGRESSION:
+            return "a number" if task.num_outputs == 1 else f"{task.num_outputs} numbers"
+        return ("one of " if task.problem_type == SINGLE_LABEL else "tags from ") + labels(task)
+
+    if len(tasks) == 1 and tasks[0].problem_type != REGRESSION:
+        return f"**Labels:** {labels(tasks[0])}"
+    return "**Tasks:** " + "; ".join(f"{_escape_markdown(task.name)} ({answer(task)})" for task in tasks)
+
+
+def _elem_id(task: Task, num_tasks: int, part: str = "") -> str:
+    if num_tasks == 1:  # a classifier's page, as it always was
+        return "mm-contributions" if part == "contributions" else "mm-label"
+    return f"mm-task-{task.name}" + (f"-{part}" if part else "")
+
+
+def _charts_each_output(task: Task) -> bool:
+    """Whether the task's chart has a bar per input and output (multi-label, several regression outputs), rather
+    than per input (single-label: the predicted label only)."""
+    return task.problem_type == MULTI_LABEL or (task.problem_type == REGRESSION and task.num_outputs > 1)
+
+
+def _output_components(task: Task, num_tasks: int) -> list:
+    elem_id = _elem_id(task, num_tasks)
+    title = "Prediction" if num_tasks == 1 else task.name
+    if task.problem_type == SINGLE_LABEL:
+        return [gr.Label(label=title, num_top_classes=min(10, len(task.label_names)), elem_id=elem_id)]
+    if task.problem_type == MULTI_LABEL:
+        return [gr.Label(label=f"{title}: tags that reach their thresholds", show_heading=False, elem_id=elem_id)]
+    # a regression task's outputs are named after it ("pitch", or "pitch[0]", "pitch[1]", ...)
+    return [gr.Number(label=output, precision=OUTPUT_DECIMALS, interactive=False,
+                      elem_id=elem_id if task.num_outputs == 1 else f"{elem_id}-{i}")
+            for i, output in enumerate(task.label_names)]
+
+
+def _output_values(task: Task, answer: dict[str, Any]) -> list:
+    if task.problem_type == SINGLE_LABEL:
+        return [answer["probabilities"]]
+    if task.problem_type == MULTI_LABEL:
+        return [{tag: answer["probabilities"][tag] for tag in answer["tags"]} or NO_TAGS]
+    return list(answer["values"].values())
+
+
+def _task_components(task: Task, num_tasks: int) -> list:
+    """The task's output components, then its contribution chart (created in that order, which is the page's)."""
+    outputs = _output_components(task, num_tasks)
+    # single-label: the predicted label's log-odds; multi-label: each tag's; regression: the output in its units
+    unit = "output's units" if task.problem_type == REGRESSION else "log-odds"
+    chart = gr.BarPlot(
+        x="bar" if _charts_each_output(task) else "input", y="contribution",
+        label="What each input added" if num_tasks == 1 else f"{task.name}: what each input added",
+        y_title=f"Shapley value ({unit})", sort=None, height=220, elem_id=_elem_id(task, num_tasks, "contributions"),
+    )
+    return [*outputs, chart]
+
+
+def _task_values(task: Task, answer: dict[str, Any]) -> list:
+    """The values of `_task_components(task)` for one answer of `classify`."""
+    contributions = answer["contributions"]
+    if task.problem_type == SINGLE_LABEL:
+        frame = _contribution_frame(contributions)
+    else:
+        # a multi-label chart shows the tags given, or the most probable label where none is
+        shown = (answer["tags"] or [max(answer["probabilities"], key=answer["probabilities"].get)]
+                 if task.problem_type == MULTI_LABEL else list(task.label_names))
+        frame = (_contribution_frame(contributions, shown) if _charts_each_output(task)
+                 else _contribution_frame({name: value[shown[0]] for name, value in contributions.items()}))
+    # Gradio's bar plots start the axis at the smallest value, which makes all-positive bars look unequal: from zero
+    low, high = min(0.0, float(frame["contribution"].min())), max(0.0, float(frame["contribution"].max()))
+    return [*_output_values(task, answer), gr.update(value=frame, y_lim=[low, high])]
 
 
 def _uploaded_path(value: Any, name: str, upload_folder: str) -> str | None:
@@ -422,10 +611,17 @@ def _uploaded_path(value: Any, name: str, upload_folder: str) -> str | None:
     return path
 
 
-def _contribution_frame(contributions: dict[str, float]):
+def _contribution_frame(contributions: dict[str, float] | dict[str, dict[str, float]],
+                        outputs: list[str] | None = None):
+    """The chart's rows: `input`, `contribution` per input; with `outputs`, one row per input and output, labelled
+    `bar` ("image · tag")."""
     import pandas as pd
 
-    return pd.DataFrame({"input": list(contributions), "contribution": list(contributions.values())})
+    if outputs is None:
+        return pd.DataFrame({"input": list(contributions), "contribution": list(contributions.values())})
+    rows = [(f"{name} · {output}", name, output, values[output]) for name, values in contributions.items()
+            for output in outputs]
+    return pd.DataFrame(rows, columns=["bar", "input", "output", "contribution"])
 
 
 def _error_message(error: Exception) -> str:

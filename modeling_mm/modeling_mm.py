@@ -1006,24 +1006,34 @@ def to_original_units(head_output: torch.Tensor, mean: list[float] | None, std: 
     return head_output * head_output.new_tensor(std) + head_output.new_tensor(mean)
 
 
+def count_targets(labels: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """How many targets `labels` holds (what `task_loss` averages over): class ids other than -100, or entries that
+    are not NaN."""
+    if problem_type == "single_label_classification":
+        return (labels != IGNORE_INDEX).sum()
+    return (~torch.isnan(labels.float())).sum()
+
+
 def task_loss(head_output: torch.Tensor, labels: torch.Tensor, problem_type: str,
-              mean: list[float] | None = None, std: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss of one task over the rows (entries) that have a target, and how many do (a float count).
+              mean: list[float] | None = None, std: list[float] | None = None,
+              num_items: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one task over the rows (entries) that have a target, and what it was averaged over.
 
     `head_output` `(batch, num_outputs)` is the head's raw output (standardised for regression); `labels` are class
     ids `(batch,)` (-100 = none) for single-label, 0/1 `(batch, labels)` (NaN = none) for multi-label, values in the
     original units `(batch,)` or `(batch, num_outputs)` (NaN = none) for regression, standardised here with `mean`
-    and `std`. Cross-entropy, binary cross-entropy with logits, or MSE, each the mean over the targets present. With
-    no target present the loss is an exact zero that keeps the head in the graph (DDP needs every parameter used)."""
+    and `std`. Cross-entropy, binary cross-entropy with logits, or MSE: summed over the targets present and divided
+    by `num_items` (default: their count here; a training loop passes this process's share of the count over all
+    processes, as transformers' `num_items_in_batch`, so that uneven counts still average over the global batch).
+    With no target present the loss is an exact zero that keeps the head in the graph (DDP needs every parameter
+    used)."""
     if problem_type == "single_label_classification":
         labels = labels.reshape(-1).long()
         present = labels != IGNORE_INDEX
-        count = present.sum()
         total = F.cross_entropy(head_output.float(), labels.clamp_min(0), reduction="none")
     else:
         labels = labels.to(head_output.device, torch.float32).reshape(head_output.shape)
         present = ~torch.isnan(labels)
-        count = present.sum()
         target = torch.where(present, labels, torch.zeros_like(labels))
         if problem_type == "regression":
             if mean is not None:
@@ -1031,8 +1041,11 @@ def task_loss(head_output: torch.Tensor, labels: torch.Tensor, problem_type: str
             total = F.mse_loss(head_output.float(), target, reduction="none")
         else:
             total = F.binary_cross_entropy_with_logits(head_output.float(), target, reduction="none")
+    count = present.sum().float() if num_items is None else torch.as_tensor(num_items, dtype=torch.float32,
+                                                                             device=head_output.device)
     masked = torch.where(present, total, torch.zeros_like(total))
-    return masked.sum() / count.clamp_min(1), count.float()
+    # the count is 0 only where no target is present: the sum is then an exact 0 that any positive divisor keeps
+    return masked.sum() / count.clamp_min(1e-12), count
 
 
 class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
@@ -1211,8 +1224,16 @@ class MMFusionForMultiTask(MMFusionPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        num_items_in_batch: dict[str, torch.Tensor | float] | None = None,
         **kwargs: Any,
     ) -> MMFusionMultiTaskOutput | tuple:
+        r"""
+        labels (`dict[str, torch.Tensor]`, *optional*): targets by task name (any subset of the tasks), as
+            `task_loss` takes them; -100 (class ids) or NaN (otherwise) where a row lacks a target.
+        num_items_in_batch (`dict[str, float]`, *optional*): per task, what its summed loss is divided by instead of
+            its number of targets here (transformers' convention): a DDP loop passes the count over all processes
+            divided by their number, so that processes with more labelled rows weigh more, as in one big batch.
+        """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None and (not isinstance(labels, dict) or set(labels) - set(self.task_names)):
             unknown = sorted(set(labels) - set(self.task_names)) if isinstance(labels, dict) else type(labels).__name__
@@ -1240,12 +1261,13 @@ class MMFusionForMultiTask(MMFusionPreTrainedModel):
                                     if task["problem_type"] == "regression" else head_outputs[task["name"]])
         loss = task_losses = task_weights = None
         if labels is not None:
-            loss, task_losses, task_weights = self._weighted_loss(head_outputs, labels)
+            loss, task_losses, task_weights = self._weighted_loss(head_outputs, labels, num_items_in_batch or {})
         output = MMFusionMultiTaskOutput(loss=loss, logits=logits, task_losses=task_losses, task_weights=task_weights,
                                          pooler_output=fusion_output.pooler_output, fusion_output=fusion_output)
         return output if return_dict else output.to_tuple()
 
-    def _weighted_loss(self, head_outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]):
+    def _weighted_loss(self, head_outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+                       num_items: dict[str, torch.Tensor | float]):
         """sum over tasks of weight * task loss; a task without any target in the batch adds an exact zero (its
         uncertainty term too, so its log-variance does not drift where it has nothing to learn from)."""
         total = None
@@ -1255,7 +1277,7 @@ class MMFusionForMultiTask(MMFusionPreTrainedModel):
             head_output = head_outputs[name]
             if name in labels and labels[name] is not None:
                 loss, count = task_loss(head_output, labels[name], task["problem_type"], task["target_mean"],
-                                        task["target_std"])
+                                        task["target_std"], num_items.get(name))
             else:
                 loss, count = head_output.sum() * 0.0, head_output.new_zeros(())
             present = (count > 0).float()

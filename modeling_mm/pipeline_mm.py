@@ -1,4 +1,5 @@
-"""The `mm-fusion-classification` pipeline: any subset of text, image and audio in, labels with scores out.
+"""The `mm-fusion-classification` pipeline: any subset of text, image and audio in, labels with scores out (or, for a
+multi-task model, every task's answer under its name).
 
 This file travels to the Hub with a model (`config.json` names it under `custom_pipelines`), so it imports only numpy,
 torch and transformers, and nothing relatively: the processor and the model it drives come from the same repo.
@@ -14,6 +15,9 @@ from transformers import Pipeline
 
 PIPELINE_TASK = "mm-fusion-classification"
 SAMPLE_KEYS = ("text", "image", "audio", "sampling_rate")
+DEFAULT_THRESHOLD = 0.5
+"""A multi-label task's tag is given when its probability is at least its threshold: this one, unless the task in
+`config.tasks` carries its own (`"thresholds"`: {label: value} or one value per label, e.g. tuned on validation)."""
 
 
 class MMFusionClassificationPipeline(Pipeline):
@@ -22,14 +26,21 @@ class MMFusionClassificationPipeline(Pipeline):
     `*ForSequenceClassification` model and its `MMFusionProcessor`. Returns, like transformers' image- and
     audio-classification pipelines, a list of `{"label", "score"}` sorted by score, per sample.
 
+    With an `MMFusionForMultiTask` model it returns, per sample, a dict with every task's answer under the task's name:
+    a single-label task the list of `{"label", "score"}` as above; a multi-label task `{"labels": [the labels whose
+    probability is at least their threshold, most probable first], "scores": {label: probability}}` (thresholds
+    `DEFAULT_THRESHOLD` unless the task in the config carries its own); a regression task its value (a list of values
+    for several outputs), in the targets' original units.
+
     Inputs: `text=` a str; `image=` a path, bytes, a PIL image or an (H, W, C) array; `audio=` a path, bytes, an
     array with `sampling_rate=`, Gradio's `(sampling_rate, array)` or a `datasets` Audio dict. Leave out what a sample
     does not have. A batch is a list of dicts with those keys (and a per-sample `sampling_rate`), or lists given to the
     keywords; `batch_size=` runs that many samples through the model at once.
 
-    Parameters (at construction or per call): `top_k` (labels returned per sample, default 5, `None` for all) and
-    `function_to_apply` (`"softmax"`, `"sigmoid"` or `"none"`; by default sigmoid for multi-label models, none for
-    regression, softmax otherwise).
+    Parameters (at construction or per call): `top_k` (labels returned per sample, default 5, `None` for all; for a
+    multi-task model, per single-label task) and `function_to_apply` (`"softmax"`, `"sigmoid"` or `"none"`; by default
+    sigmoid for multi-label models, none for regression, softmax otherwise; a multi-task model scores each task by its
+    own problem type and refuses it).
 
     Example:
 
@@ -40,6 +51,10 @@ class MMFusionClassificationPipeline(Pipeline):
     [{'label': 'match', 'score': 0.98}, {'label': 'mismatch', 'score': 0.02}]
     >>> classifier([{"text": "a blue square"}, {"image": "square.png"}], batch_size=2)  # doctest: +SKIP
     [[{'label': 'mismatch', ...}, ...], [{'label': 'match', ...}, ...]]
+    >>> multi_task = pipeline("mm-fusion-classification", model="ORG/MULTI", trust_remote_code=True)  # doctest: +SKIP
+    >>> multi_task(text="a red circle", image="circle.png")  # doctest: +SKIP
+    {'shape': [{'label': 'circle', 'score': 0.97}, ...], 'colours': {'labels': ['red'], 'scores': {'red': 0.91, ...}},
+     'pitch': 440.2}
     ```
     """
 
@@ -57,10 +72,11 @@ class MMFusionClassificationPipeline(Pipeline):
         image: Any = None,
         audio: Any = None,
         **kwargs: Any,
-    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]] | dict[str, Any]:
         """Classify one sample (`text=`, `image=`, `audio=` or a dict) or a list of them. Returns a list of
-        `{"label", "score"}` for one sample, a list of such lists for a batch. Raises `ValueError` naming the
-        argument for an unknown key, a sample with no modality, or keyword lists of different lengths."""
+        `{"label", "score"}` for one sample, a list of such lists for a batch (a multi-task model: one dict of task
+        answers per sample, see the class). Raises `ValueError` naming the argument for an unknown key, a sample with
+        no modality, or keyword lists of different lengths."""
         samples, single = _as_samples(inputs, text, image, audio)
         batch_size = kwargs.pop("batch_size", None) or self._batch_size or 1
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -86,6 +102,11 @@ class MMFusionClassificationPipeline(Pipeline):
                 raise ValueError(f"top_k: expected a positive int or None; got {top_k!r}")
             postprocess["top_k"] = top_k
         if function_to_apply is not None:
+            tasks = getattr(self.model.config, "tasks", None)
+            if tasks:
+                kinds = ", ".join(f"{task['name']}: {task['problem_type']}" for task in tasks)
+                raise ValueError(f"function_to_apply: a multi-task model scores each task by its own problem type "
+                                 f"({kinds})")
             if function_to_apply not in ("softmax", "sigmoid", "none"):
                 raise ValueError(
                     f"function_to_apply: expected 'softmax', 'sigmoid' or 'none'; got {function_to_apply!r}")
@@ -110,24 +131,66 @@ class MMFusionClassificationPipeline(Pipeline):
         return {"logits": self.model(**model_inputs).logits}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor], top_k: int | None = 5,
-                    function_to_apply: str | None = None) -> list[list[dict[str, Any]]]:
+                    function_to_apply: str | None = None) -> list[list[dict[str, Any]]] | list[dict[str, Any]]:
         config = self.model.config
+        logits = model_outputs["logits"]
+        if isinstance(logits, dict):  # a multi-task model: each task's answers, then regrouped per sample
+            answers = {task["name"]: _task_answers(task, logits[task["name"]].float().numpy(), top_k)
+                       for task in config.tasks}
+            return [{name: rows[i] for name, rows in answers.items()} for i in range(len(next(iter(logits.values()))))]
         if function_to_apply is None:
             function_to_apply = {"multi_label_classification": "sigmoid", "regression": "none"}.get(
                 config.problem_type, "softmax")
-        logits = model_outputs["logits"].float().numpy()
-        if function_to_apply == "softmax":
-            scores = np.exp(logits - logits.max(-1, keepdims=True))
-            scores /= scores.sum(-1, keepdims=True)
-        elif function_to_apply == "sigmoid":
-            scores = 1.0 / (1.0 + np.exp(-logits))
-        else:
-            scores = logits
-        results = []
-        for row in scores:
-            ranked = [{"label": config.id2label[i], "score": float(row[i])} for i in np.argsort(-row, kind="stable")]
-            results.append(ranked if top_k is None else ranked[:top_k])
-        return results
+        logits = logits.float().numpy()
+        scores = {"softmax": _softmax, "sigmoid": _sigmoid}.get(function_to_apply, lambda x: x)(logits)
+        names = [config.id2label[i] for i in range(logits.shape[-1])]
+        return [_ranked(row, names, top_k) for row in scores]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    scores = np.exp(logits - logits.max(-1, keepdims=True))
+    return scores / scores.sum(-1, keepdims=True)
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def _ranked(row: np.ndarray, names: list[str], top_k: int | None) -> list[dict[str, Any]]:
+    """`{"label", "score"}` for every label, highest score first (ties in label order), cut to `top_k`."""
+    ranked = [{"label": names[i], "score": float(row[i])} for i in np.argsort(-row, kind="stable")]
+    return ranked if top_k is None else ranked[:top_k]
+
+
+def task_thresholds(task: dict[str, Any]) -> np.ndarray:
+    """A multi-label task's decision thresholds, one per label in label order: the task's own `"thresholds"` (a dict
+    {label: value}, labels it leaves out at `DEFAULT_THRESHOLD`, or one value per label) when `config.tasks` carries
+    them, else `DEFAULT_THRESHOLD` for every label. Raises `ValueError` naming the task for a list of another length."""
+    labels = task["labels"]
+    given = task.get("thresholds")
+    if given is None:
+        return np.full(len(labels), DEFAULT_THRESHOLD)
+    if isinstance(given, dict):
+        return np.array([float(given.get(label, DEFAULT_THRESHOLD)) for label in labels])
+    if len(given) != len(labels):
+        raise ValueError(f"tasks.{task['name']}.thresholds: {len(given)} values for {len(labels)} labels")
+    return np.asarray(given, dtype=np.float64)
+
+
+def _task_answers(task: dict[str, Any], logits: np.ndarray, top_k: int | None) -> list[Any]:
+    """One task's answer per sample, from its logits `(samples, num_outputs)` (see the pipeline's docstring)."""
+    if task["problem_type"] == "single_label_classification":
+        return [_ranked(row, task["labels"], top_k) for row in _softmax(logits)]
+    if task["problem_type"] == "multi_label_classification":
+        thresholds = task_thresholds(task)
+        answers = []
+        for row in _sigmoid(logits):
+            given = [i for i in np.argsort(-row, kind="stable") if row[i] >= thresholds[i]]
+            answers.append({"labels": [task["labels"][i] for i in given],
+                            "scores": {label: float(p) for label, p in zip(task["labels"], row)}})
+        return answers
+    # regression: the model already answers in the targets' original units
+    return [float(row[0]) if len(row) == 1 else [float(value) for value in row] for row in logits]
 
 
 def _as_samples(inputs: Any, text: Any, image: Any, audio: Any) -> tuple[list[dict[str, Any]], bool]:
@@ -161,4 +224,4 @@ def _as_samples(inputs: Any, text: Any, image: Any, audio: Any) -> tuple[list[di
     return list(samples), single
 
 
-__all__ = ["MMFusionClassificationPipeline", "PIPELINE_TASK"]
+__all__ = ["MMFusionClassificationPipeline", "PIPELINE_TASK", "DEFAULT_THRESHOLD", "task_thresholds"]

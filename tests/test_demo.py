@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import http.client
 import io
+import itertools
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from demo.app import (  # noqa: E402
     _first_paragraph,
     build_demo,
     classify,
+    decision_thresholds,
     decode_sample,
     load_model,
     parse_args,
@@ -603,7 +605,9 @@ def test_one_bad_item_does_not_fail_its_batch(vision_text_model_dir, gradio_uplo
                {"path": outside}],
         text=["a red cat", "a cat", "a dog", "", "a cat"])
     assert labels[0] and labels[2] and set(labels[0]) == {"cat", "dog", "bird"}
-    assert list(charts[0]["input"]) == ["image", "text"] and list(charts[2]["input"]) == ["text"]
+    assert list(charts[0]["value"]["input"]) == ["image", "text"] and list(charts[2]["value"]["input"]) == ["text"]
+    low, high = charts[0]["y_lim"]  # the bars start at zero, whatever their signs
+    assert low == min(0.0, charts[0]["value"]["contribution"].min()) and high >= 0.0
     assert labels[1] is None and errors[1].startswith("image:")
     assert labels[3] is None and errors[3].startswith("no input")
     assert labels[4] is None and errors[4] == "image: not a file uploaded to this server"
@@ -651,6 +655,221 @@ def test_uploads_are_deleted_when_the_server_closes(vision_text_model_dir):
     finally:
         demo.close()
     assert not Path(uploaded).exists()
+
+
+# ---- 7. a multi-task model -------------------------------------------------------------------------------------------
+
+MULTI_TASKS = [
+    {"name": "sentiment", "problem_type": "single_label_classification", "labels": ["negative", "positive", "neutral"]},
+    {"name": "topics", "problem_type": "multi_label_classification", "labels": ["sports", "music", "art", "food"]},
+    {"name": "intensity", "problem_type": "regression", "target_mean": 5.0, "target_std": 2.0},
+]
+MULTI_TASK_TEXT = "a red circle"
+THRESHOLD_MARGIN = 0.01  # the report's thresholds sit this far below (tags) or above (not tags) the probabilities
+
+
+@dataclass
+class MultiTaskModel:
+    folder: Path
+    image: Path  # the sample the tests send, with MULTI_TASK_TEXT
+    thresholds: dict[str, float]  # the topics thresholds in the folder's evaluation/report.json
+    tags: list[str]  # the topics at or above them for the sample
+
+
+def own_multi_task_outputs(folder: Path, texts: list[str | None], images: list) -> dict[str, np.ndarray]:
+    """The model's own answers, as a user computes them: softmax, sigmoid, and the regression output as it is."""
+    from transformers import AutoProcessor
+
+    from modeling_mm import MMFusionForMultiTask
+
+    model = MMFusionForMultiTask.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(**AutoProcessor.from_pretrained(folder)(text=texts, images=images)).logits
+    return {"sentiment": logits["sentiment"].softmax(-1).numpy(), "topics": logits["topics"].sigmoid().numpy(),
+            "intensity": logits["intensity"].numpy()}
+
+
+@pytest.fixture(scope="module")
+def multi_task_model(tmp_path_factory, vit_dir, bert_dir) -> MultiTaskModel:
+    """A tiny image + text MMFusionForMultiTask (one single-label, one multi-label, one regression task), saved with
+    its processor, and an evaluation report whose multi-label thresholds give the test sample a tag set that 0.5
+    would not: its most and least probable topics."""
+    from modeling_mm import MMFusionForMultiTask
+    from processors import MMFusionProcessor
+
+    root = tmp_path_factory.mktemp("multi_task")
+    folder = root / "model"
+    torch.manual_seed(0)
+    model = MMFusionForMultiTask.from_towers(vision=vit_dir, text=bert_dir, tasks=MULTI_TASKS, **FUSION_KWARGS)
+    with torch.no_grad():  # stands in for training: random heads at their init answer close to the prior
+        for head in model.heads.values():
+            head.weight.mul_(20.0)
+    model.save_pretrained(folder)
+    MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir).save_pretrained(folder)
+    image = root / "red.png"
+    Image.new("RGB", (40, 30), "red").save(image)
+
+    probabilities = own_multi_task_outputs(folder, [MULTI_TASK_TEXT], [str(image)])["topics"][0]
+    labels = MULTI_TASKS[1]["labels"]
+    order = np.argsort(-probabilities)
+    tags = [labels[order[0]], labels[order[-1]]]
+    thresholds = {label: float(p - THRESHOLD_MARGIN if label in tags else p + THRESHOLD_MARGIN)
+                  for label, p in zip(labels, probabilities)}
+    at_half = {label for label, p in zip(labels, probabilities) if p >= 0.5}
+    assert at_half != set(tags)  # so the page can only show these tags by reading the report
+    (folder / "evaluation").mkdir()
+    topics = {"problem_type": "multi_label_classification", "metrics": {"thresholds": thresholds}}
+    report = {"tasks": {"topics": topics}}
+    (folder / "evaluation" / "report.json").write_text(json.dumps(report))
+    return MultiTaskModel(folder, image, thresholds, tags)
+
+
+def test_the_ui_of_a_multi_task_model_has_an_output_and_a_chart_per_task(multi_task_model):
+    demo = build_demo(str(multi_task_model.folder))
+    components = {c.elem_id: c for c in demo.blocks.values() if getattr(c, "elem_id", None)}
+    assert isinstance(components["mm-task-sentiment"], gr.Label)
+    assert isinstance(components["mm-task-topics"], gr.Label) and components["mm-task-topics"].show_heading is False
+    assert isinstance(components["mm-task-intensity"], gr.Number)
+    for task in MULTI_TASKS:
+        assert isinstance(components[f"mm-task-{task['name']}-contributions"], gr.BarPlot)
+    assert "mm-label" not in components and "mm-contributions" not in components
+    header = components["mm-header"].value
+    assert ("**Tasks:** sentiment (one of negative, positive, neutral); topics (tags from sports, music, art, food); "
+            "intensity (a number)") in header
+    assert components["mm-submit"].value == "Predict"  # a regression task is not classified
+    returns = demo.get_api_info()["named_endpoints"]["/predict"]["returns"]
+    assert len(returns) == 2 * len(MULTI_TASKS) + 2  # output and chart per task, latency, error
+    np.testing.assert_allclose(demo.thresholds["topics"], list(multi_task_model.thresholds.values()))
+
+
+def test_multi_task_answers_equal_the_models_own_and_shapley_values_add_up(multi_task_model):
+    """Each task's answer for a batch with a missing modality: the model's own probabilities, tags at the report's
+    thresholds, the regression value in the targets' units; each task's contributions sum to the output with every
+    given input minus the output with none (log-odds of the predicted label and of each tag; the training mean)."""
+    from scipy.special import logit, logsumexp
+
+    demo = build_demo(str(multi_task_model.folder))
+    texts, images = [MULTI_TASK_TEXT, "a blue square", None], [str(multi_task_model.image), None,
+                                                               str(multi_task_model.image)]
+    expected = own_multi_task_outputs(multi_task_model.folder, texts, images)
+    samples = [decode_sample(image=image, text=text) for text, image in zip(texts, images)]
+    results = classify(demo.model, demo.processor, samples, demo.thresholds)
+    labels = MULTI_TASKS[1]["labels"]
+    thresholds = np.array(list(multi_task_model.thresholds.values()))
+    for index, result in enumerate(results):
+        assert list(result) == ["sentiment", "topics", "intensity"]
+        inputs = [name for name, value in (("image", images[index]), ("text", texts[index])) if value]
+        sentiment, topics, intensity = result["sentiment"], result["topics"], result["intensity"]
+        np.testing.assert_allclose(list(sentiment["probabilities"].values()), expected["sentiment"][index], atol=1e-5)
+        probabilities = expected["sentiment"][index]
+        predicted = int(probabilities.argmax())
+        assert sentiment["predicted"] == MULTI_TASKS[0]["labels"][predicted]
+        log_odds = np.log(probabilities[predicted]) - logsumexp(np.log(np.delete(probabilities, predicted)))
+        assert list(sentiment["contributions"]) == inputs
+        assert sum(sentiment["contributions"].values()) == pytest.approx(log_odds - np.log(1 / 2), abs=1e-3)
+
+        np.testing.assert_allclose(list(topics["probabilities"].values()), expected["topics"][index], atol=1e-5)
+        given = [label for label, p, t in zip(labels, expected["topics"][index], thresholds) if p >= t]
+        assert sorted(topics["tags"]) == sorted(given)
+        for label, p in zip(labels, expected["topics"][index]):
+            total = sum(contribution[label] for contribution in topics["contributions"].values())
+            assert total == pytest.approx(logit(p) - 0.0, abs=1e-3), (index, label)
+
+        assert intensity["values"]["intensity"] == pytest.approx(float(expected["intensity"][index, 0]), abs=1e-5)
+        total = sum(contribution["intensity"] for contribution in intensity["contributions"].values())
+        assert total == pytest.approx(float(expected["intensity"][index, 0]) - MULTI_TASKS[2]["target_mean"],
+                                      abs=1e-4)
+    assert sorted(results[0]["topics"]["tags"]) == sorted(multi_task_model.tags)
+
+
+def test_a_multi_task_model_runs_its_own_code_with_trust_remote_code(multi_task_model):
+    """With --trust_remote_code the model class comes from the folder's files (transformers would prefer this
+    package's registered AutoModel, the bare fusion model) and answers as the package's class does."""
+    local, remote = build_demo(str(multi_task_model.folder)), build_demo(str(multi_task_model.folder),
+                                                                          trust_remote_code=True)
+    assert type(remote.model).__module__.startswith("transformers_modules.")
+    assert type(remote.model).__name__ == "MMFusionForMultiTask"
+    sample = decode_sample(image=str(multi_task_model.image), text=MULTI_TASK_TEXT)
+    (expected,), (given,) = (classify(demo.model, demo.processor, [sample], demo.thresholds)
+                             for demo in (local, remote))
+    assert given["sentiment"]["probabilities"] == pytest.approx(expected["sentiment"]["probabilities"], abs=1e-6)
+    assert given["topics"]["tags"] == expected["topics"]["tags"] == multi_task_model.tags
+    assert given["intensity"]["values"] == pytest.approx(expected["intensity"]["values"], abs=1e-6)
+
+
+def test_multi_label_thresholds_come_from_the_report_else_the_config_else_one_half(multi_task_model, tmp_path,
+                                                                                  monkeypatch):
+    model = build_demo(str(multi_task_model.folder)).model
+    assert decision_thresholds(model, tmp_path / "missing.json")["topics"].tolist() == [0.5] * 4
+    partial = tmp_path / "report.json"
+    partial.write_text(json.dumps({"tasks": {"topics": {"metrics": {"thresholds": {"music": 0.8}}}}}))
+    assert decision_thresholds(model, partial)["topics"].tolist() == [0.5, 0.8, 0.5, 0.5]
+    # a config that carries thresholds (as the pipeline reads them) fills what the report leaves out
+    monkeypatch.setitem(model.config.tasks[1], "thresholds", {"art": 0.3, "music": 0.1})
+    assert decision_thresholds(model, partial)["topics"].tolist() == [0.5, 0.8, 0.3, 0.5]
+    assert decision_thresholds(model, None)["topics"].tolist() == [0.5, 0.1, 0.3, 0.5]
+    (tmp_path / "broken.json").write_text("{not json")
+    assert decision_thresholds(model, tmp_path / "broken.json")["topics"].tolist() == [0.5, 0.1, 0.3, 0.5]
+
+
+@pytest.mark.timeout(300)
+def test_browser_shows_every_task_of_a_multi_task_model(multi_task_model, tmp_path):
+    """Chromium uploads the image, types the text and submits: the page shows the sentiment's top label, the topics
+    that reach the report's thresholds (each with its probability), and the intensity as the model predicts it, to
+    the page's precision; each task has its chart."""
+    import playwright.sync_api as playwright_api
+
+    from demo.app import OUTPUT_DECIMALS
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is not installed: apt-get install chromium chromium-driver"
+    expected = own_multi_task_outputs(multi_task_model.folder, [MULTI_TASK_TEXT], [str(multi_task_model.image)])
+    sentiment = MULTI_TASKS[0]["labels"][int(expected["sentiment"][0].argmax())]
+    topics = dict(zip(MULTI_TASKS[1]["labels"], expected["topics"][0]))
+    intensity = float(expected["intensity"][0, 0])
+    answered = "document.querySelector('#mm-latency textarea, #mm-latency input').value.length > 0"
+
+    demo = build_demo(str(multi_task_model.folder))
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        with playwright_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            try:
+                page.goto(demo.local_url, wait_until="domcontentloaded")
+                page.wait_for_selector("#mm-submit")
+                assert "intensity (a number)" in page.locator("#mm-header").inner_text()
+                page.locator("#mm-image input[type=file]").set_input_files(str(multi_task_model.image))
+                page.locator("#mm-text textarea").fill(MULTI_TASK_TEXT)
+                page.locator("#mm-image img").wait_for()
+                page.locator("#mm-submit").click()
+                page.wait_for_function(answered)
+                assert page.locator("#mm-error").inner_text().strip() == ""
+
+                heading = page.locator("#mm-task-sentiment [data-testid=label-output-value]")
+                heading.wait_for()
+                assert heading.inner_text() == sentiment
+                rows = page.locator("#mm-task-topics .confidence-set")
+                rows.first.wait_for()
+                shown = {rows.nth(i).locator("dt").inner_text(): rows.nth(i).locator("dd").inner_text()
+                         for i in range(rows.count())}
+                assert sorted(shown) == sorted(multi_task_model.tags)
+                assert shown == {tag: f"{round(topics[tag] * 100)}%" for tag in multi_task_model.tags}
+                assert page.locator("#mm-task-topics [data-testid=label-output-value]").count() == 0
+                number = page.locator("#mm-task-intensity input")
+                playwright_api.expect(number).not_to_have_value("")
+                assert abs(float(number.input_value()) - intensity) <= 0.5 * 10 ** -OUTPUT_DECIMALS + 1e-6
+                for task in MULTI_TASKS:
+                    page.locator(f"#mm-task-{task['name']}-contributions canvas, "
+                                 f"#mm-task-{task['name']}-contributions svg").first.wait_for()
+                page.screenshot(path=tmp_path / "multi_task.png", full_page=True)
+            except Exception:
+                page.screenshot(path=tmp_path / "failure.png", full_page=True)
+                raise
+            finally:
+                browser.close()
+    finally:
+        demo.close()
 
 
 # ---- decoding, the per-sample view, the header -----------------------------------------------------------------------
@@ -706,12 +925,34 @@ def test_bad_input_is_refused_with_a_readable_value_error(given, message):
         decode_sample(**given)
 
 
+def exact_shapley(value, modalities: list[str]) -> dict[str, float]:
+    """Shapley values by their definition over orderings: each modality's marginal contribution v(before + m) -
+    v(before), averaged over every order of `modalities` (`value` maps a frozenset to a number)."""
+    orders = list(itertools.permutations(modalities))
+    totals = dict.fromkeys(modalities, 0.0)
+    for order in orders:
+        for position, modality in enumerate(order):
+            before = frozenset(order[:position])
+            totals[modality] += value(before | {modality}) - value(before)
+    return {modality: total / len(orders) for modality, total in totals.items()}
+
+
+SHAPLEY_TOLERANCE = 1e-3  # log-odds; the batch runs the towers once for all subsets, the reference per subset alone
+
+
 @pytest.mark.timeout(300)
-def test_batched_contributions_equal_the_per_sample_view(sample_model_dir, test_rows):
-    """classify's batch (with rows that lack a modality) gives explain_sample's probabilities and contributions."""
+def test_batched_contributions_are_each_samples_exact_shapley_values(sample_model_dir, test_rows):
+    """classify's batch (with rows that lack a modality) gives explain_sample's probabilities and predicted label, and
+    as contributions the exact Shapley values of each sample's given inputs on the predicted label's log-odds: those of
+    the sample run alone, once per subset of its inputs, averaged over every order of the inputs; they sum to the
+    log-odds with every given input minus the uniform prior's."""
+    from scipy.special import logsumexp
+
     from training.interpretability import explain_sample
+    from training.scoring import forward_kept
 
     model, processor = load_model(str(sample_model_dir), device="cpu")
+    num_labels = model.config.num_labels
     cases = [
         dict(image=test_rows[0]["image"], text=test_rows[0]["text"], audio=test_rows[0]["audio"]),
         dict(image=test_rows[1]["image"], text=test_rows[1]["text"]),
@@ -719,14 +960,31 @@ def test_batched_contributions_equal_the_per_sample_view(sample_model_dir, test_
         dict(audio=test_rows[3]["audio"]),
     ]
     results = classify(model, processor, [decode_sample(**case) for case in cases])
+    names = {"image": "vision", "text": "text", "audio": "audio"}
     for case, result in zip(cases, results):
+        assert set(result) == {"label"}  # a classifier's one task
+        result = result["label"]
         view = explain_sample(model, processor, **case)
         assert result["predicted"] == view["predicted"]
-        assert result["contributions"].keys() == view["contributions"].keys()
-        for name, value in view["contributions"].items():
-            assert result["contributions"][name] == pytest.approx(value, abs=1e-4), (case, name)
         for name, value in view["probabilities"].items():
             assert result["probabilities"][name] == pytest.approx(value, abs=1e-4)
+
+        batch = processor(text=case.get("text"), images=case.get("image"), audio=case.get("audio"))
+        predicted = model.config.label2id[result["predicted"]]
+
+        def log_odds(kept: frozenset) -> float:
+            if not kept:
+                return float(np.log(1 / (num_labels - 1)))
+            logits = forward_kept(model, batch, [names[m] for m in kept])[0][0].double().numpy()
+            return float(logits[predicted] - logsumexp(np.delete(logits, predicted)))
+
+        given = list(case)
+        expected = exact_shapley(log_odds, given)
+        assert list(result["contributions"]) == given
+        for name, value in expected.items():
+            assert result["contributions"][name] == pytest.approx(value, abs=SHAPLEY_TOLERANCE), (case, name)
+        assert sum(result["contributions"].values()) == pytest.approx(
+            log_odds(frozenset(given)) - log_odds(frozenset()), abs=SHAPLEY_TOLERANCE)
 
 
 def test_the_header_description_is_the_cards_first_paragraph_without_links():

@@ -24,7 +24,8 @@ from modeling_mm.configuration_mm import MODALITY_NAMES
 from processors import MMFusionProcessor
 from training.corruptions import corrupt_audio, corrupt_text, robustness_conditions
 from training.data import DataSettings
-from training.evaluation import EvaluationSettings, _collect, _EvaluationCollator, evaluate_model, load_split, main
+from training.evaluation import (EvaluationSettings, _collect, _EvaluationCollator, evaluate_model, evaluated_tasks,
+                                 load_split, main)
 from training.interpretability import explain_sample
 from training.lora import load_trained_model
 from training.metrics import (
@@ -286,6 +287,13 @@ def test_same_seed_gives_the_same_report_apart_from_timings(tiny_reports):
 
 def test_report_json_has_every_section(tiny_reports, tiny_run):
     report = json.loads((tiny_reports["folders"][0] / "report.json").read_text())
+    # a classifier's report keeps the single-task layout: its one task's section at the top level, no "tasks"
+    assert list(report) == ["model", "data", "seed", "settings", "versions", "problem_type", "conventions", "headline",
+                            "headline_ci", "headline_ci_method", "metrics", "ablation", "fusion_gain", "robustness",
+                            "calibration", "interpretability", "efficiency", "plots"]
+    assert set(report["model"]) == {"path", "class", "modalities", "num_labels", "labels", "parameters",
+                                    "training_modes"}
+    assert report["data"]["columns"] == {"text": "text", "image": "image", "audio": "audio", "label": "label"}
     assert report["data"] == {**report["data"], "source": "sample/test.csv", "split": "test", "rows": 16}
     assert report["model"]["path"] == str(tiny_run["model_dir"])
     assert set(report["model"]["parameters"]) == {"image_tower", "text_tower", "audio_tower", "fusion", "head", "total"}
@@ -309,7 +317,9 @@ def test_report_json_has_every_section(tiny_reports, tiny_run):
     assert set(attention) == {"image", "text", "audio"}
     for stream, masses in attention.items():
         assert stream not in masses and sum(masses.values()) == pytest.approx(1.0, abs=1e-4)
-    assert set(report["interpretability"]["contributions"]) == {"image", "text", "audio"}
+    shapley = report["interpretability"]["shapley"]
+    assert set(shapley) == {"image", "text", "audio"}
+    assert all(entry["samples"] == 16 and entry["mean_abs"] >= abs(entry["mean"]) for entry in shapley.values())
     assert report["efficiency"]["flops_per_sample"] >= sum(report["efficiency"]["flops_per_sample_by_part"].values())
     assert report["efficiency"]["flops_per_sample_by_part"]["fusion"] > 0
 
@@ -340,7 +350,7 @@ def test_report_md_has_the_tables(tiny_reports):
         "| uncalibrated | ", "| temperature scaled (T = ",
         "| image_tower | ", "| fusion | ", "| head | ",
         "| latency p50, batch 1 (ms) | ", "| FLOPs per sample (M) | ",
-        "| modality | mean contribution | mean absolute contribution | samples |", "| text | ",
+        "| modality | mean Shapley value | mean absolute Shapley value | samples |", "| text | ",
         "| stream \\ attends to | image | text | audio | sink |",
         "![confusion matrix](confusion_matrix.png)", "![reliability diagram](reliability_diagram.png)",
         "![robustness](robustness.png)", "![ablation](ablation.png)",
@@ -373,7 +383,8 @@ def test_multi_label_and_regression_models_get_their_own_metrics(problem_type, t
                                   image_blur_radii=[], image_noise_std=[], text_typo_rates=[])
     report = evaluate_model(model, processor, test, tmp_path, settings)
     assert report["problem_type"] == problem_type
-    expected = {"mse", "mae", "r2"} if problem_type == "regression" else {"accuracy", "micro_f1", "macro_f1"}
+    expected = ({"mae", "rmse", "r2", "pearson", "spearman"} if problem_type == "regression" else
+                {"accuracy", "micro_f1", "macro_f1", "hamming_loss"})
     assert set(report["headline"]) == expected and set(report["headline_ci"]) == expected
     assert [row["modalities"] for row in report["ablation"]] == [["image", "audio"], ["image"], ["audio"]]
     assert report["calibration"]["applicable"] is (problem_type != "regression")
@@ -428,15 +439,15 @@ def test_towers_run_once_per_batch_and_per_corruption_of_their_modality(tiny_rep
     hooks = [next(fusion.get_tower(m).children()).register_forward_hook(
         lambda *_, m=m: runs.__setitem__(m, runs.get(m, 0) + 1)) for m in modalities]
     try:
-        collected = _collect(model, processor, test, DataSettings(), ["match", "mismatch"],
-                             "single_label_classification", settings, subsets, corruptions, attention=False, desc="")
+        collected = _collect(model, processor, test, DataSettings(), evaluated_tasks(model, DataSettings()), settings,
+                             subsets, corruptions, attention=False, desc="")
     finally:
         for hook in hooks:
             hook.remove()
     assert runs == {m: 1 + 1 for m in modalities}  # the clean batch, and the one corruption of its own modality
 
-    collator = _EvaluationCollator(processor, DataSettings(), ["match", "mismatch"], "single_label_classification",
-                                   corruptions, seed=settings.seed)
+    collator = _EvaluationCollator(processor, DataSettings(), evaluated_tasks(model, DataSettings()), corruptions,
+                                   seed=settings.seed)
     batches, _, _ = collator([(i, test[i]) for i in range(4)])
     was_training = model.training
     model.eval()

@@ -501,3 +501,222 @@ def test_pipeline_batches_give_the_single_sample_results(classifier):
 def test_pipeline_refuses_bad_input_naming_the_argument(classifier, call, message):
     with pytest.raises(ValueError, match=message):
         classifier(**call)
+
+
+# ---- a multi-task model: its pipeline, its release and its card ----------------------------------------------------
+
+MULTI_TASKS = [
+    {"name": "sentiment", "problem_type": "single_label_classification", "labels": ["negative", "positive", "neutral"]},
+    {"name": "topics", "problem_type": "multi_label_classification", "labels": ["sports", "music", "art", "food"]},
+    {"name": "intensity", "problem_type": "regression", "target_mean": 5.0, "target_std": 2.0},
+]
+# a hand-written mm-eval report of a multi-task model, cut down to what the card reads: per task its section
+MULTI_TASK_REPORT = {
+    "model": {"modalities": ["image", "text"]},
+    "data": {"source": "/data/private/test.csv", "split": "test", "rows": 200},
+    "tasks": {
+        "sentiment": {"problem_type": "single_label_classification",
+                      "headline": {"accuracy": 0.81, "macro_f1": 0.79, "balanced_accuracy": 0.8},
+                      "ablation": [{"modalities": ["image"], "accuracy": 0.6},
+                                   {"modalities": ["text"], "accuracy": 0.7},
+                                   {"modalities": ["image", "text"], "accuracy": 0.81}]},
+        "topics": {"problem_type": "multi_label_classification",
+                   "headline": {"accuracy": 0.42, "micro_f1": 0.71, "macro_f1": 0.66, "hamming_loss": 0.12},
+                   "metrics": {"thresholds": {"sports": 0.4, "music": 0.55, "art": 0.5, "food": 0.35}}},
+        "intensity": {"problem_type": "regression",
+                      "headline": {"mae": 0.91, "rmse": 1.2, "r2": 0.55, "pearson": 0.75, "spearman": None},
+                      "metrics": {"mae": 0.91, "rmse": 1.2, "r2": 0.55, "pearson": 0.75, "spearman": None,
+                                  "mse": 1.44}},
+    },
+}
+# what the model-index holds: (metric name, metric type, value), one per task and headline metric with a value
+MULTI_TASK_RESULTS = {
+    ("sentiment/accuracy", "accuracy", 0.81), ("sentiment/macro_f1", "f1", 0.79),
+    ("sentiment/balanced_accuracy", "balanced_accuracy", 0.8),
+    ("topics/accuracy", "accuracy", 0.42), ("topics/micro_f1", "f1", 0.71), ("topics/macro_f1", "f1", 0.66),
+    ("topics/hamming_loss", "hamming_loss", 0.12),
+    ("intensity/mae", "mae", 0.91), ("intensity/rmse", "rmse", 1.2), ("intensity/r2", "r_squared", 0.55),
+    ("intensity/pearson", "pearsonr", 0.75),
+}
+MULTI_TASK_TEXT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def multi_task(tmp_path_factory, vit_dir, bert_dir) -> dict:
+    """A tiny image + text MMFusionForMultiTask saved with its processor (heads scaled so that its answers are not
+    all at the prior), its release (dry run) with MULTI_TASK_REPORT, and an image to send."""
+    from modeling_mm import MMFusionForMultiTask
+
+    root = tmp_path_factory.mktemp("multi_task")
+    torch.manual_seed(0)
+    model = MMFusionForMultiTask.from_towers(vision=vit_dir, text=bert_dir, tasks=MULTI_TASKS, **FUSION_KWARGS)
+    with torch.no_grad():
+        for head in model.heads.values():
+            head.weight.mul_(20.0)
+    model.save_pretrained(root / "model")
+    MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir).save_pretrained(root / "model")
+    (root / "report.json").write_text(json.dumps(MULTI_TASK_REPORT))
+    assert main(["--model", str(root / "model"), "--repo-id", "mm-fusion/multi", "--dry-run", "--out",
+                 str(root / "release"), "--report", str(root / "report.json")]) == 0
+    image = root / "image.png"
+    Image.new("RGB", (40, 30), "red").save(image)
+    return {"model": root / "model", "release": root / "release", "image": image}
+
+
+def own_answers(folder: Path, texts: list, images: list) -> list[dict]:
+    """Each task's answer as a user reads it from the model's logits: ranked softmax, the labels with a sigmoid of at
+    least 0.5 (most probable first) and every label's, the regression output."""
+    from modeling_mm import MMFusionForMultiTask
+
+    model = MMFusionForMultiTask.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(**AutoProcessor.from_pretrained(folder)(text=texts, images=images)).logits
+    answers = []
+    for i in range(len(texts)):
+        sentiment = logits["sentiment"][i].softmax(-1).tolist()
+        topics = logits["topics"][i].sigmoid().tolist()
+        ranked = sorted(range(3), key=lambda k: -sentiment[k])
+        labels = MULTI_TASKS[1]["labels"]
+        answers.append({
+            "sentiment": [{"label": MULTI_TASKS[0]["labels"][k], "score": sentiment[k]} for k in ranked],
+            "topics": {"labels": [labels[k] for k in sorted(range(4), key=lambda k: -topics[k]) if topics[k] >= 0.5],
+                       "scores": dict(zip(labels, topics))},
+            "intensity": float(logits["intensity"][i, 0]),
+        })
+    return answers
+
+
+def assert_same_answers(given: dict, expected: dict) -> None:
+    assert list(given) == ["sentiment", "topics", "intensity"]
+    assert [r["label"] for r in given["sentiment"]] == [r["label"] for r in expected["sentiment"]]
+    assert [r["score"] for r in given["sentiment"]] == pytest.approx([r["score"] for r in expected["sentiment"]],
+                                                                      abs=1e-5)
+    assert given["topics"]["labels"] == expected["topics"]["labels"]
+    assert given["topics"]["scores"] == pytest.approx(expected["topics"]["scores"], abs=1e-5)
+    assert given["intensity"] == pytest.approx(expected["intensity"], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def multi_task_pipeline(multi_task):
+    from modeling_mm import MMFusionForMultiTask
+
+    model = MMFusionForMultiTask.from_pretrained(multi_task["model"]).eval()
+    return pipeline(PIPELINE_TASK, model=model, processor=AutoProcessor.from_pretrained(multi_task["model"]))
+
+
+def test_multi_task_pipeline_answers_every_task_under_its_name(multi_task, multi_task_pipeline):
+    texts, images = [MULTI_TASK_TEXT, "a blue square", None], [str(multi_task["image"]), None, str(multi_task["image"])]
+    expected = own_answers(multi_task["model"], texts, images)
+    samples = [{key: value for key, value in (("text", t), ("image", i)) if value} for t, i in zip(texts, images)]
+    batched = multi_task_pipeline(samples, batch_size=2)
+    assert len(batched) == 3
+    for sample, answer, own in zip(samples, batched, expected):
+        assert_same_answers(answer, own)
+        assert_same_answers(multi_task_pipeline(sample), own)
+    # the multi-label answers are not all alike: the model gives some tags and not others
+    assert any(0 < len(own["topics"]["labels"]) < 4 for own in expected)
+    top = multi_task_pipeline(samples[0], top_k=1)
+    assert len(top["sentiment"]) == 1 and top["sentiment"][0]["label"] == expected[0]["sentiment"][0]["label"]
+    assert top["topics"] == multi_task_pipeline(samples[0])["topics"]  # top_k is for single-label tasks
+    with pytest.raises(ValueError, match="function_to_apply: a multi-task model scores each task by its own"):
+        multi_task_pipeline(samples[0], function_to_apply="softmax")
+
+
+def test_multi_task_pipeline_reads_thresholds_the_config_carries(multi_task, multi_task_pipeline, monkeypatch):
+    from modeling_mm.pipeline_mm import task_thresholds
+
+    topics = multi_task_pipeline.model.config.tasks[1]
+    scores = multi_task_pipeline(text=MULTI_TASK_TEXT)["topics"]["scores"]
+    # each label given exactly where its own threshold says so: "sports" always, "music" never, the rest at 0.5
+    monkeypatch.setitem(topics, "thresholds", {"sports": 0.0, "music": 1.0})
+    given = multi_task_pipeline(text=MULTI_TASK_TEXT)["topics"]["labels"]
+    assert "sports" in given and "music" not in given
+    assert {"art", "food"} & set(given) == {label for label in ("art", "food") if scores[label] >= 0.5}
+    assert task_thresholds(topics).tolist() == [0.0, 1.0, 0.5, 0.5]
+    monkeypatch.setitem(topics, "thresholds", [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"tasks.topics.thresholds: 3 values for 4 labels"):
+        task_thresholds(topics)
+
+
+def test_multi_task_card_names_the_tasks_and_has_a_result_per_task_and_metric(multi_task):
+    release = multi_task["release"]
+    card = ModelCard.load(release / "README.md")
+    check_card(card)
+    data = card.data
+    assert data.pipeline_tag == "text-classification" and "multi-task" in data.tags
+    assert {(r.metric_name, r.metric_type, r.metric_value) for r in data.eval_results} == MULTI_TASK_RESULTS
+    assert {(r.dataset_split, r.dataset_name) for r in data.eval_results} == {("test", "test.csv")}
+
+    body = card.text
+    assert ("one head per task, 3 tasks: `sentiment` (single-label classification over 3 labels: `negative`, "
+            "`positive`, `neutral`); `topics` (multi-label classification over 4 labels: `sports`, `music`, `art`, "
+            "`food`); `intensity` (regression, one output, in the targets' units)") in body
+    assert "classification head over" not in body
+    usage = python_blocks(body)
+    assert "'sentiment': [{'label': 'negative', 'score': ...}, ...]" in usage[0]
+    assert "'topics': {'labels': [...], 'scores': {'sports': ..., ...}}" in usage[0] and "'intensity': ..." in usage[0]
+    assert 'answers["intensity"] = logits["intensity"][:, 0].tolist()' in usage[1]
+    assert "### sentiment (single-label classification)" in body and "| balanced_accuracy | 0.8000 |" in body
+    assert "#### Modality ablation" in body and "| image + text | 0.8100 |" in body
+    assert "### topics (multi-label classification)" in body and "| hamming_loss | 0.1200 |" in body
+    assert "`sports` 0.4000, `music` 0.5500, `art` 0.5000, `food` 0.3500" in body
+    assert "### intensity (regression)" in body and "| rmse | 1.2000 |" in body
+    assert "| mse |" not in body and "spearman" not in body  # the headline's numbers, no empty ones
+
+    config = json.loads((release / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_mm.MMFusionForMultiTask"
+    assert "AutoModelForSequenceClassification" not in config["auto_map"]
+    assert config["custom_pipelines"][PIPELINE_TASK]["pt"] == ["AutoModel"]
+    assert [task["name"] for task in config["tasks"]] == ["sentiment", "topics", "intensity"]
+
+
+def test_multi_task_release_runs_its_card_snippets_where_only_transformers_is_installed(multi_task, tmp_path):
+    """The card's two snippets, pointed at the release folder, run in a fresh interpreter that cannot import the
+    project: the pipeline (through trust_remote_code) and the step-by-step reading of the logits give the
+    model's own answers for every task."""
+    release = multi_task["release"]
+    shutil.copy(multi_task["image"], tmp_path / "image.png")
+    snippets = [re.sub(r'revision="[^"]*"', "revision=None", block.replace('"mm-fusion/multi"', repr(str(release))))
+                for block in python_blocks(ModelCard.load(release / "README.md").text)]
+    result = run_without_project([f"""
+        import json
+        names = {{}}
+        for snippet in {snippets!r}:
+            exec(snippet, names)
+        for loaded in (names["predictor"].model, names["model"]):
+            assert type(loaded).__module__.startswith("transformers_modules."), type(loaded).__module__
+            assert type(loaded).__name__ == "MMFusionForMultiTask", type(loaded).__name__
+        with open("answers.json", "w") as file:
+            json.dump({{"pipeline": names["predictor"](image="image.png", text="a caption"),
+                       "step_by_step": names["answers"]}}, file)
+        loaded = [name for name in sys.modules if name.split(".")[0] in {PROJECT_PACKAGES!r}]
+        assert not loaded, loaded
+        print("OK")
+    """], tmp_path)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    (expected,) = own_answers(multi_task["model"], ["a caption"], [str(multi_task["image"])])
+    assert_same_answers(answers["pipeline"], expected)
+    step = answers["step_by_step"]
+    assert step["sentiment"] == [expected["sentiment"][0]["label"]]
+    assert sorted(step["topics"][0]) == sorted(expected["topics"]["labels"])
+    assert step["intensity"] == pytest.approx([expected["intensity"]], abs=1e-4)
+
+
+def test_a_multi_task_model_is_not_published_as_an_adapter(multi_task, capsys):
+    assert main(["--model", str(multi_task["model"]), "--repo-id", "mm-fusion/x", "--adapter-only", "--dry-run"]) == 2
+    assert "adapter_only:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["tasks"]["topics"].pop("problem_type"), r"tasks\.topics\.problem_type is missing"),
+    (lambda r: r["tasks"]["intensity"].pop("headline"), r"tasks\.intensity\.headline .* holds no metric values"),
+    (lambda r: r["tasks"].clear(), "tasks in .* must map each task name"),
+])
+def test_a_multi_task_report_without_what_the_card_reads_is_refused(tmp_path, change, message):
+    report = json.loads(json.dumps(MULTI_TASK_REPORT))
+    change(report)
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=message):
+        publish.read_report(tmp_path / "report.json")

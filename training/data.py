@@ -256,6 +256,8 @@ def task_specs(settings: DataSettings) -> list[dict[str, Any]]:
         entry["problem_type"] = problem_type_named(entry.get("problem_type", ""), f"tasks[{i}].problem_type")
         if entry["problem_type"] == "multi_label_classification":
             entry.setdefault("label_separator", settings.label_separator)
+        if any(spec["name"] == entry["name"] for spec in specs):
+            raise ValueError(f"tasks[{i}].name: {entry['name']!r} is used by two tasks (name one with a dict's 'name')")
         specs.append(entry)
     return specs
 

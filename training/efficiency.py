@@ -39,12 +39,13 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, dict[str, int]]:
 
 def _parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
     """The modules of each part: "image_tower", "text_tower", "audio_tower" (those the model has), "fusion"
-    (input projections, fusion layers, final norms) and "head" (classifier)."""
+    (input projections, fusion layers, final norms) and "head" (the classifier, or a multi-task model's heads)."""
     base = classifier(model)
     fusion = base.model
     parts = {f"{MODALITY_NAMES[m].user}_tower": [fusion.get_tower(m)] for m in fusion.modalities}
     parts["fusion"] = [fusion.input_projections, fusion.fusion_layers, fusion.final_norms]
-    parts["head"] = [base.classifier]
+    parts["head"] = ([base.classifier] if hasattr(base, "classifier") else
+                     [base.heads] + ([base.task_weighting] if base.task_weighting is not None else []))
     return parts
 
 

@@ -1,22 +1,32 @@
-"""`mm-eval`: one reproducible report of an mm-fusion classifier's quality, modality robustness, calibration,
-efficiency and interpretability.
+"""`mm-eval`: one reproducible report of an mm-fusion model's quality, modality robustness, calibration,
+efficiency and interpretability, one section per task.
 
     mm-eval --model outputs/sample/model --data ~/.cache/mm-fusion/sample/test.csv
     mm-eval --model outputs/run/model --data my_dataset_dir --split test --validation_data val.csv --batch_size 64
 
 `evaluate_model` does the work (mm-train calls it for its final evaluation); `main` is the command line. This
 module is the run: settings, one pass over the data, and the report's sections. The parts live apart, one concept
-each: `training.scoring` (withholding modalities and logits -> scores), `training.metrics` (metrics, bootstrap,
-calibration), `training.corruptions`, `training.efficiency`, `training.interpretability` (contributions,
-cross-attention, `explain_sample`) and `training.report` (report.md, plots, predictions.jsonl, model-index).
-It writes into the output folder (default `<model>/evaluation`):
+each: `training.scoring` (tasks, withholding modalities and logits -> scores), `training.data` (row cells ->
+targets), `training.metrics` (metrics, decision thresholds, bootstrap, calibration), `training.corruptions`,
+`training.efficiency`, `training.interpretability` (Shapley values, cross-attention, `explain_sample`) and
+`training.report` (report.md, plots, predictions.jsonl, model-index). It writes into the output folder (default
+`<model>/evaluation`):
 
 - `report.json`: everything, machine-readable, with the model, data, seed and package versions. Every number that
   depends on timing or on the machine's load is under the key `"efficiency"` and nowhere else, so two runs with the
   same seed give the same file apart from that key.
 - `report.md`: the tables a person reads, with links to the plots.
-- `confusion_matrix.png`, `reliability_diagram.png`, `robustness.png`, `ablation.png` (matplotlib, Agg canvas).
-- `predictions.jsonl`: per sample, the label, prediction, probabilities and modality contributions.
+- `confusion_matrix.png`, `reliability_diagram.png`, `robustness.png`, `ablation.png`, and for regression
+  `predicted_vs_true.png`, `residuals.png` (matplotlib, Agg canvas); a multi-task model's carry the task's name
+  first (`shape_confusion_matrix.png`).
+- `predictions.jsonl`: per sample and task, the target, prediction, probabilities and per-modality Shapley values.
+
+Layout: a classifier (`MMFusionForSequenceClassification`) is one task, and its report has that task's section at
+the top level ("problem_type", "headline", "headline_ci", "metrics", "ablation", "fusion_gain", "robustness",
+"calibration", "interpretability"). A multi-task model (`MMFusionForMultiTask`) has the common parts at the top
+("model", "data", "seed", "settings", "versions", "conventions", "efficiency", and the task-independent
+cross-attention under "interpretability") and `"tasks": {task name: section}` with the same keys per section, plus
+the task's "labels", "column" and "rows_without_target". `training.report.report_sections` reads both alike.
 
 Conventions, also stated in every report (`report["conventions"]`):
 
@@ -26,10 +36,16 @@ Conventions, also stated in every report (`report["conventions"]`):
   inputs, so the tower does not run for that sample and the fusion does not see it. A sample left with no modality
   has no prediction and counts as wrong (uniform probabilities for the probability-based metrics; for regression it
   is left out of the metrics and counted).
+- A task's targets come from its data column through `training.data.encode_targets`; a row without a target for a
+  task is left out of that task's section and counted there (a classifier's rows must all have the label).
+- Multi-label decisions use one threshold per label, tuned for F1 on the validation data
+  (`training.metrics.tune_thresholds`), else 0.5.
 - ECE uses 15 equal-width bins (settable) on the top-class confidence (single-label) or on each label's
   max(p, 1 - p) (multi-label).
-- The contribution of a modality to a sample is p(predicted class | all its modalities) - p(predicted class | that
-  modality withheld); a sample with only that modality falls back to the uniform prior 1 / num_labels.
+- A modality's contribution to a sample is its exact Shapley value over every subset of the modalities, on the
+  log-odds scale (`training.interpretability.subset_value`: the predicted class's log-odds for single-label, each
+  label's logit for multi-label, the output for regression); the empty subset's value is the uniform prior (the
+  training mean for regression). Per sample, the values sum to v(all modalities) - v(no modality).
 - Corruptions are applied to the decoded media before the processor, with a numpy Generator seeded per
   (seed, corruption, level, row), so results do not depend on batch size, order or workers.
 """
@@ -37,6 +53,7 @@ Conventions, also stated in every report (`report["conventions"]`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -64,15 +81,17 @@ import modeling_mm  # noqa: F401  (registers the Auto classes)
 from modeling_mm.configuration_mm import MODALITY_NAMES
 from processors import MMFusionProcessor, MediaLimits, load_audio, load_image
 from training.corruptions import CORRUPTION_LEVEL_NAMES, Corruption, corrupt, robustness_conditions
-from training.data import SPLIT_NAMES, DataSettings, MMFusionCollator, _undecoded, find_bad_rows, load_table
+from training.data import (SPLIT_NAMES, DataSettings, MMFusionCollator, _undecoded, encode_targets, find_bad_rows,
+                           is_missing, load_table)
 from training.efficiency import measure_efficiency, parameter_counts
-from training.interpretability import contributions, cross_attention_mass, eager_fusion_attention
+from training.interpretability import cross_attention_mass, eager_fusion_attention, shapley_values, subset_value
 from training.metrics import (TEMPERATURE_RANGE, bootstrap_intervals, calibration_metrics, fit_temperature,
                               headline_keys, headline_statistics, negative_log_likelihood, primary_metric,
-                              quality_metrics, quiet_warnings)
-from training.report import json_safe, render_markdown, write_plots, write_predictions
-from training.scoring import (MULTI_LABEL, REGRESSION, SINGLE_LABEL, classifier, encode_towers, eval_mode,
-                              forward_kept, problem_type_of, scores, uniform_prior)
+                              quality_metrics, quiet_warnings, tune_thresholds)
+from training.report import (json_safe, render_markdown, report_sections, task_predictions, write_plots,
+                             write_predictions)
+from training.scoring import (MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, classifier, encode_towers, eval_mode,
+                              forward_kept, num_outputs, scores, tasks_of)
 
 logger = logging.getLogger("mm_fusion.evaluation")
 
@@ -81,17 +100,34 @@ CONVENTIONS = [
     "A modality is withheld by setting its has_* mask to False (its tower does not run), never by zero-filling "
     "inputs. A sample left with no modality has no prediction and counts as wrong (uniform probabilities for "
     "probability-based metrics; for regression it is left out and counted).",
+    "Targets: each task's data column through training.data.encode_targets; a row without a target for a task is "
+    "left out of that task's metrics and counted in its section (a classifier's rows must all have the label).",
+    "Multi-label decisions: one threshold per label, tuned for that label's F1 on the validation data "
+    "(training.metrics.tune_thresholds); 0.5 when no validation data is given.",
     "ECE: 15 equal-width bins (settable) on the top-class confidence (single-label) or on each label's "
     "max(p, 1 - p) (multi-label); reported as is and, when validation data is given, separately after temperature "
     "scaling fitted on the validation data.",
-    "Contribution of a modality to a sample: p(predicted | all of the sample's modalities) - p(predicted | that "
-    "modality withheld); with that modality alone, the withheld prediction is the uniform prior 1 / num_labels.",
+    "Contribution of a modality to a sample: its exact Shapley value over all subsets of the model's modalities "
+    "(each scored with the others withheld), on the log-odds scale: v(S) is the log-odds of the class predicted with "
+    "all modalities (single-label), each label's logit (multi-label) or the output (regression); v(no modality) is "
+    "the uniform prior (regression: the training targets' mean). A modality the sample lacks gets 0, and a sample's "
+    "values sum to v(all) - v(no modality).",
     "Cross-attention mass: the attention weight each stream's real query tokens put on the tokens of each other "
     "stream (and on the learned sink), averaged over heads, query tokens, fusion layers and samples.",
     "Corruptions are applied to decoded media before the processor, seeded per (seed, corruption, level, row).",
     "Every timing- or load-dependent number is under 'efficiency'.",
 ]
 
+SHAPLEY_DEFINITION = (
+    "exact Shapley value phi_m = sum over subsets S of the other modalities of |S|! (n - |S| - 1)! / n! * "
+    "(v(S + m) - v(S)), every subset scored with the other modalities withheld via their has_* masks; v on the "
+    "log-odds scale (training.interpretability.subset_value); v(no modality) = the uniform prior (regression: the "
+    "training mean); summarised as the mean (and mean absolute) phi over the samples that have the modality")
+
+NO_MODALITY_DROPOUT_NOTE = (
+    "the model was trained without modality dropout (modality_dropout = 0): it never saw a sample with a modality "
+    "withheld, so the scores of modality subsets (the ablation, and the Shapley values built from them) describe "
+    "inputs outside its training distribution, and the contributions are not meaningful")
 
 @dataclass
 class EvaluationSettings:
@@ -126,12 +162,13 @@ class EvaluationSettings:
         "help": "Fit a temperature on the validation data (when given) and report calibration with it separately."})
     efficiency_batch_size: int = field(default=8, metadata={"help": "Batch size of the throughput measurement."})
     latency_runs: int = field(default=20, metadata={"help": "Timed forward passes for latency and throughput."})
-    skip_ablation: bool = field(default=False, metadata={"help": "Skip the modality ablation (and contributions)."})
+    skip_ablation: bool = field(default=False, metadata={
+        "help": "Skip the modality ablation (and the Shapley values, which need every modality subset)."})
     skip_robustness: bool = field(default=False, metadata={"help": "Skip the corruption curves."})
     skip_calibration: bool = field(default=False, metadata={"help": "Skip calibration."})
     skip_efficiency: bool = field(default=False, metadata={"help": "Skip parameter/latency/memory/FLOP measurement."})
     skip_interpretability: bool = field(default=False, metadata={
-        "help": "Skip contributions and cross-attention mass."})
+        "help": "Skip the Shapley values and cross-attention mass."})
     skip_plots: bool = field(default=False, metadata={"help": "Write no PNG files."})
 
     def __post_init__(self):
@@ -168,7 +205,12 @@ class EvaluationArguments:
     text_column: str = field(default="text", metadata={"help": "Column with the text."})
     image_column: str = field(default="image", metadata={"help": "Column with image paths or bytes."})
     audio_column: str = field(default="audio", metadata={"help": "Column with audio paths or bytes."})
-    label_column: str = field(default="label", metadata={"help": "Column with the label."})
+    label_column: str = field(default="label", metadata={
+        "help": "Column with the label of a classifier (a multi-task model reads each task's column from its "
+                "config.tasks)."})
+    label_separator: str = field(default="|", metadata={
+        "help": "A multi-label classifier's string cells: the separator between tags, as for mm-train (a multi-task "
+                "model's tasks keep the separator they were trained with)."})
     strict: bool = field(default=False, metadata={
         "help": "Fail on a bad row (missing/corrupt file, unknown label) instead of skipping it with a warning."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda if available)."})
@@ -176,6 +218,41 @@ class EvaluationArguments:
         "help": "Evaluate on the CPU with dynamic int8 Linear layers, as mm-demo --quantize serves the model "
                 "(training.quantize.quantize_for_cpu). Parameter counts and FLOPs then leave out the int8 Linears, "
                 "which torch counts as neither; benchmarks/cpu_quantized.py puts float32 and int8 side by side."})
+
+
+# ---- tasks and their targets -----------------------------------------------------------------------------------------
+
+def evaluated_tasks(model: torch.nn.Module, columns: DataSettings,
+                    label_names: Sequence[str] | None = None) -> list[Task]:
+    """The tasks of `model` (`training.scoring.tasks_of`) with the data column and multi-label separator their
+    targets are read from: a classifier's one task reads `columns.label_column` (split at `columns.label_separator`),
+    with `label_names` (default the config's `id2label`) as its labels; a multi-task model's tasks read the column
+    each was trained on (default its name) and keep their own separator (default "|"). Raises `ValueError` naming
+    `label_names` when a classifier gets a different number of names than it has outputs."""
+    tasks = tasks_of(model)
+    if classifier(model).config.tasks:
+        return [dataclasses.replace(task, column=task.column or task.name, label_separator=task.label_separator or "|")
+                for task in tasks]
+    task = tasks[0]
+    if label_names is not None:
+        if len(label_names) != task.num_outputs:
+            raise ValueError(f"label_names: {len(label_names)} names for a model with num_labels={task.num_outputs}")
+        task = dataclasses.replace(task, label_names=tuple(label_names))
+    return [dataclasses.replace(task, column=columns.label_column, label_separator=columns.label_separator)]
+
+
+def _task_dict(task: Task) -> dict[str, Any]:
+    """A task in the `MMFusionConfig.tasks` layout that `encode_targets` reads."""
+    return {"name": task.name, "column": task.column, "problem_type": task.problem_type,
+            "labels": None if task.problem_type == REGRESSION else list(task.label_names),
+            "label_separator": task.label_separator}
+
+
+def _has_target(targets: np.ndarray, problem_type: str) -> np.ndarray:
+    """Rows whose `encode_targets` target is not the missing marker (-100 for a class id, NaN otherwise)."""
+    if problem_type == SINGLE_LABEL:
+        return targets != -100
+    return ~np.isnan(targets).reshape(len(targets), -1).any(1)
 
 
 # ---- rows -> batches -------------------------------------------------------------------------------------------------
@@ -194,30 +271,27 @@ class _IndexedRows(torch.utils.data.Dataset):
 
 
 class _EvaluationCollator:
-    """Rows -> {"clean": batch, corruption name: batch, ...}, labels, row indices. Decodes each row's media once
-    per corrupted modality and corrupts every level from it. Picklable, so it runs in DataLoader workers."""
+    """Rows -> {"clean": batch, corruption name: batch, ...}, {task name: targets}, row indices. Decodes each row's
+    media once per corrupted modality and corrupts every level from it. Picklable, so it runs in DataLoader workers.
+    With `require_targets` (a classifier), a row without the label is refused (`ValueError` naming the column), as
+    mm-train refuses it; otherwise a missing target is encoded as missing."""
 
-    def __init__(self, processor: MMFusionProcessor, columns: DataSettings, label_names: Sequence[str],
-                 problem_type: str, corruptions: Sequence[Corruption], seed: int):
-        self.rows_to_inputs = MMFusionCollator(processor, columns, label_names)
-        self.processor, self.columns, self.label_names = processor, columns, list(label_names)
-        self.problem_type, self.corruptions, self.seed = problem_type, list(corruptions), seed
+    def __init__(self, processor: MMFusionProcessor, columns: DataSettings, tasks: Sequence[Task],
+                 corruptions: Sequence[Corruption], seed: int, require_targets: bool = True):
+        self.tasks = [_task_dict(task) for task in tasks]
+        self.rows_to_inputs = MMFusionCollator(processor, columns, self.tasks)
+        self.processor, self.columns = processor, columns
+        self.corruptions, self.seed, self.require_targets = list(corruptions), seed, require_targets
         self.limits = MediaLimits(max_image_pixels=processor.max_image_pixels,
                                   max_audio_seconds=processor.max_audio_seconds)
 
-    def labels(self, rows: Sequence[dict[str, Any]]) -> torch.Tensor:
-        values = [row.get(self.columns.label_column) for row in rows]
-        if self.problem_type == REGRESSION:
-            return torch.tensor([float(v) for v in values], dtype=torch.float64)
-        if self.problem_type == MULTI_LABEL:
-            encoded = torch.zeros(len(values), len(self.label_names), dtype=torch.int64)
-            for i, value in enumerate(values):
-                names = value if isinstance(value, (list, tuple)) else [
-                    part for part in str(value or "").replace(";", ",").replace("|", ",").split(",") if part.strip()]
-                for name in names:
-                    encoded[i, self.rows_to_inputs.label_id(name)] = 1
-            return encoded
-        return torch.tensor([self.rows_to_inputs.label_id(v) for v in values], dtype=torch.int64)
+    def targets(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Each task's targets for `rows`, `training.data.encode_targets` of its column."""
+        if self.require_targets:
+            for task in self.tasks:
+                if any(is_missing(row.get(task["column"])) for row in rows):
+                    raise ValueError(f"{task['column']}: the row has no label")
+        return {task["name"]: encode_targets([row.get(task["column"]) for row in rows], task) for task in self.tasks}
 
     def __call__(self, items: Sequence[tuple[int, dict[str, Any]]]):
         indices = [index for index, _ in items]
@@ -236,7 +310,7 @@ class _EvaluationCollator:
                               for value, row_index in zip(decoded[key], indices)]
             rate = self.processor.feature_extractor.sampling_rate if key == "audio" else None
             batches[corruption.name] = dict(self.processor(**corrupted, sampling_rate=rate))
-        return batches, self.labels(rows), torch.tensor(indices)
+        return batches, self.targets(rows), torch.tensor(indices)
 
     def _decode(self, key: str, values: list) -> list:
         if key == "text":
@@ -249,6 +323,7 @@ class _EvaluationCollator:
                 for i, v in enumerate(values)]
 
 
+
 # ---- one pass over a data set ----------------------------------------------------------------------------------------
 
 def _subset_name(subset: Sequence[str]) -> str:
@@ -259,38 +334,42 @@ def _subset_name(subset: Sequence[str]) -> str:
 class _Collected:
     """Everything one pass over a data set produced, indexed by row."""
 
-    labels: np.ndarray
+    targets: dict[str, np.ndarray]  # task name -> encode_targets of its column (-100 / NaN where a row has none)
     presence: np.ndarray  # (rows, modalities of the model), bool: what each row has
-    logits: dict[str, np.ndarray]  # subset name or corruption name -> (rows, num_labels), NaN = no prediction
+    logits: dict[str, np.ndarray]  # subset name or corruption name -> (rows, num_outputs), NaN = no prediction
     attention_sums: dict[str, dict[str, float]]
     attention_counts: dict[str, int]
 
 
 def _collect(model: torch.nn.Module, processor: MMFusionProcessor, dataset: datasets.Dataset, columns: DataSettings,
-             label_names: Sequence[str], problem_type: str, settings: EvaluationSettings,
-             subsets: Sequence[tuple[str, ...]], corruptions: Sequence[Corruption], attention: bool,
-             desc: str) -> _Collected:
+             tasks: Sequence[Task], settings: EvaluationSettings, subsets: Sequence[tuple[str, ...]],
+             corruptions: Sequence[Corruption], attention: bool, desc: str,
+             require_targets: bool = True) -> _Collected:
     """Run every modality subset on the clean batches and the full model on every corrupted copy, in one pass over
-    the data. Each row is decoded once per corrupted modality, whatever the number of levels; each tower runs once
-    per batch (`encode_towers`), and once more per corruption of its own modality: a corruption changes one
-    modality's inputs, so the other towers' outputs are reused."""
-    base = classifier(model)
-    modalities, num_labels = base.model.modalities, base.config.num_labels
-    collator = _EvaluationCollator(processor, columns, label_names, problem_type, corruptions, settings.seed)
+    the data, keeping every task's outputs side by side (`forward_kept`) and every task's targets. Each row is
+    decoded once per corrupted modality, whatever the number of levels; each tower runs once per batch
+    (`encode_towers`), and once more per corruption of its own modality: a corruption changes one modality's
+    inputs, so the other towers' outputs are reused."""
+    modalities, width = classifier(model).model.modalities, num_outputs(model)
+    collator = _EvaluationCollator(processor, columns, tasks, corruptions, settings.seed, require_targets)
     loader = DataLoader(_IndexedRows(dataset), batch_size=settings.batch_size, shuffle=False,
                         num_workers=settings.num_workers, collate_fn=collator)
     rows = len(dataset)
-    logits = {name: np.full((rows, num_labels), np.nan) for name in
+    logits = {name: np.full((rows, width), np.nan) for name in
               [_subset_name(s) for s in subsets] + [c.name for c in corruptions]}
-    labels, presence = None, np.zeros((rows, len(modalities)), dtype=bool)
+    targets: dict[str, np.ndarray] = {}
+    presence = np.zeros((rows, len(modalities)), dtype=bool)
     sums: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
     with eval_mode(model), eager_fusion_attention(model) if attention else contextlib.nullcontext():
-        for batches, batch_labels, indices in tqdm(loader, desc=desc, leave=False):
+        for batches, batch_targets, indices in tqdm(loader, desc=desc, leave=False):
             rows_here = indices.numpy()
-            if labels is None:
-                labels = np.zeros((rows, *batch_labels.shape[1:]), dtype=batch_labels.numpy().dtype)
-            labels[rows_here] = batch_labels.numpy()
+            for name, values in batch_targets.items():
+                values = values.numpy()
+                if name not in targets:
+                    targets[name] = np.zeros((rows, *values.shape[1:]), dtype=np.float64 if values.dtype.kind == "f"
+                                             else values.dtype)
+                targets[name][rows_here] = values
             clean = batches["clean"]
             for j, modality in enumerate(modalities):
                 key = MODALITY_NAMES[modality].presence
@@ -309,7 +388,7 @@ def _collect(model: torch.nn.Module, processor: MMFusionProcessor, dataset: data
                     **states, **encode_towers(model, batch, [corruption.modality])}
                 out, _, _ = forward_kept(model, batch, modalities, tower_states=corrupted)
                 logits[corruption.name][rows_here] = out.cpu().double().numpy()
-    return _Collected(labels, presence, logits, sums, counts)
+    return _Collected(targets, presence, logits, sums, counts)
 
 
 def _add_attention(sums: dict[str, dict[str, float]], counts: dict[str, int], masses) -> None:
@@ -322,6 +401,25 @@ def _add_attention(sums: dict[str, dict[str, float]], counts: dict[str, int], ma
         counts[MODALITY_NAMES[stream].user] = counts.get(MODALITY_NAMES[stream].user, 0) + int(has_stream.sum())
 
 
+@dataclass
+class _TaskRows:
+    """One task's view of a pass: the rows that have its target, their targets, and its columns of every output."""
+
+    task: Task
+    rows: np.ndarray  # indices into the pass of the rows with a target
+    labels: np.ndarray  # class ids (int64), 0/1 rows (int64) or values (float64) of those rows
+    logits: dict[str, np.ndarray]  # subset or corruption name -> (len(rows), task.num_outputs)
+    rows_without_target: int
+
+
+def _task_rows(collected: _Collected, task: Task) -> _TaskRows:
+    targets = collected.targets[task.name]
+    rows = np.flatnonzero(_has_target(targets, task.problem_type))
+    labels = targets[rows].astype(np.float64 if task.problem_type == REGRESSION else np.int64)
+    logits = {name: values[rows][:, task.outputs] for name, values in collected.logits.items()}
+    return _TaskRows(task, rows, labels, logits, len(targets) - len(rows))
+
+
 # ---- sections --------------------------------------------------------------------------------------------------------
 
 def _compact(metrics: dict[str, Any], problem_type: str) -> dict[str, Any]:
@@ -332,13 +430,15 @@ def _compact(metrics: dict[str, Any], problem_type: str) -> dict[str, Any]:
             "samples_without_modality": metrics.get("samples_without_prediction", 0)}
 
 
-# ---- sections --------------------------------------------------------------------------------------------------------
+def _metrics(data: _TaskRows, name: str, thresholds: np.ndarray | None) -> dict[str, Any]:
+    task = data.task
+    return quality_metrics(data.logits[name], data.labels, task.label_names, task.problem_type, thresholds=thresholds)
 
-def _ablation(collected: _Collected, subsets, label_names, problem_type) -> tuple[list[dict], dict | None]:
-    rows = []
-    for subset in subsets:
-        metrics = quality_metrics(collected.logits[_subset_name(subset)], collected.labels, label_names, problem_type)
-        rows.append({"modalities": [MODALITY_NAMES[m].user for m in subset], **_compact(metrics, problem_type)})
+
+def _ablation(data: _TaskRows, subsets, thresholds) -> tuple[list[dict], dict | None]:
+    problem_type = data.task.problem_type
+    rows = [{"modalities": [MODALITY_NAMES[m].user for m in subset],
+             **_compact(_metrics(data, _subset_name(subset), thresholds), problem_type)} for subset in subsets]
     primary = primary_metric(problem_type)
     singles = [row for row in rows if len(row["modalities"]) == 1 and row[primary] is not None]
     if len(rows) < 2 or not singles or rows[0][primary] is None:
@@ -354,9 +454,9 @@ def _ablation(collected: _Collected, subsets, label_names, problem_type) -> tupl
     }
 
 
-def _robustness(collected: _Collected, corruptions, clean_name, label_names, problem_type) -> dict[str, Any]:
-    clean = _compact(quality_metrics(collected.logits[clean_name], collected.labels, label_names, problem_type),
-                     problem_type)
+def _robustness(data: _TaskRows, corruptions, clean_name, thresholds) -> dict[str, Any]:
+    problem_type = data.task.problem_type
+    clean = _compact(_metrics(data, clean_name, thresholds), problem_type)
     curves: dict[str, Any] = {}
     for corruption in corruptions:
         curve = curves.setdefault(corruption.kind, {
@@ -364,87 +464,211 @@ def _robustness(collected: _Collected, corruptions, clean_name, label_names, pro
             "level_name": CORRUPTION_LEVEL_NAMES[corruption.kind],
             "points": [{"level": None, "condition": "clean", **clean}],
         })
-        metrics = quality_metrics(collected.logits[corruption.name], collected.labels, label_names, problem_type)
         curve["points"].append({"level": corruption.level, "condition": corruption.name,
-                                **_compact(metrics, problem_type)})
+                                **_compact(_metrics(data, corruption.name, thresholds), problem_type)})
     return {"metric": primary_metric(problem_type), "curves": curves}
 
 
-def _calibration(logits, labels, problem_type, settings, validation: _Collected | None, full_name) -> dict[str, Any]:
+def _with_prediction(data: _TaskRows, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The logits and labels of the rows of `data` that have a prediction under `name`."""
+    keep = ~np.isnan(data.logits[name]).any(1)
+    return data.logits[name][keep], data.labels[keep]
+
+
+def _decision_thresholds(data: _TaskRows, validation: _TaskRows | None, full_name: str
+                         ) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """A multi-label task's per-label thresholds, tuned on the validation rows (`tune_thresholds`), or None (0.5)
+    with the reason; and their report entry."""
+    names = data.task.label_names
+    logits, labels = _with_prediction(validation, full_name) if validation is not None else (None, None)
+    if logits is None or len(logits) == 0:
+        reason = "no validation data" if validation is None else "no validation row has this task's target"
+        return None, {"values": {name: 0.5 for name in names}, "fitted_on": None,
+                      "note": f"0.5 for every label: {reason} to tune them on"}
+    thresholds = tune_thresholds(labels, scores(logits, MULTI_LABEL))
+    return thresholds, {"values": dict(zip(names, thresholds.tolist())),
+                        "fitted_on": f"validation data ({len(logits)} samples): per label, the threshold of "
+                                     "sklearn's precision-recall curve with the highest F1"}
+
+
+def _calibration(data: _TaskRows, settings, validation: _TaskRows | None, full_name) -> dict[str, Any]:
+    problem_type = data.task.problem_type
     if problem_type == REGRESSION:
         return {"applicable": False, "reason": "regression has no class confidence"}
+    logits, labels = data.logits[full_name], data.labels
     result: dict[str, Any] = {"applicable": True, "bins": settings.calibration_bins,
                               "binning": f"{settings.calibration_bins} equal-width bins on "
                                          + ("each label's max(p, 1 - p)" if problem_type == MULTI_LABEL
                                             else "the top-class confidence"),
                               "uncalibrated": calibration_metrics(logits, labels, problem_type,
                                                                 settings.calibration_bins)}
-    if validation is None:
+    validation_logits, validation_labels = (_with_prediction(validation, full_name) if validation is not None
+                                            else (None, None))
+    if validation_logits is None or len(validation_logits) == 0:
         result["temperature_scaling"] = None
-        result["temperature_scaling_note"] = ("not fitted: no validation data" if settings.temperature_scaling
-                                              else "disabled (temperature_scaling=False)")
+        result["temperature_scaling_note"] = (
+            "disabled (temperature_scaling=False)" if not settings.temperature_scaling else
+            "not fitted: no validation data" if validation is None else
+            "not fitted: no validation row has this task's target")
         return result
-    validation_logits = validation.logits[full_name]
-    keep = ~np.isnan(validation_logits).any(1)
-    temperature = fit_temperature(validation_logits[keep], validation.labels[keep], problem_type)
+    temperature = fit_temperature(validation_logits, validation_labels, problem_type)
     scaled = calibration_metrics(logits / temperature, labels, problem_type, settings.calibration_bins)
     # at an edge of the range, the NLL still falls beyond it (e.g. logits that carry no confidence signal)
     at_edge = any(math.isclose(temperature, edge, rel_tol=1e-3) for edge in TEMPERATURE_RANGE)
     result["temperature_scaling"] = {
         "temperature": temperature,
-        "fitted_on": f"validation data ({int(keep.sum())} samples), minimising NLL over T in "
+        "fitted_on": f"validation data ({len(validation_logits)} samples), minimising NLL over T in "
                      f"[{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}]"
                      + ("; the minimum lies at the edge of that range" if at_edge else ""),
-        "validation_nll_before": negative_log_likelihood(validation_logits[keep], validation.labels[keep],
-                                                         problem_type),
-        "validation_nll_after": negative_log_likelihood(validation_logits[keep] / temperature,
-                                                        validation.labels[keep], problem_type),
+        "validation_nll_before": negative_log_likelihood(validation_logits, validation_labels, problem_type),
+        "validation_nll_after": negative_log_likelihood(validation_logits / temperature, validation_labels,
+                                                        problem_type),
         "test": scaled,
     }
     return result
 
 
-def _interpretability(collected: _Collected, modalities, label_names, problem_type) -> tuple[dict, list[dict]]:
-    """Mean per-sample contributions and cross-attention mass; the per-sample contributions for predictions.jsonl."""
-    full = _subset_name(modalities)
-    rows = len(collected.logits[full])
-    per_sample: list[dict[str, float]] = [{} for _ in range(rows)]
-    summary: dict[str, Any] = {}
-    if problem_type != REGRESSION:
-        with_all = scores(collected.logits[full], problem_type)
-        without = {}
-        for modality in modalities:
-            others = tuple(m for m in modalities if m != modality)
-            # a one-modality model: withholding its only modality leaves the prior
-            without[modality] = (scores(collected.logits[_subset_name(others)], problem_type) if others else
-                                 np.broadcast_to(uniform_prior(problem_type, len(label_names)), with_all.shape))
-        change = contributions(with_all, without)
-        for j, modality in enumerate(modalities):
-            has = collected.presence[:, j] & ~np.isnan(collected.logits[full]).any(1)
-            name = MODALITY_NAMES[modality].user
-            for i in np.flatnonzero(has):
-                per_sample[i][name] = float(change[modality][i])
-            summary[name] = {
-                "mean": float(change[modality][has].mean()) if has.any() else None,
-                "mean_abs": float(np.abs(change[modality][has]).mean()) if has.any() else None,
-                "samples": int(has.sum()),
-            }
-    attention = {stream: {part: total / collected.attention_counts[stream] for part, total in parts.items()}
-                 for stream, parts in collected.attention_sums.items() if collected.attention_counts.get(stream)}
+def _shapley(collected: _Collected, task: Task, subsets: Sequence[tuple[str, ...]], modalities: Sequence[str]
+             ) -> tuple[dict[str, Any] | None, list[dict[str, Any] | None], str | None]:
+    """Exact Shapley values of every modality for every row with a prediction, from the ablation's subset logits:
+    (summary per modality, per-row {"phi", "v_all", "v_empty"} or None, why they are unavailable or None)."""
+    full_name = _subset_name(modalities)
+    rows = len(collected.logits[full_name])
+    if {frozenset(s) for s in subsets} != {frozenset(s) for n in range(1, len(modalities) + 1)
+                                           for s in itertools.combinations(modalities, n)}:
+        return None, [None] * rows, ("not computed: the modality ablation was skipped (skip_ablation), and exact "
+                                     f"Shapley values need all {2 ** len(modalities)} modality subsets")
+    problem_type = task.problem_type
+    full = collected.logits[full_name][:, task.outputs]
+    reference = np.nan_to_num(full, nan=0.0).argmax(1) if problem_type == SINGLE_LABEL else None
+    if problem_type == REGRESSION:
+        # a subset with none of the row's modalities knows as much as no modality: the training mean
+        empty = np.broadcast_to(np.asarray(task.target_mean if task.target_mean else [np.nan] * task.num_outputs,
+                                           dtype=np.float64), full.shape)
+    else:
+        empty = subset_value(np.full(full.shape, np.nan), problem_type, reference)
+    values = {frozenset(): empty}
+    for subset in subsets:
+        value = subset_value(collected.logits[_subset_name(subset)][:, task.outputs], problem_type, reference)
+        values[frozenset(subset)] = np.where(np.isnan(value), empty, value) if problem_type == REGRESSION else value
+    phi = shapley_values(values, modalities)
+    has_prediction = ~np.isnan(full).any(1)
+    note = None
+    if problem_type == REGRESSION and not task.target_mean:
+        note = ("unknown: the model has no target_mean (the training targets' mean), the value of the empty "
+                "modality subset")
+
+    def per_output(array: np.ndarray, i: int) -> Any:  # one row's value: a number, or one per label / output
+        value = array[i]
+        if np.ndim(value) == 0:
+            return float(value)
+        if problem_type == MULTI_LABEL:
+            return dict(zip(task.label_names, value.tolist()))
+        return float(value[0]) if len(value) == 1 else value.tolist()
+
+    per_row: list[dict[str, Any] | None] = [None] * rows
+    for i in np.flatnonzero(has_prediction):
+        per_row[i] = {"phi": {MODALITY_NAMES[m].user: per_output(phi[m], i)
+                              for j, m in enumerate(modalities) if collected.presence[i, j]},
+                      "v_all": per_output(values[frozenset(modalities)], i), "v_empty": per_output(empty, i)}
+    summary = {}
+    for j, modality in enumerate(modalities):
+        has = collected.presence[:, j] & has_prediction
+        magnitudes = np.abs(phi[modality][has]).reshape(int(has.sum()), -1)  # (samples, labels or outputs)
+        entry = {"mean": float(phi[modality][has].mean()) if has.any() else None,
+                 "mean_abs": float(magnitudes.mean()) if has.any() else None,
+                 "samples": int(has.sum())}
+        if problem_type == MULTI_LABEL:
+            entry["mean_abs_per_label"] = (dict(zip(task.label_names, magnitudes.mean(0).tolist())) if has.any()
+                                           else None)
+        summary[MODALITY_NAMES[modality].user] = entry
+    return summary, per_row, note
+
+
+def _interpretability(collected: _Collected, task: Task, subsets, modalities, modality_dropout: float,
+                      cross_attention: bool) -> tuple[dict, list[dict[str, Any] | None]]:
+    """A task's interpretability section (Shapley values; the cross-attention mass too when `cross_attention`) and
+    its per-row Shapley values for predictions.jsonl."""
+    summary, per_row, note = _shapley(collected, task, subsets, modalities)
+    section: dict[str, Any] = {
+        "shapley_definition": SHAPLEY_DEFINITION,
+        "shapley_scale": {SINGLE_LABEL: "log-odds of the class predicted with all modalities",
+                          MULTI_LABEL: "each label's log-odds (logit)",
+                          REGRESSION: "the output, in the targets' units"}[task.problem_type],
+        "shapley": summary,
+    }
+    if note:
+        section["shapley_note"] = note
+    section["modality_dropout"] = modality_dropout
+    if modality_dropout == 0:
+        section["modality_dropout_note"] = NO_MODALITY_DROPOUT_NOTE
+    if cross_attention:
+        section.update(_cross_attention(collected))
+    section["per_sample"] = "predictions.jsonl"
+    return section, per_row
+
+
+def _cross_attention(collected: _Collected) -> dict[str, Any]:
     return {
-        "contribution_definition": "p(predicted | all of the sample's modalities) - p(predicted | that modality "
-                                   "withheld via its has_* mask); with that modality alone: minus 1 / num_labels",
-        "contributions": summary if problem_type != REGRESSION else None,
         "cross_attention_definition": "attention mass of each stream's real query tokens on the tokens of each other "
                                       "stream and on the learned sink, averaged over heads, query tokens, fusion "
                                       "layers and the samples that have the stream",
-        "cross_attention": attention,
-        "per_sample": "predictions.jsonl",
-    }, per_sample
+        "cross_attention": {stream: {part: total / collected.attention_counts[stream] for part, total in parts.items()}
+                            for stream, parts in collected.attention_sums.items()
+                            if collected.attention_counts.get(stream)},
+    }
 
 
-def _efficiency_batches(dataset, processor, columns, label_names, problem_type, size: int):
-    collator = _EvaluationCollator(processor, columns, label_names, problem_type, [], 0)
+def _task_section(collected: _Collected, validation: _Collected | None, task: Task, settings: EvaluationSettings,
+                  subsets, corruptions, modalities, modality_dropout: float, multi_task: bool
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One task's section of the report (the single-task report's keys, in its order) and what its predictions
+    need: {"thresholds": the multi-label decision thresholds or None, "shapley": per-row Shapley values}."""
+    full_name = _subset_name(modalities)
+    data = _task_rows(collected, task)
+    validation_data = _task_rows(validation, task) if validation is not None else None
+    problem_type = task.problem_type
+    section: dict[str, Any] = {"problem_type": problem_type}
+    if multi_task:
+        section.update(labels=list(task.label_names), column=task.column, rows_without_target=data.rows_without_target)
+    thresholds = None
+    if problem_type == MULTI_LABEL:
+        thresholds, section["decision_thresholds"] = _decision_thresholds(data, validation_data, full_name)
+    with _timed(f"{task.name}: metrics and bootstrap ({settings.bootstrap_rounds} rounds)"):
+        metrics = _metrics(data, full_name, thresholds)
+        samples, statistics = headline_statistics(data.labels, data.logits[full_name], task.label_names, problem_type,
+                                                  thresholds)
+        with quiet_warnings():
+            intervals = bootstrap_intervals(statistics, samples, settings.bootstrap_rounds, settings.seed,
+                                            settings.confidence_level)
+    section.update({
+        "headline": {key: metrics[key] for key in headline_keys(problem_type)},
+        "headline_ci": intervals,
+        "headline_ci_method": f"{settings.confidence_level:.0%} percentile bootstrap (scipy.stats.bootstrap over "
+                              f"resampled samples), {settings.bootstrap_rounds} rounds, seed {settings.seed}",
+        "metrics": metrics,
+    })
+    if not settings.skip_ablation:
+        with _timed(f"{task.name}: ablation"):
+            section["ablation"], section["fusion_gain"] = _ablation(data, subsets, thresholds)
+    if corruptions:
+        with _timed(f"{task.name}: robustness"):
+            section["robustness"] = _robustness(data, corruptions, full_name, thresholds)
+    if not settings.skip_calibration:
+        with _timed(f"{task.name}: calibration"):
+            section["calibration"] = _calibration(data, settings, validation_data if settings.temperature_scaling
+                                                  else None, full_name)
+    shapley: list[dict[str, Any] | None] = [None] * len(collected.presence)
+    if not settings.skip_interpretability:
+        with _timed(f"{task.name}: interpretability"):
+            # a classifier's section holds the cross-attention mass; a multi-task report has it once, at the top
+            section["interpretability"], shapley = _interpretability(collected, task, subsets, modalities,
+                                                                     modality_dropout, cross_attention=not multi_task)
+    return section, {"thresholds": thresholds, "shapley": shapley}
+
+
+def _efficiency_batches(dataset, processor, columns, tasks, size: int):
+    collator = _EvaluationCollator(processor, columns, tasks, [], 0, require_targets=False)
     rows = [(i % len(dataset), dataset[i % len(dataset)]) for i in range(size)]
     single, _, _ = collator(rows[:1])
     batch, _, _ = collator(rows)
@@ -475,27 +699,37 @@ def _training_modes(model_path: str | None) -> dict[str, str] | None:
         "fusion": "full", "head": "full"}
 
 
-def _check_dataset(dataset: datasets.Dataset, columns: DataSettings, name: str) -> None:
+def _check_dataset(dataset: datasets.Dataset, columns: DataSettings, tasks: Sequence[Task], multi_task: bool,
+                   name: str) -> None:
     if not isinstance(dataset, datasets.Dataset):
         raise ValueError(f"{name}: expected a datasets.Dataset; got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise ValueError(f"{name}: the data set is empty")
-    if columns.label_column not in dataset.column_names:
-        raise ValueError(f"label_column: {columns.label_column!r} is not a column of the {name} "
-                         f"(columns: {dataset.column_names})")
+    for task in tasks:
+        if task.column not in dataset.column_names:
+            field_name = f"tasks: the column {task.column!r} of task {task.name!r}" if multi_task else \
+                f"label_column: {task.column!r}"
+            raise ValueError(f"{field_name} is not a column of the {name} (columns: {dataset.column_names})")
     media = [columns.text_column, columns.image_column, columns.audio_column]
     if not any(column in dataset.column_names for column in media):
         raise ValueError(f"text_column, image_column, audio_column: none of {media} is a column of the {name} "
                          f"(columns: {dataset.column_names})")
 
 
-def _with_label_names(dataset: datasets.Dataset, label_column: str) -> datasets.Dataset:
+def _with_label_names(dataset: datasets.Dataset, tasks: Sequence[Task]) -> datasets.Dataset:
     """ClassLabel integers -> their names, which the model's labels are matched against."""
-    feature = dataset.features.get(label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return dataset.cast_column(label_column, datasets.Value("string")).map(
-            lambda row: {label_column: feature.int2str(int(row[label_column]))})
+    for task in tasks:
+        feature = dataset.features.get(task.column)
+        if isinstance(feature, datasets.ClassLabel):
+            dataset = dataset.cast_column(task.column, datasets.Value("string")).map(
+                lambda row, column=task.column, feature=feature: {column: feature.int2str(int(row[column]))})
     return dataset
+
+
+def _checked(dataset: datasets.Dataset, columns: DataSettings, tasks: Sequence[Task], multi_task: bool,
+             name: str) -> datasets.Dataset:
+    _check_dataset(dataset, columns, tasks, multi_task, name)
+    return _with_label_names(dataset, tasks)
 
 
 def evaluate_model(model: torch.nn.Module, processor: MMFusionProcessor, dataset: datasets.Dataset,
@@ -503,32 +737,31 @@ def evaluate_model(model: torch.nn.Module, processor: MMFusionProcessor, dataset
                    label_names: Sequence[str] | None = None, validation: datasets.Dataset | None = None, *,
                    data_settings: DataSettings | None = None, data_source: str | None = None, split: str = "test",
                    model_path: str | None = None, skipped_rows: Sequence[dict] | None = None) -> dict[str, Any]:
-    """Evaluate `model` on `dataset` and write report.json, report.md, predictions.jsonl and the PNG plots into
-    `output_dir`; returns the report (the content of report.json).
+    """Evaluate every task of `model` on `dataset` and write report.json, report.md, predictions.jsonl and the PNG
+    plots into `output_dir`; returns the report (the content of report.json; see the module docstring for its
+    layout).
 
-    `dataset` holds rows with text/image/audio/label columns as `training.data.prepare_splits` gives them (media
-    cells are paths or bytes; column names from `data_settings`, default text/image/audio/label). `label_names`
-    are the model's labels in id order (default: `config.id2label`). `validation`, when given (and
-    `settings.temperature_scaling`), fits the temperature. The model may be a PeftModel; call this on an unwrapped
+    `dataset` holds rows with text/image/audio columns and each task's target column as
+    `training.data.prepare_splits` gives them (media cells are paths or bytes; column names from `data_settings`,
+    default text/image/audio/label; a multi-task model's target columns from its `config.tasks`). `label_names` are a
+    classifier's labels in id order (default: `config.id2label`); a multi-task model reads its labels from
+    `config.tasks` and ignores them. `validation`, when given, tunes the multi-label thresholds and (with
+    `settings.temperature_scaling`) fits the temperature. The model may be a PeftModel; call this on an unwrapped
     model (on the main process under Accelerate). Its train/eval mode and attention implementation are restored.
 
-    Raises `ValueError` naming the field for a data set without the label column or any media column, an empty
-    data set, labels that are not the model's, or a model without a classification head.
+    Raises `ValueError` naming the field for a data set without a target column or any media column, an empty
+    data set, a classifier's row without the label, labels that are not the model's, or a model without a head.
     """
     settings = settings or EvaluationSettings()
     columns = data_settings or DataSettings()
     base = classifier(model)
-    problem_type = problem_type_of(model)
-    num_labels = base.config.num_labels
-    label_names = list(label_names) if label_names is not None else [base.config.id2label[i]
-                                                                       for i in range(num_labels)]
-    if len(label_names) != num_labels:
-        raise ValueError(f"label_names: {len(label_names)} names for a model with num_labels={num_labels}")
-    _check_dataset(dataset, columns, "dataset")
-    dataset = _with_label_names(dataset, columns.label_column)
+    multi_task = bool(base.config.tasks)
+    if multi_task and label_names is not None:
+        logger.debug("label_names: ignored for a multi-task model (its labels come from config.tasks)")
+    tasks = evaluated_tasks(model, columns, None if multi_task else label_names)
+    dataset = _checked(dataset, columns, tasks, multi_task, "dataset")
     if validation is not None:
-        _check_dataset(validation, columns, "validation")
-        validation = _with_label_names(validation, columns.label_column)
+        validation = _checked(validation, columns, tasks, multi_task, "validation")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     modalities = tuple(base.model.modalities)
@@ -536,86 +769,99 @@ def evaluate_model(model: torch.nn.Module, processor: MMFusionProcessor, dataset
     subsets = [full]
     if not settings.skip_ablation:
         subsets = [s for n in range(len(modalities), 0, -1) for s in itertools.combinations(modalities, n)]
-    elif not settings.skip_interpretability and len(modalities) > 1:  # contributions need the leave-one-out runs
-        subsets += [tuple(m for m in modalities if m != left_out) for left_out in modalities]
     corruptions = [] if settings.skip_robustness else robustness_conditions(settings, modalities)
 
     started = time.perf_counter()
     with _timed(f"forward passes ({len(dataset)} rows x ({len(subsets)} modality subsets + {len(corruptions)} "
                 "corruptions))"):
-        collected = _collect(model, processor, dataset, columns, label_names, problem_type, settings, subsets,
-                             corruptions, attention=not settings.skip_interpretability and len(modalities) > 1,
-                             desc=f"evaluating {split}")
-    full_name = _subset_name(full)
-    logits, labels = collected.logits[full_name], collected.labels
-    with _timed(f"metrics and bootstrap ({settings.bootstrap_rounds} rounds)"):
-        metrics = quality_metrics(logits, labels, label_names, problem_type)
-        headline = {key: metrics[key] for key in headline_keys(problem_type)}
-        samples, statistics = headline_statistics(labels, logits, label_names, problem_type)
-        with quiet_warnings():
-            intervals = bootstrap_intervals(statistics, samples, settings.bootstrap_rounds, settings.seed,
-                                            settings.confidence_level)
+        collected = _collect(model, processor, dataset, columns, tasks, settings, subsets, corruptions,
+                             attention=not settings.skip_interpretability and len(modalities) > 1,
+                             desc=f"evaluating {split}", require_targets=not multi_task)
+    # the validation pass tunes multi-label thresholds and fits temperatures
+    wants_validation = any(task.problem_type == MULTI_LABEL for task in tasks) or (
+        not settings.skip_calibration and settings.temperature_scaling
+        and any(task.problem_type != REGRESSION for task in tasks))
+    validation_pass = None
+    if validation is not None and wants_validation:
+        with _timed("the validation pass"):
+            validation_pass = _collect(model, processor, validation, columns, tasks, settings, [full], [],
+                                       attention=False, desc="evaluating validation", require_targets=not multi_task)
+    sections, outputs = {}, {}
+    for task in tasks:
+        sections[task.name], outputs[task.name] = _task_section(
+            collected, validation_pass, task, settings, subsets, corruptions, modalities,
+            base.config.modality_dropout, multi_task)
 
+    model_entry: dict[str, Any] = {
+        "path": str(model_path or getattr(base, "name_or_path", "") or "in-memory model"),
+        "class": type(model).__name__,
+        "modalities": [MODALITY_NAMES[m].user for m in modalities],
+    }
+    if multi_task:
+        model_entry["tasks"] = [{"name": t.name, "problem_type": t.problem_type, "labels": list(t.label_names),
+                                 "num_outputs": t.num_outputs} for t in tasks]
+    else:
+        model_entry.update(num_labels=tasks[0].num_outputs, labels=list(tasks[0].label_names))
+    model_entry.update(parameters=parameter_counts(model), training_modes=_training_modes(model_path))
+    media_columns = {"text": columns.text_column, "image": columns.image_column, "audio": columns.audio_column}
     report: dict[str, Any] = {
-        "model": {
-            "path": str(model_path or getattr(base, "name_or_path", "") or "in-memory model"),
-            "class": type(model).__name__,
-            "modalities": [MODALITY_NAMES[m].user for m in modalities],
-            "num_labels": num_labels,
-            "labels": label_names,
-            "parameters": parameter_counts(model),
-            "training_modes": _training_modes(model_path),
-        },
+        "model": model_entry,
         "data": {"source": data_source or "in-memory dataset", "split": split, "rows": len(dataset),
-                 "columns": {"text": columns.text_column, "image": columns.image_column,
-                             "audio": columns.audio_column, "label": columns.label_column},
+                 "columns": {**media_columns, **({"targets": {t.name: t.column for t in tasks}} if multi_task
+                                                 else {"label": columns.label_column})},
                  "skipped_rows": list(skipped_rows or []),
                  "validation_rows": None if validation is None else len(validation)},
         "seed": settings.seed,
         "settings": asdict(settings),
         "versions": package_versions(),
-        "problem_type": problem_type,
-        "conventions": CONVENTIONS,
-        "headline": headline,
-        "headline_ci": intervals,
-        "headline_ci_method": f"{settings.confidence_level:.0%} percentile bootstrap (scipy.stats.bootstrap over "
-                              f"resampled samples), {settings.bootstrap_rounds} rounds, seed {settings.seed}",
-        "metrics": metrics,
     }
-    if not settings.skip_ablation:
-        with _timed("ablation"):
-            report["ablation"], report["fusion_gain"] = _ablation(collected, subsets, label_names, problem_type)
-    if corruptions:
-        with _timed("robustness"):
-            report["robustness"] = _robustness(collected, corruptions, full_name, label_names, problem_type)
-    if not settings.skip_calibration:
-        with _timed("calibration (with the validation pass)"):
-            validation_pass = None
-            if validation is not None and settings.temperature_scaling and problem_type != REGRESSION:
-                validation_pass = _collect(model, processor, validation, columns, label_names, problem_type,
-                                           settings, [full], [], attention=False, desc="evaluating validation")
-            report["calibration"] = _calibration(logits, labels, problem_type, settings, validation_pass, full_name)
-    per_sample: list[dict[str, float]] = [{} for _ in range(len(dataset))]
-    if not settings.skip_interpretability:
-        with _timed("interpretability"):
-            report["interpretability"], per_sample = _interpretability(collected, modalities, label_names,
-                                                                       problem_type)
+    if multi_task:
+        report["conventions"] = CONVENTIONS
+        report["tasks"] = sections
+        if not settings.skip_interpretability:
+            report["interpretability"] = {**_cross_attention(collected), "per_sample": "predictions.jsonl"}
+    else:
+        section = sections[tasks[0].name]
+        report["problem_type"] = section.pop("problem_type")
+        report["conventions"] = CONVENTIONS
+        report.update(section)
     if not settings.skip_efficiency:
         with _timed(f"efficiency ({settings.latency_runs} latency runs)"):
-            single, batch = _efficiency_batches(dataset, processor, columns, label_names, problem_type,
-                                                settings.efficiency_batch_size)
+            single, batch = _efficiency_batches(dataset, processor, columns, tasks, settings.efficiency_batch_size)
             report["efficiency"] = measure_efficiency(model, single, batch, settings.latency_runs)
+    predictions = {}
+    for task in tasks:
+        task_output = outputs[task.name]
+        predictions[task.name] = task_predictions(
+            collected.logits[_subset_name(full)][:, task.outputs], collected.targets[task.name], task.label_names,
+            task.problem_type, task_output["thresholds"], task_output["shapley"])
     if not settings.skip_plots:
         with _timed("plots"):
-            report["plots"] = write_plots(report, output_dir)
+            regression = {task.name: _regression_points(collected, task, _subset_name(full)) for task in tasks
+                          if task.problem_type == REGRESSION}
+            plots = write_plots(report, output_dir, regression)
+            for name, section in report_sections(report):
+                section["plots"] = plots[name]
     with _timed("report files"):
         report = json_safe(report)
-        write_predictions(output_dir / "predictions.jsonl", logits, labels, label_names, problem_type, per_sample)
+        write_predictions(output_dir / "predictions.jsonl", predictions, multi_task)
         (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (output_dir / "report.md").write_text(render_markdown(report))
     logger.info("evaluation written to %s in %.1f s: %s", output_dir, time.perf_counter() - started,
-                ", ".join(f"{k} {v:.4f}" for k, v in headline.items() if v is not None))
+                "; ".join(_headline_line(name, section, multi_task) for name, section in report_sections(report)))
     return report
+
+
+def _regression_points(collected: _Collected, task: Task, full_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, predictions) of a regression task's rows that have both, for its plots."""
+    data = _task_rows(collected, task)
+    logits, labels = _with_prediction(data, full_name)
+    return labels, logits[:, 0]
+
+
+def _headline_line(name: str, section: dict[str, Any], multi_task: bool) -> str:
+    line = ", ".join(f"{k} {v:.4f}" for k, v in section["headline"].items() if v is not None)
+    return f"{name}: {line}" if multi_task else line
 
 
 @contextlib.contextmanager
@@ -656,12 +902,13 @@ def run(arguments: EvaluationArguments, settings: EvaluationSettings) -> dict[st
     if not (model_path / "config.json").exists():
         raise ValueError(f"model: {arguments.model!r} holds no config.json (not a model folder written by mm-train)")
     columns = DataSettings(text_column=arguments.text_column, image_column=arguments.image_column,
-                           audio_column=arguments.audio_column, label_column=arguments.label_column)
+                           audio_column=arguments.audio_column, label_column=arguments.label_column,
+                           label_separator=arguments.label_separator)
     dataset = load_split(arguments.data, arguments.split, columns)
     validation = None
     if arguments.validation_data:
         validation = load_split(arguments.validation_data, "validation", columns)
-    elif settings.temperature_scaling and not Path(arguments.data).is_file():
+    elif not Path(arguments.data).is_file():  # thresholds and temperatures are fitted on it
         with contextlib.suppress(ValueError):
             validation = load_split(arguments.data, "validation", columns)
 
@@ -676,17 +923,15 @@ def run(arguments: EvaluationArguments, settings: EvaluationSettings) -> dict[st
 
         model = quantize_for_cpu(model)  # merges a peft adapter first
     model.to(device)
-    base = classifier(model)
-    problem_type = problem_type_of(model)
-    label_names = [base.config.id2label[i] for i in range(base.config.num_labels)]
+    multi_task = bool(classifier(model).config.tasks)
+    tasks = evaluated_tasks(model, columns)
     skipped = []
     for name in ("dataset", "validation"):
         split = dataset if name == "dataset" else validation
         if split is None:
             continue
-        _check_dataset(split, columns, name)
-        split = _with_label_names(split, columns.label_column)
-        collator = _EvaluationCollator(processor, columns, label_names, problem_type, [], settings.seed)
+        split = _checked(split, columns, tasks, multi_task, name)
+        collator = _EvaluationCollator(processor, columns, tasks, [], settings.seed, require_targets=not multi_task)
         bad = find_bad_rows(split, _RowChecker(collator), name, arguments.strict)
         if bad:
             split = split.select(sorted(set(range(len(split))) - {i for i, _ in bad}))
@@ -695,7 +940,7 @@ def run(arguments: EvaluationArguments, settings: EvaluationSettings) -> dict[st
         else:
             validation = split
     output_dir = Path(arguments.output_dir) if arguments.output_dir else model_path / "evaluation"
-    return evaluate_model(model, processor, dataset, output_dir, settings, label_names, validation,
+    return evaluate_model(model, processor, dataset, output_dir, settings, None, validation,
                           data_settings=columns, data_source=arguments.data, split=arguments.split,
                           model_path=str(model_path), skipped_rows=skipped)
 
@@ -726,9 +971,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"mm-eval: error: {error}", file=sys.stderr)
         return 2
-    headline = ", ".join(f"{k} {v:.4f}" for k, v in report["headline"].items() if v is not None)
     output_dir = arguments.output_dir or Path(arguments.model) / "evaluation"
-    print(f"{report['data']['split']}: {headline}")
+    sections = report_sections(report)
+    for name, section in sections:
+        where = f"{report['data']['split']} {name}" if "tasks" in report else report["data"]["split"]
+        print(f"{where}: {_headline_line(name, section, multi_task=False)}")
     print(f"report written to {Path(output_dir) / 'report.md'}")
     return 0
 

@@ -9,12 +9,17 @@ a safe upload.
 
 The release folder is rebuilt from the model, never copied wholesale, and holds only files on `ALLOWED_FILES`:
 `config.json` (with `auto_map` for AutoConfig, AutoModel, AutoModelForSequenceClassification and AutoProcessor, and
-`custom_pipelines` for the `mm-fusion-classification` pipeline), safetensors weights (sharded above
+`custom_pipelines` for the `mm-fusion-classification` pipeline; a multi-task model maps AutoModel to
+`MMFusionForMultiTask`, which the pipeline loads), safetensors weights (sharded above
 `--max-shard-size`) or, with `--adapter-only`, the peft adapter, the processor and tokenizer files, the flat code
 files (`configuration_mm.py`, `modeling_mm.py`, `processing_mm.py`, `media.py`, `pipeline_mm.py`) and a `README.md`
 model card. Everything else in the model folder (optimizer and RNG states, pickles, checkpoints, logs, the training
 records) is left out, and the command lists what it left out. The upload names each file of the release, so nothing
 else can travel with it.
+
+A multi-task model (`config.tasks`) gets a card that names its tasks, shows each task's output in its usage
+snippets, and has a model-index result per task and metric (from the report's `tasks` section); it is published
+merged (`--adapter-only` is refused for it).
 
 Local paths stay local: a tower loaded from a local folder is named in the release only by the Hub id given with
 `--base-model MODALITY=ORG/NAME`. An adapter-only release needs those ids for every tower (or `--base-model
@@ -54,6 +59,7 @@ from transformers.utils.hub import convert_file_size_to_int
 import modeling_mm.modeling_mm
 import modeling_mm.pipeline_mm
 import processors.processing_mm
+from modeling_mm import MMFusionForMultiTask
 from modeling_mm.configuration_mm import MODALITY_NAMES
 from modeling_mm.pipeline_mm import PIPELINE_TASK, MMFusionClassificationPipeline
 from training.lora import load_trained_model
@@ -192,8 +198,8 @@ def build_release(
     data for the card. `revision` is the branch the card's snippets name until an upload pins them to its commit.
 
     Raises `ValueError` naming the argument for: a folder that is not a model or has no processor, `adapter_only`
-    for a merged model, an adapter whose base cannot be named by Hub ids, a bad repo id, base model, shard size or
-    report, and a non-empty `out_dir`.
+    for a merged model or a multi-task model, an adapter whose base cannot be named by Hub ids, a bad repo id, base
+    model, shard size or report, and a non-empty `out_dir`.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_repo_id("repo_id", repo_id, namespaced=True)
@@ -221,6 +227,11 @@ def build_release(
     metrics = _read_json(model_dir / "metrics.json")
 
     config = AutoConfig.from_pretrained(model_dir)
+    if adapter_only and config.tasks:
+        # its snippets, auto_map and base loading are written for a classifier's adapter
+        names = ", ".join(task["name"] for task in config.tasks)
+        raise ValueError(f"adapter_only: {model_dir} holds a multi-task model ({names}); publish it merged "
+                         "(without --adapter-only)")
     adapter_base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") \
         if is_adapter else None
     trained_from = ((training_args or {}).get("model") or {}).get("model")
@@ -292,9 +303,18 @@ def resolve_base_models(config: PreTrainedConfig, given: dict[str, str], trained
 
 
 def _save_merged(model_dir: Path, out_dir: Path, bases: dict[str, str | None], max_shard_size: str | int) -> None:
-    model = load_trained_model(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.tasks and not (model_dir / "adapter_config.json").is_file():
+        # load_trained_model reads `architectures` for the base model or a classifier: a multi-task folder would load
+        # as a classifier with a new head, without its task heads
+        model = MMFusionForMultiTask.from_pretrained(model_dir)
+    else:
+        model = load_trained_model(model_dir)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
+    if config.tasks and not hasattr(model, "heads"):
+        raise ValueError(f"model: {model_dir} holds a multi-task adapter that loaded as {type(model).__name__}; "
+                         "save the merged model (mm-train --merge_lora true) and publish that")
     _set_release_config(model.config, bases)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
 
@@ -321,9 +341,11 @@ def _set_release_config(config: PreTrainedConfig, bases: dict[str, str | None]) 
         config.tower_config(modality)._name_or_path = bases[modality] or ""
     config.auto_map = {**(config.auto_map or {}), "AutoProcessor": "processing_mm.MMFusionProcessor"}
     impl = MMFusionClassificationPipeline
+    # the pipeline loads the model through this Auto class: a multi-task checkpoint maps AutoModel to its class
+    auto_class = "AutoModel" if config.tasks else "AutoModelForSequenceClassification"
     config.custom_pipelines = {
-        PIPELINE_TASK: {"impl": f"{impl.__module__.rsplit('.', 1)[-1]}.{impl.__name__}",
-                        "pt": ["AutoModelForSequenceClassification"], "type": "multimodal"},
+        PIPELINE_TASK: {"impl": f"{impl.__module__.rsplit('.', 1)[-1]}.{impl.__name__}", "pt": [auto_class],
+                        "type": "multimodal"},
     }
 
 
@@ -342,34 +364,57 @@ def _left_out(model_dir: Path) -> dict[str, str]:
 
 def read_report(path: str | Path) -> dict[str, Any]:
     """Read an `mm-eval` report.json and check the fields the card reads: `headline` (metric -> number), `data.source`,
-    `data.split`, `data.rows`, `model.modalities`, `problem_type`, and `ablation` rows with a `modalities` list.
+    `data.split`, `data.rows`, `model.modalities`, `problem_type`, and `ablation` rows with a `modalities` list. A
+    multi-task model's report has, instead of `headline` and `problem_type`, a `tasks` section: per task name its
+    `problem_type`, `headline`, and optional `metrics` (with a multi-label task's `thresholds`) and `ablation` rows.
     Raises `ValueError` naming the file and the field."""
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"report: cannot read {path}: {error}") from None
-    for section in ("headline", "data", "model"):
+    multi_task = "tasks" in report
+    for section in ("data", "model") if multi_task else ("headline", "data", "model"):
         if not isinstance(report.get(section), dict):
             raise ValueError(f"report: {path} has no '{section}' section; is it an mm-eval report.json?")
-    if not any(_is_number(value) for value in report["headline"].values()):
-        raise ValueError(f"report: headline in {path} holds no metric values")
     for field in ("source", "split", "rows"):
         if field not in report["data"]:
             raise ValueError(f"report: data.{field} is missing in {path}")
     if not isinstance(report["model"].get("modalities"), list):
         raise ValueError(f"report: model.modalities is missing in {path}")
-    if not isinstance(report.get("problem_type"), str):
-        raise ValueError(f"report: problem_type is missing in {path}")
-    for index, row in enumerate(report.get("ablation") or []):
-        if not isinstance(row, dict) or not isinstance(row.get("modalities"), list):
-            raise ValueError(f"report: ablation[{index}] in {path} has no 'modalities' list")
+    sections = [(f"tasks.{name}.", section) for name, section in _task_sections(report, path)] if multi_task \
+        else [("", report)]
+    for where, section in sections:
+        if not isinstance(section.get("problem_type"), str):
+            raise ValueError(f"report: {where}problem_type is missing in {path}")
+        if not isinstance(section.get("headline"), dict) or not any(
+                _is_number(value) for value in section["headline"].values()):
+            raise ValueError(f"report: {where}headline in {path} holds no metric values")
+        for index, row in enumerate(section.get("ablation") or []):
+            if not isinstance(row, dict) or not isinstance(row.get("modalities"), list):
+                raise ValueError(f"report: {where}ablation[{index}] in {path} has no 'modalities' list")
     return report
+
+
+def _task_sections(report: dict[str, Any], path: str | Path = "the report") -> list[tuple[str, dict[str, Any]]]:
+    """A multi-task report's `(task name, section)` pairs in task order (`training.report.report_sections`).
+    Raises `ValueError` naming `tasks` when it is not a non-empty mapping of task names to sections."""
+    # imported here: it pulls in scipy and scikit-learn, which only a card with results needs
+    from training.report import report_sections
+
+    tasks = report.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(f"report: tasks in {path} must map each task name to its section")
+    for name, section in tasks.items():
+        if not isinstance(section, dict):
+            raise ValueError(f"report: tasks.{name} in {path} is not a section (a dict)")
+    return report_sections(report)
 
 
 def default_pipeline_tag(config: PreTrainedConfig) -> str:
     """The Hub has no tag for a classifier over image + text + audio: `text-classification` when the model reads text,
     else `image-classification` or `audio-classification` (the rule of `training.report.model_index_results`,
-    so the tag and the model-index task agree)."""
+    so the tag and the model-index task agree). A multi-task model gets the same tag: its heads are those of
+    sequence classification (single-label, multi-label, regression), and the Hub has no multi-task tag."""
     for modality in ("text", "vision", "audio"):
         if modality in config.modalities:
             return f"{MODALITY_NAMES[modality].user}-classification"
@@ -402,7 +447,8 @@ def render_card(
         license=license,
         library_name="peft" if adapter_only else "transformers",
         pipeline_tag=pipeline_tag,
-        tags=["mm-fusion", "multimodal", *modalities, "custom_code", *(["peft", "lora"] if adapter_only else [])],
+        tags=["mm-fusion", "multimodal", *modalities, *(["multi-task"] if config.tasks else []), "custom_code",
+              *(["peft", "lora"] if adapter_only else [])],
         base_model=base_model or None,
         datasets=datasets or None,
         eval_results=_eval_results(report, dataset) if report else None,
@@ -448,6 +494,8 @@ def check_card(card: ModelCard) -> None:
 
 
 def _eval_results(report: dict[str, Any], dataset: str | None) -> list[EvalResult]:
+    """The model-index results: one per task and headline metric (`training.report.model_index_results`; a
+    multi-task model's metric names carry the task's name, "intensity/mae")."""
     # imported here: it pulls in scipy and scikit-learn, which only a card with results needs
     from training.report import model_index_results
 
@@ -455,15 +503,35 @@ def _eval_results(report: dict[str, Any], dataset: str | None) -> list[EvalResul
     return model_index_results(report, dataset_name=dataset or name, dataset_type=dataset or kind)
 
 
+_PROBLEM_TYPE_NAMES = {"single_label_classification": "single-label classification",
+                       "multi_label_classification": "multi-label classification", "regression": "regression"}
+
+
+def _describe_task(task: dict[str, Any]) -> str:
+    """A task of `config.tasks` for the card: "`name` (single-label classification over 3 labels: `a`, `b`, `c`)"."""
+    if task["problem_type"] == "regression":
+        outputs = "one output" if task["num_outputs"] == 1 else f"{task['num_outputs']} outputs"
+        return f"`{task['name']}` (regression, {outputs}, in the targets' units)"
+    labels = ", ".join(f"`{label}`" for label in task["labels"])
+    return (f"`{task['name']}` ({_PROBLEM_TYPE_NAMES[task['problem_type']]} over {len(task['labels'])} labels: "
+            f"{labels})")
+
+
 def _summary(repo_id: str, config: PreTrainedConfig, adapter_only: bool, bases: dict[str, str | None]) -> str:
     towers = "; ".join(
         f"{MODALITY_NAMES[m].user}: `{bases[m]}`" if bases[m] else f"{MODALITY_NAMES[m].user}: {LOCAL_SOURCE} "
         f"({config.tower_config(m).model_type})" for m in config.modalities)
-    labels = ", ".join(f"`{config.id2label[i]}`" for i in sorted(config.id2label))
-    text = (f"# {repo_id.split('/')[-1]}\n\n"
-            f"A multimodal classifier made with mm-fusion: pretrained towers ({towers}) joined by "
-            f"{config.fusion_num_layers} cross-attention fusion layers (width {config.fusion_hidden_size}, "
-            f"{config.fusion_num_heads} heads) and a classification head over {config.num_labels} labels: {labels}. "
+    fusion = (f"{config.fusion_num_layers} cross-attention fusion layers (width {config.fusion_hidden_size}, "
+              f"{config.fusion_num_heads} heads)")
+    if config.tasks:
+        heads = "; ".join(_describe_task(task) for task in config.tasks)
+        what = (f"A multimodal multi-task model made with mm-fusion: pretrained towers ({towers}) joined by {fusion} "
+                f"and one head per task, {len(config.tasks)} tasks: {heads}.")
+    else:
+        labels = ", ".join(f"`{config.id2label[i]}`" for i in sorted(config.id2label))
+        what = (f"A multimodal classifier made with mm-fusion: pretrained towers ({towers}) joined by {fusion} and a "
+                f"classification head over {config.num_labels} labels: {labels}.")
+    text = (f"# {repo_id.split('/')[-1]}\n\n{what} "
             f"Each sample may have any subset of {', '.join(MODALITY_NAMES[m].user for m in config.modalities)}.")
     if adapter_only:
         base = f"the mm-fusion model `{bases['model']}`" if bases["model"] else "the pretrained towers above"
@@ -509,6 +577,8 @@ def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: 
             "labels = [model.config.id2label[i] for i in model(**inputs).logits.argmax(-1).tolist()]\n```\n\n"
             "`model.merge_and_unload()` gives a plain transformers model."
         )
+    if config.tasks:
+        return _multi_task_usage(repo_id, revision, config, pipe_call, call)
     return (
         "## Usage\n\nWith only `transformers` installed (the model code comes from this repository, hence "
         "`trust_remote_code=True`; the revision pins the exact files):\n\n"
@@ -524,6 +594,50 @@ def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: 
         "                                                           trust_remote_code=True)\n"
         f"inputs = processor({call})\n"
         "labels = [model.config.id2label[i] for i in model(**inputs).logits.argmax(-1).tolist()]\n```"
+    )
+
+
+def _multi_task_usage(repo_id: str, revision: str, config: PreTrainedConfig, pipe_call: str, call: str) -> str:
+    """The usage snippets of a multi-task model: the pipeline's answer per task, and each task's output read from
+    the model's logits (a dict by task name)."""
+    def pipeline_answer(task: dict[str, Any]) -> str:
+        if task["problem_type"] == "single_label_classification":
+            return f"[{{'label': '{task['labels'][0]}', 'score': ...}}, ...]"
+        if task["problem_type"] == "multi_label_classification":
+            return f"{{'labels': [...], 'scores': {{'{task['labels'][0]}': ..., ...}}}}"
+        return "..." if task["num_outputs"] == 1 else "[...]"
+
+    def read_logits(task: dict[str, Any]) -> str:
+        name = task["name"]
+        if task["problem_type"] == "single_label_classification":
+            return f'answers["{name}"] = [tasks["{name}"]["labels"][i] for i in logits["{name}"].argmax(-1).tolist()]'
+        if task["problem_type"] == "multi_label_classification":
+            start = f'answers["{name}"] = ['
+            return (f'{start}[label for label, given in zip(tasks["{name}"]["labels"], row) if given]\n'
+                    f'{" " * len(start)}for row in (logits["{name}"].sigmoid() >= 0.5).tolist()]  # tags at 0.5')
+        values = f'logits["{name}"][:, 0]' if task["num_outputs"] == 1 else f'logits["{name}"]'
+        return f'answers["{name}"] = {values}.tolist()  # in the targets\' units'
+
+    answers = ",\n#  ".join(f"'{task['name']}': {pipeline_answer(task)}" for task in config.tasks)
+    return (
+        "## Usage\n\nWith only `transformers` installed (the model code comes from this repository, hence "
+        "`trust_remote_code=True`; the revision pins the exact files). The answer holds every task's output under "
+        "the task's name: the ranked labels (single-label), the labels whose probability reaches 0.5 with every "
+        "label's probability (multi-label), the value in the targets' units (regression):\n\n"
+        f"```python\nfrom transformers import pipeline\n\n"
+        f'predictor = pipeline("{PIPELINE_TASK}", model="{repo_id}", revision="{revision}",\n'
+        "                     trust_remote_code=True)\n"
+        f"predictor({pipe_call})  # any subset; paths, PIL images, arrays\n"
+        f"# {{{answers}}}\n```\n\n"
+        "Or step by step (the model's logits are a dict by task name):\n\n"
+        "```python\nfrom transformers import AutoModel, AutoProcessor\n\n"
+        f'processor = AutoProcessor.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)\n'
+        f'model = AutoModel.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)\n'
+        f"inputs = processor({call})\n"
+        "logits = model(**inputs).logits\n"
+        'tasks = {task["name"]: task for task in model.config.tasks}\n'
+        "answers = {}\n"
+        + "\n".join(read_logits(task) for task in config.tasks) + "\n```"
     )
 
 
@@ -563,22 +677,45 @@ def _evaluation_section(report: dict[str, Any] | None) -> str:
     if report is None:
         return ("## Evaluation\n\nNot evaluated: no evaluation report was published with this model "
                 "(`mm-eval --model MODEL` writes one, `mm-publish --report` takes it).")
-    data, headline = report["data"], report["headline"]
-    rows = [(key, _format(value)) for key, value in headline.items() if _is_number(value)]
-    text = (f"## Evaluation\n\nOn {data['rows']} rows of the `{data['split']}` split of "
-            f"{_public_source(str(data['source']))}:\n\n" + _table(("metric", "value"), rows))
-    ablation = report.get("ablation") or []
-    if ablation:
-        columns = [key for key in ablation[0] if key != "modalities"]
-        table = [(" + ".join(row["modalities"]), *(_format(row.get(key)) for key in columns)) for row in ablation]
-        text += ("\n\n### Modality ablation\n\nThe same rows with only some modalities given (the others withheld; "
-                 "a sample left with none counts as wrong):\n\n" + _table(("modalities", *columns), table))
-    gain = report.get("fusion_gain")
+    data = report["data"]
+    intro = (f"## Evaluation\n\nOn {data['rows']} rows of the `{data['split']}` split of "
+             f"{_public_source(str(data['source']))}")
+    if "tasks" not in report:
+        return f"{intro}:\n\n" + _section_results(report, "###", thresholds=False)
+    parts = [f"{intro}, per task:"]
+    for name, section in _task_sections(report):
+        parts.append(f"### {name} ({_PROBLEM_TYPE_NAMES.get(section['problem_type'], section['problem_type'])})\n\n"
+                     + _section_results(section, "####", thresholds=True))
+    if report.get("ablation"):  # over every task at once, where the evaluation reports one
+        parts.append(_ablation_text(report, "###"))
+    return "\n\n".join(parts)
+
+
+def _section_results(section: dict[str, Any], heading: str, thresholds: bool) -> str:
+    """A report section's headline table, with `thresholds` a multi-label task's decision thresholds, then its
+    modality ablation and fusion gain."""
+    rows = [(key, _format(value)) for key, value in section["headline"].items() if _is_number(value)]
+    text = _table(("metric", "value"), rows)
+    tuned = (section.get("metrics") or {}).get("thresholds") if thresholds else None
+    if isinstance(tuned, dict) and tuned and section.get("problem_type") == "multi_label_classification":
+        text += ("\n\nDecision thresholds (a label is given at or above its own; tuned on validation): "
+                 + ", ".join(f"`{label}` {_format(float(value))}" for label, value in tuned.items()) + ".")
+    if section.get("ablation"):
+        text += "\n\n" + _ablation_text(section, heading)
+    gain = section.get("fusion_gain")
     if isinstance(gain, dict) and {"metric", "gain", "best_single_modality"} <= gain.keys():
         text += (f"\n\nFusion gain: {gain['metric']} with all modalities {_format(gain.get('all_modalities_value'))} "
                  f"vs the best single modality ({gain['best_single_modality']}) "
                  f"{_format(gain.get('best_single_modality_value'))}: {gain['gain']:+.4f}.")
     return text
+
+
+def _ablation_text(section: dict[str, Any], heading: str) -> str:
+    ablation = section["ablation"]
+    columns = [key for key in ablation[0] if key != "modalities"]
+    table = [(" + ".join(row["modalities"]), *(_format(row.get(key)) for key in columns)) for row in ablation]
+    return (f"{heading} Modality ablation\n\nThe same rows with only some modalities given (the others withheld; "
+            "a sample left with none counts as wrong):\n\n" + _table(("modalities", *columns), table))
 
 
 # ---- the upload ----------------------------------------------------------------------------------------------------

@@ -1,16 +1,22 @@
 """Rendering an mm-eval report: report.md, the PNG plots (matplotlib's object API on the Agg canvas: no pyplot
 state, no display needed), predictions.jsonl, the JSON-safe form of report.json, and the model card's model-index
-results. Pure functions of the report dict that `training.evaluation.evaluate_model` builds.
+results. Pure functions of the report dict that `training.evaluation.evaluate_model` builds (the regression plots
+also take the targets and predictions, which the report does not hold).
 
-    >>> from training.report import render_markdown
+A classifier's report is one task's section at the top level; a multi-task model's holds one section per task under
+"tasks". `report_sections` gives either as [(task name, section)], and everything here reads sections through it.
+
+    >>> from training.report import render_markdown, report_sections
     >>> markdown = render_markdown(report)  # doctest: +SKIP
+    >>> [name for name, _ in report_sections(report)]  # doctest: +SKIP
+    ['label']
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +24,21 @@ import numpy as np
 from sklearn import metrics as skm
 
 from modeling_mm.configuration_mm import MODALITY_NAMES
-from training.metrics import finite_or_none, predicted_labels, primary_metric
-from training.scoring import MULTI_LABEL, REGRESSION, scores
+from training.metrics import finite_or_none, label_thresholds, primary_metric
+from training.scoring import MULTI_LABEL, REGRESSION, SINGLE_LABEL, SINGLE_TASK_NAME, scores
 
 # every plot has this size, so a reader (and the tests) can rely on it: 640 x 480 pixels
 FIGURE_SIZE, FIGURE_DPI = (6.4, 4.8), 100
+
+
+def report_sections(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The task sections of an mm-eval report, as [(task name, section)]: a multi-task model's `report["tasks"]`
+    in task order, or a classifier's one section, the report itself, named `SINGLE_TASK_NAME` ("label"). A section
+    has "problem_type", "headline", "headline_ci", "metrics" and, as evaluated, "ablation", "fusion_gain",
+    "robustness", "calibration", "interpretability", "plots"."""
+    if "tasks" in report:
+        return list(report["tasks"].items())
+    return [(SINGLE_TASK_NAME, report)]
 
 
 def _figure():
@@ -106,6 +122,31 @@ def plot_ablation(ablation: Sequence[dict[str, Any]], metric: str, path: Path) -
     return _save(figure, path)
 
 
+def plot_predicted_vs_true(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str = "") -> str:
+    """Regression: each sample's prediction against its target, with the line y = x of a perfect prediction."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    figure = _figure()
+    axes = figure.add_subplot()
+    axes.scatter(y_true, y_pred, s=14, alpha=0.7, color="tab:blue", label="samples")
+    low, high = float(min(y_true.min(), y_pred.min())), float(max(y_true.max(), y_pred.max()))
+    axes.plot([low, high], [low, high], "k--", linewidth=1, label="y = x (perfect prediction)")
+    axes.set(xlabel="true", ylabel="predicted", title=f"Predicted vs true{f' ({title})' if title else ''}")
+    axes.legend(loc="upper left")
+    return _save(figure, path)
+
+
+def plot_residuals(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str = "") -> str:
+    """Regression: each sample's residual (true - predicted) against its prediction, around the zero line."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    figure = _figure()
+    axes = figure.add_subplot()
+    axes.scatter(y_pred, y_true - y_pred, s=14, alpha=0.7, color="tab:blue")
+    axes.axhline(0.0, color="k", linestyle="--", linewidth=1)
+    axes.set(xlabel="predicted", ylabel="residual (true - predicted)",
+             title=f"Residuals vs predicted{f' ({title})' if title else ''}")
+    return _save(figure, path)
+
+
 # ---- report.md -------------------------------------------------------------------------------------------------------
 
 def _format(value: Any) -> str:
@@ -121,47 +162,66 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(_format(v) for v in row) + " |" for row in rows] + [""]
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """report.md: the tables a person reads (headline with CIs, per class, confusion matrix, ablation and fusion gain,
-    robustness, calibration, efficiency, interpretability) with links to the plots."""
-    lines = [f"# Evaluation of `{report['model']['path']}`", "",
-             f"Data: `{report['data']['source']}`, split `{report['data']['split']}`, {report['data']['rows']} rows "
-             f"({len(report['data'].get('skipped_rows', []))} skipped). Problem type: {report['problem_type']}. "
-             f"Seed {report['seed']}.", "", "## Headline", ""]
-    ci = report.get("headline_ci", {})
+def _section_labels(report: dict[str, Any], section: dict[str, Any]) -> list[str]:
+    """A section's label names: a multi-task section's own, or the classifier's."""
+    return section.get("labels") or report["model"]["labels"]
+
+
+def _interval(ci: dict[str, Any], name: str) -> str:
+    return "n/a" if not ci.get(name) else f"[{ci[name][0]:.4f}, {ci[name][1]:.4f}]"
+
+
+def _section_markdown(report: dict[str, Any], section: dict[str, Any], h: str) -> list[str]:
+    """One task's tables (headline with CIs, metrics, per class or label, confusion matrix, plots, ablation,
+    robustness, calibration, interpretability) under headings of level `h` ("##" or "###")."""
+    lines = [f"{h} Headline", ""]
+    ci = section.get("headline_ci", {})
     level = round(100 * report["settings"]["confidence_level"])
     lines += _table(["metric", "value", f"{level}% CI (bootstrap, {report['settings']['bootstrap_rounds']} rounds)"],
-                    [[name, value, "n/a" if not ci.get(name) else f"[{ci[name][0]:.4f}, {ci[name][1]:.4f}]"]
-                     for name, value in report["headline"].items()])
-    metrics = report["metrics"]
+                    [[name, value, _interval(ci, name)] for name, value in section["headline"].items()])
+    metrics = section["metrics"]
     scalar = [[name, value] for name, value in metrics.items() if isinstance(value, (int, float)) or value is None]
-    lines += ["## All metrics", ""] + _table(["metric", "value"], scalar)
+    lines += [f"{h} All metrics", ""] + _table(["metric", "value"], scalar)
     if metrics.get("undefined"):
         lines += ["Undefined: " + "; ".join(f"{k}: {v}" for k, v in metrics["undefined"].items()), ""]
     if "per_class" in metrics:
-        lines += ["## Per class", ""]
+        lines += [f"{h} Per class", ""]
         auc = metrics.get("roc_auc_per_class", {})
         lines += _table(["class", "precision", "recall", "f1", "support"] + (["ROC-AUC (one-vs-rest)"] if auc else []),
                         [[name, m["precision"], m["recall"], m["f1"], m["support"]] + ([auc.get(name)] if auc else [])
                          for name, m in metrics["per_class"].items()])
     if "per_label" in metrics:
-        lines += ["## Per label", ""] + _table(["label", "f1", "ROC-AUC", "support"], [
-            [name, m["f1"], m["roc_auc"], m["support"]] for name, m in metrics["per_label"].items()])
+        thresholds = metrics.get("thresholds", {})
+        lines += [f"{h} Per label", ""]
+        decision = section.get("decision_thresholds")
+        if decision:
+            lines += [("Thresholds tuned on " + decision["fitted_on"] if decision.get("fitted_on") else
+                       f"Thresholds: {decision.get('note')}") + ".", ""]
+        lines += _table(["label", "threshold", "f1", "ROC-AUC", "average precision", "support"], [
+            [name, thresholds.get(name), m["f1"], m["roc_auc"], m.get("average_precision"), m["support"]]
+            for name, m in metrics["per_label"].items()])
     if "confusion_matrix" in metrics:
-        names = report["model"]["labels"]
-        lines += ["## Confusion matrix", "", "Rows: true class; columns: predicted class.", ""]
+        names = _section_labels(report, section)
+        lines += [f"{h} Confusion matrix", "", "Rows: true class; columns: predicted class.", ""]
         lines += _table(["true \\ predicted", *names], [[name, *row] for name, row in
                                                        zip(names, metrics["confusion_matrix"])])
-    plots = report.get("plots", {})
+    plots = section.get("plots", {})
     if "confusion_matrix" in plots:
         lines += [f"![confusion matrix]({plots['confusion_matrix']})", ""]
-    if report.get("ablation"):
-        keys = [k for k in report["ablation"][0] if k != "modalities"]
-        lines += ["## Modality ablation", "", "Modalities withheld through the has_* masks; a sample left with no "
+    if "predicted_vs_true" in plots:
+        lines += [f"![predicted vs true]({plots['predicted_vs_true']})", "",
+                  f"![residuals vs predicted]({plots['residuals']})", ""]
+    interpretability = section.get("interpretability") or {}
+    if section.get("ablation"):
+        keys = [k for k in section["ablation"][0] if k != "modalities"]
+        lines += [f"{h} Modality ablation", "", "Modalities withheld through the has_* masks; a sample left with no "
                   "modality counts as wrong.", ""]
+        if interpretability.get("modality_dropout_note"):
+            lines += ["Trained without modality dropout (modality_dropout = 0): these subsets are inputs the model "
+                      "never saw in training (see Interpretability).", ""]
         lines += _table(["modalities", *keys], [[" + ".join(r["modalities"]), *[r[k] for k in keys]]
-                                                for r in report["ablation"]])
-        gain = report.get("fusion_gain")
+                                                for r in section["ablation"]])
+        gain = section.get("fusion_gain")
         if gain:
             lines += [f"**Fusion gain**: {gain['metric']} with all modalities "
                       f"({' + '.join(gain['all_modalities'])}) {gain['all_modalities_value']:.4f} vs the best single "
@@ -169,20 +229,20 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"**{gain['gain']:+.4f}**.", ""]
         if "ablation" in plots:
             lines += [f"![ablation]({plots['ablation']})", ""]
-    robustness = report.get("robustness")
+    robustness = section.get("robustness")
     if robustness:
-        lines += ["## Robustness", "", "Corruptions of the decoded media before the processor, all modalities given.",
-                  ""]
+        lines += [f"{h} Robustness", "", "Corruptions of the decoded media before the processor, all modalities "
+                  "given.", ""]
         metric = robustness["metric"]
         for kind, curve in robustness["curves"].items():
-            lines += [f"### {kind} ({curve['modality']}; level: {curve['level_name']})", ""]
+            lines += [f"{h}# {kind} ({curve['modality']}; level: {curve['level_name']})", ""]
             lines += _table(["level", metric], [["clean" if p["level"] is None else f"{p['level']:g}", p[metric]]
                                                 for p in curve["points"]])
         if "robustness" in plots:
             lines += [f"![robustness]({plots['robustness']})", ""]
-    calibration = report.get("calibration")
+    calibration = section.get("calibration")
     if calibration and calibration.get("applicable"):
-        lines += ["## Calibration", "", f"ECE with {calibration['binning']}.", ""]
+        lines += [f"{h} Calibration", "", f"ECE with {calibration['binning']}.", ""]
         rows = [["uncalibrated", calibration["uncalibrated"]["ece"], calibration["uncalibrated"]["nll"], "n/a"]]
         scaling = calibration.get("temperature_scaling")
         if scaling:
@@ -194,6 +254,64 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [f"Temperature scaling: {calibration.get('temperature_scaling_note')}.", ""]
         if "reliability_diagram" in plots:
             lines += [f"![reliability diagram]({plots['reliability_diagram']})", ""]
+    if interpretability:
+        lines += [f"{h} Interpretability", ""] + _interpretability_markdown(interpretability)
+    return lines
+
+
+def _interpretability_markdown(interpretability: dict[str, Any]) -> list[str]:
+    lines = []
+    if interpretability.get("modality_dropout_note"):
+        lines += [f"**Note**: {interpretability['modality_dropout_note']}.", ""]
+    if "shapley_definition" in interpretability:
+        lines += [f"Contribution of each modality: {interpretability['shapley_definition']}. Scale: "
+                  f"{interpretability['shapley_scale']}.", ""]
+        shapley = interpretability.get("shapley")
+        if shapley:
+            lines += _table(["modality", "mean Shapley value", "mean absolute Shapley value", "samples"], [
+                [m, c["mean"], c["mean_abs"], c["samples"]] for m, c in shapley.items()])
+            per_label = {m: c["mean_abs_per_label"] for m, c in shapley.items() if c.get("mean_abs_per_label")}
+            if per_label:
+                labels = list(next(iter(per_label.values())))
+                lines += ["Mean absolute Shapley value per label:", ""]
+                lines += _table(["modality", *labels], [[m, *values.values()] for m, values in per_label.items()])
+        if interpretability.get("shapley_note"):
+            lines += [f"Shapley values: {interpretability['shapley_note']}.", ""]
+    if interpretability.get("cross_attention"):
+        order = [*(names.user for names in MODALITY_NAMES.values()), "sink"]
+        parts = [p for p in order if any(p in masses for masses in interpretability["cross_attention"].values())]
+        lines += [f"Cross-attention mass: {interpretability['cross_attention_definition']}.", ""]
+        lines += _table(["stream \\ attends to", *parts], [
+            [stream, *[masses.get(p) for p in parts]]
+            for stream, masses in interpretability["cross_attention"].items()])
+    if interpretability.get("per_sample"):
+        lines += [f"Per-sample view: `{interpretability['per_sample']}`.", ""]
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: the tables a person reads, per task (headline with CIs, per class or label, confusion matrix or
+    regression plots, ablation and fusion gain, robustness, calibration, interpretability), then the model's
+    parameters, efficiency and cross-attention, with links to the plots."""
+    multi_task = "tasks" in report
+    data = report["data"]
+    line = (f"Data: `{data['source']}`, split `{data['split']}`, {data['rows']} rows "
+            f"({len(data.get('skipped_rows', []))} skipped).")
+    if multi_task:
+        line += " Tasks: " + ", ".join(f"`{name}` ({section['problem_type']})"
+                                       for name, section in report_sections(report)) + "."
+    else:
+        line += f" Problem type: {report['problem_type']}."
+    lines = [f"# Evaluation of `{report['model']['path']}`", "", f"{line} Seed {report['seed']}.", ""]
+    for name, section in report_sections(report):
+        if multi_task:
+            lines += [f"## Task `{name}` ({section['problem_type']}, column `{section.get('column')}`)", ""]
+            if section.get("rows_without_target"):
+                lines += [f"{section['rows_without_target']} of the {data['rows']} rows have no target for this "
+                          "task and are left out of its metrics.", ""]
+        lines += _section_markdown(report, section, "###" if multi_task else "##")
+    if multi_task and report.get("interpretability", {}).get("cross_attention"):
+        lines += ["## Cross-attention", ""] + _interpretability_markdown(report["interpretability"])
     modes = report["model"].get("training_modes") or {}
     lines += ["## Parameters", "", "Trainable: requires_grad at evaluation time; trained as: from the model folder's "
               "training_args.json.", ""]
@@ -215,93 +333,131 @@ def render_markdown(report: dict[str, Any]) -> str:
             *[[f"FLOPs per sample, {part} (M)", flops / 1e6]
               for part, flops in efficiency["flops_per_sample_by_part"].items()],
         ])
-    interpretability = report.get("interpretability")
-    if interpretability:
-        lines += ["## Interpretability", ""]
-        if interpretability.get("contributions"):
-            lines += [f"Contribution: {interpretability['contribution_definition']}.", ""]
-            lines += _table(["modality", "mean contribution", "mean absolute contribution", "samples"], [
-                [m, c["mean"], c["mean_abs"], c["samples"]] for m, c in interpretability["contributions"].items()])
-        if interpretability.get("cross_attention"):
-            order = [*(names.user for names in MODALITY_NAMES.values()), "sink"]
-            parts = [p for p in order if any(p in masses for masses in interpretability["cross_attention"].values())]
-            lines += [f"Cross-attention mass: {interpretability['cross_attention_definition']}.", ""]
-            lines += _table(["stream \\ attends to", *parts], [
-                [stream, *[masses.get(p) for p in parts]]
-                for stream, masses in interpretability["cross_attention"].items()])
-        lines += [f"Per-sample view: `{interpretability['per_sample']}`.", ""]
     lines += ["## Conventions", "", *[f"- {c}" for c in report["conventions"]], "",
               "## Versions", "", *[f"- {k}: {v}" for k, v in report["versions"].items()], ""]
     return "\n".join(lines)
 
 
-def write_plots(report: dict[str, Any], output_dir: Path) -> dict[str, str]:
-    """The plots the report has data for, written into `output_dir`: {plot: file name}."""
-    plots = {}
-    if "confusion_matrix" in report["metrics"]:
-        plots["confusion_matrix"] = plot_confusion_matrix(
-            report["metrics"]["confusion_matrix"], report["model"]["labels"], output_dir / "confusion_matrix.png")
-    calibration = report.get("calibration")
-    if calibration and calibration.get("applicable"):
-        plots["reliability_diagram"] = plot_reliability_diagram(calibration, output_dir / "reliability_diagram.png")
-    if report.get("robustness"):
-        plots["robustness"] = plot_robustness(report["robustness"], output_dir / "robustness.png")
-    if report.get("ablation"):
-        plots["ablation"] = plot_ablation(report["ablation"], primary_metric(report["problem_type"]),
-                                          output_dir / "ablation.png")
+def write_plots(report: dict[str, Any], output_dir: Path,
+                regression: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, dict[str, str]]:
+    """The plots each task section has data for, written into `output_dir`: {task name: {plot: file name}}, task
+    names as in `report_sections`. A multi-task model's files start with the task's name. `regression` gives a
+    regression task's (targets, predictions), for its predicted-vs-true and residual plots."""
+    regression = regression or {}
+    multi_task = "tasks" in report
+    plots: dict[str, dict[str, str]] = {}
+    for name, section in report_sections(report):
+        prefix = f"{name}_" if multi_task else ""
+        files = {}
+        if "confusion_matrix" in section["metrics"]:
+            files["confusion_matrix"] = plot_confusion_matrix(section["metrics"]["confusion_matrix"],
+                                                              _section_labels(report, section),
+                                                              output_dir / f"{prefix}confusion_matrix.png")
+        calibration = section.get("calibration")
+        if calibration and calibration.get("applicable"):
+            files["reliability_diagram"] = plot_reliability_diagram(calibration,
+                                                                    output_dir / f"{prefix}reliability_diagram.png")
+        if section.get("robustness"):
+            files["robustness"] = plot_robustness(section["robustness"], output_dir / f"{prefix}robustness.png")
+        if section.get("ablation"):
+            files["ablation"] = plot_ablation(section["ablation"], primary_metric(section["problem_type"]),
+                                              output_dir / f"{prefix}ablation.png")
+        if name in regression and len(regression[name][0]):
+            y_true, y_pred = regression[name]
+            title = name if multi_task else ""
+            files["predicted_vs_true"] = plot_predicted_vs_true(y_true, y_pred,
+                                                                output_dir / f"{prefix}predicted_vs_true.png", title)
+            files["residuals"] = plot_residuals(y_true, y_pred, output_dir / f"{prefix}residuals.png", title)
+        plots[name] = files
     return plots
 
 
-def write_predictions(path: Path, logits: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
-                      problem_type: str, contributions: Sequence[dict[str, float]]) -> None:
-    """predictions.jsonl: per sample, its label(s), the prediction, the probabilities (or the regression output) and
-    its modality contributions."""
+# ---- predictions.jsonl -----------------------------------------------------------------------------------------------
+
+def task_predictions(logits: np.ndarray, targets: np.ndarray, label_names: Sequence[str], problem_type: str,
+                     thresholds: np.ndarray | None = None,
+                     shapley: Sequence[dict[str, Any] | None] | None = None) -> list[dict[str, Any]]:
+    """One task's entry of predictions.jsonl per sample: its target ("label"; "labels" for multi-label; None where
+    the row has none: -100 / NaN from `training.data.encode_targets`), the prediction ("predicted": a class, the
+    labels with probability >= their `thresholds` (default 0.5), or None without a prediction; "prediction" for
+    regression), the probabilities, and the sample's Shapley values (`shapley[i]`, or None)."""
+    logits = np.asarray(logits, dtype=np.float64)
     outputs = scores(logits, problem_type)
-    predicted = predicted_labels(logits, labels, problem_type)
+    missing = np.isnan(logits).any(1)
+    if problem_type == MULTI_LABEL:
+        cut = label_thresholds(0.5 if thresholds is None else thresholds, logits.shape[1])
+    rows = []
+    for i in range(len(logits)):
+        if problem_type == REGRESSION:
+            row = {"label": json_safe(targets[i].tolist()), "prediction": json_safe(outputs[i].tolist())}
+        elif problem_type == MULTI_LABEL:
+            row = {"labels": None if np.isnan(targets[i]).any() else [n for n, y in zip(label_names, targets[i]) if y],
+                   "predicted": None if missing[i] else [n for n, p, t in zip(label_names, outputs[i], cut) if p >= t],
+                   "probabilities": dict(zip(label_names, json_safe(outputs[i].tolist())))}
+        else:
+            row = {"label": label_names[int(targets[i])] if targets[i] >= 0 else None,
+                   "predicted": None if missing[i] else label_names[int(outputs[i].argmax())],
+                   "probabilities": dict(zip(label_names, json_safe(outputs[i].tolist())))}
+        row["shapley"] = json_safe(shapley[i]) if shapley is not None else None
+        rows.append(row)
+    return rows
+
+
+def write_predictions(path: Path, predictions: Mapping[str, Sequence[dict[str, Any]]], multi_task: bool) -> None:
+    """predictions.jsonl, one line per sample: a classifier's one task's entry (`task_predictions`) with the
+    sample's "index", or for a multi-task model {"index", "tasks": {task name: entry}}."""
+    rows = len(next(iter(predictions.values())))
     with open(path, "w") as file:
-        for i in range(len(logits)):
-            if problem_type == REGRESSION:
-                row = {"index": i, "label": json_safe(labels[i]), "prediction": json_safe(outputs[i].tolist())}
-            elif problem_type == MULTI_LABEL:
-                row = {"index": i, "labels": [n for n, y in zip(label_names, labels[i]) if y],
-                       "predicted": [n for n, p in zip(label_names, predicted[i]) if p],
-                       "probabilities": dict(zip(label_names, json_safe(outputs[i].tolist())))}
+        for i in range(rows):
+            if multi_task:
+                row = {"index": i, "tasks": {name: entries[i] for name, entries in predictions.items()}}
             else:
-                row = {"index": i, "label": label_names[int(labels[i])],
-                       "predicted": label_names[int(predicted[i])] if predicted[i] >= 0 else None,
-                       "probabilities": dict(zip(label_names, json_safe(outputs[i].tolist())))}
-            row["contributions"] = contributions[i]
+                row = {"index": i, **next(iter(predictions.values()))[i]}
             file.write(json.dumps(row) + "\n")
 
 
+# ---- the model card's model-index ------------------------------------------------------------------------------------
+
+METRIC_IDS = {"accuracy": ("accuracy", "Accuracy", None), "macro_f1": ("f1", "Macro F1", {"average": "macro"}),
+              "micro_f1": ("f1", "Micro F1", {"average": "micro"}),
+              "balanced_accuracy": ("balanced_accuracy", "Balanced accuracy", None),
+              "hamming_loss": ("hamming_loss", "Hamming loss", None),
+              "mse": ("mse", "MSE", None), "rmse": ("rmse", "RMSE", None), "mae": ("mae", "MAE", None),
+              "r2": ("r_squared", "R²", None), "pearson": ("pearsonr", "Pearson r", None),
+              "spearman": ("spearmanr", "Spearman ρ", None)}
+
+
 def model_index_results(report: dict[str, Any], dataset_name: str, dataset_type: str) -> list:
-    """The headline metrics of `report` as `huggingface_hub.EvalResult`s for a model card's model-index.
+    """The headline metrics of `report` as `huggingface_hub.EvalResult`s for a model card's model-index: one per
+    task and headline metric (`report_sections`).
 
     The Hub has no pipeline tag for a classifier over image + text + audio; task_type is "text-classification"
     when the model reads text (transformers' sequence-classification heads use it), else "image-classification" or
     "audio-classification", with task_name naming the modalities. Metric types are the Hub's metric ids
-    ("accuracy", "f1" with its average in metric_args, "mse", "mae", "r_squared")."""
+    ("accuracy", "f1" with its average in metric_args, "mse", "mae", "r_squared", ...). A multi-task model's
+    metric names carry the task's name ("pitch_hz/rmse") and its task names the task."""
     from huggingface_hub import EvalResult
 
     modalities = report["model"]["modalities"]
     task_type = ("text-classification" if "text" in modalities else
                  "image-classification" if "image" in modalities else "audio-classification")
-    metric_ids = {"accuracy": ("accuracy", "Accuracy", None), "macro_f1": ("f1", "Macro F1", {"average": "macro"}),
-                  "micro_f1": ("f1", "Micro F1", {"average": "micro"}),
-                  "balanced_accuracy": ("balanced_accuracy", "Balanced accuracy", None),
-                  "mse": ("mse", "MSE", None), "mae": ("mae", "MAE", None), "r2": ("r_squared", "R²", None)}
-    if report["problem_type"] == MULTI_LABEL:
-        metric_ids["accuracy"] = ("accuracy", "Subset accuracy", None)
+    multi_task = "tasks" in report
+    kinds = {SINGLE_LABEL: "classification", MULTI_LABEL: "multi-label classification", REGRESSION: "regression"}
     results = []
-    for key, value in report["headline"].items():
-        if value is None or key not in metric_ids:
-            continue
-        metric_type, metric_name, metric_args = metric_ids[key]
-        results.append(EvalResult(
-            task_type=task_type, task_name=f"Multimodal classification ({' + '.join(modalities)})",
-            dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=report["data"]["split"],
-            metric_type=metric_type, metric_name=metric_name, metric_value=round(float(value), 4),
-            metric_args=metric_args))
+    for name, section in report_sections(report):
+        task_name = (f"Multimodal {kinds.get(section['problem_type'], 'task')} ({' + '.join(modalities)}): {name}"
+                     if multi_task else f"Multimodal classification ({' + '.join(modalities)})")
+        for key, value in section["headline"].items():
+            if value is None or key not in METRIC_IDS:
+                continue
+            metric_type, metric_name, metric_args = METRIC_IDS[key]
+            if section["problem_type"] == MULTI_LABEL and key == "accuracy":
+                metric_name = "Subset accuracy"
+            results.append(EvalResult(
+                task_type=task_type, task_name=task_name,
+                dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=report["data"]["split"],
+                metric_type=metric_type, metric_name=f"{name}/{key}" if multi_task else metric_name,
+                metric_value=round(float(value), 4), metric_args=metric_args))
     return results
 
 

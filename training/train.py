@@ -59,7 +59,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import modeling_mm  # noqa: F401  (registers the Auto classes)
 from modeling_mm import MMFusionForMultiTask, MMFusionForSequenceClassification
-from modeling_mm.modeling_mm import task_loss
+from modeling_mm.modeling_mm import count_targets, task_loss
 from processors import MMFusionProcessor
 from training.data import DataSettings, MMFusionCollator, find_bad_rows, prepare_splits, row_lengths
 from training.lora import LoraSettings, apply_lora, save_trained_model
@@ -485,6 +485,8 @@ def train_step(run: Run, batch: dict[str, Any]) -> float | None:
     (`_count_non_finite`). Returns the loss averaged over processes when an optimizer step was taken, else None."""
     accelerator, model, settings, state = run.accelerator, run.model, run.settings, run.state
     state.batches_in_epoch += 1
+    if isinstance(batch.get("labels"), dict):
+        batch = {**batch, "num_items_in_batch": _targets_per_process(run, batch["labels"])}
     with accelerator.accumulate(model):
         loss = model(**batch).loss
         finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
@@ -509,6 +511,17 @@ def train_step(run: Run, batch: dict[str, Any]) -> float | None:
     step_loss = accelerator.reduce(loss.detach(), "mean").item()
     state.losses.append((state.global_step, step_loss))
     return step_loss
+
+
+def _targets_per_process(run: Run, labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per task, its number of targets over all processes' micro-batches divided by the number of processes: what
+    each process divides its summed task loss by, so that DDP's gradient mean equals one big batch's even where the
+    processes hold different numbers of labelled rows (transformers' `num_items_in_batch`)."""
+    problem_types = {task["name"]: task["problem_type"] for task in run.accelerator.unwrap_model(run.model).config.tasks}
+    names = list(labels)
+    counts = torch.stack([count_targets(labels[name], problem_types[name]) for name in names]).float()
+    counts = run.accelerator.reduce(counts.to(run.accelerator.device), "sum") / run.accelerator.num_processes
+    return dict(zip(names, counts))
 
 
 def _count_non_finite(run: Run) -> None:
