@@ -33,8 +33,8 @@ POOLING_MODES = ("mean", "first")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 TASK_WEIGHTINGS = ("fixed", "uncertainty")
 # what a task of `MMFusionConfig.tasks` may say: the head's shape and loss, plus where mm-train read its targets
-TASK_KEYS = ("name", "problem_type", "labels", "num_outputs", "loss_weight", "target_mean", "target_std", "column",
-             "label_separator")
+TASK_KEYS = ("name", "problem_type", "labels", "num_outputs", "loss_weight", "target_mean", "target_std", "thresholds",
+             "column", "label_separator")
 
 
 def tower_modality(model_type: str) -> str | None:
@@ -132,7 +132,8 @@ class MMFusionConfig(PreTrainedConfig):
         tasks (`list[dict]`, *optional*): the heads of [`MMFusionForMultiTask`], one dict per task: `name` (a
             Python-identifier-like string, unique), `problem_type` (one of `PROBLEM_TYPES`), `labels` (the class
             names, for classification) or `num_outputs` (regression, default 1), `loss_weight` (default 1.0),
-            `target_mean`/`target_std` (regression, as above), and what mm-train read it from: `column`,
+            `target_mean`/`target_std` (regression, as above), `thresholds` (multi-label: a decision probability
+            per label, mm-train tunes them on validation; 0.5 when absent), and what mm-train read it from: `column`,
             `label_separator`. Normalised on construction (every key present).
         task_weighting (`str`): how [`MMFusionForMultiTask`] sums its task losses: "fixed" (`loss_weight` times the
             task loss) or "uncertainty" (Kendall, Gal & Cipolla 2018: a learned log-variance s per task, the term
@@ -294,8 +295,17 @@ def normalised_tasks(tasks: Any) -> list[dict]:
         mean, std = _checked_scaling(f"{where}.", task.get("target_mean"), task.get("target_std"), outputs)
         if mean is not None and problem_type != "regression":
             raise ValueError(f"{where}.target_mean: only a regression task is standardised")
+        thresholds = task.get("thresholds")
+        if thresholds is not None:
+            if problem_type != "multi_label_classification":
+                raise ValueError(f"{where}.thresholds: only a multi-label task has decision thresholds")
+            if (not isinstance(thresholds, (list, tuple)) or len(thresholds) != outputs
+                    or not all(isinstance(t, (int, float)) and 0.0 <= t <= 1.0 for t in thresholds)):
+                raise ValueError(f"{where}.thresholds: need one probability in [0, 1] per label ({outputs}), "
+                                 f"got {thresholds!r}")
+            thresholds = [float(t) for t in thresholds]
         result.append({"name": name, "problem_type": problem_type, "labels": labels, "num_outputs": outputs,
-                       "loss_weight": float(weight), "target_mean": mean, "target_std": std,
+                       "loss_weight": float(weight), "target_mean": mean, "target_std": std, "thresholds": thresholds,
                        "column": task.get("column"), "label_separator": task.get("label_separator")})
     return result
 

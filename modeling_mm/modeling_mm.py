@@ -1210,24 +1210,14 @@ class MMFusionForMultiTask(MMFusionPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.LongTensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        input_values: torch.FloatTensor | None = None,
-        audio_attention_mask: torch.LongTensor | None = None,
-        has_text: torch.BoolTensor | None = None,
-        has_image: torch.BoolTensor | None = None,
-        has_audio: torch.BoolTensor | None = None,
-        tower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         labels: dict[str, torch.Tensor] | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         num_items_in_batch: dict[str, torch.Tensor | float] | None = None,
-        **kwargs: Any,
+        return_dict: bool | None = None,
+        **model_inputs: Any,
     ) -> MMFusionMultiTaskOutput | tuple:
         r"""
+        model_inputs: what [`MMFusionModel.forward`] takes (`input_ids`, `pixel_values`, `input_values`, their masks,
+            `has_*`, `tower_states`, `output_attentions`, `output_hidden_states`), passed on as they are.
         labels (`dict[str, torch.Tensor]`, *optional*): targets by task name (any subset of the tasks), as
             `task_loss` takes them; -100 (class ids) or NaN (otherwise) where a row lacks a target.
         num_items_in_batch (`dict[str, float]`, *optional*): per task, what its summed loss is divided by instead of
@@ -1238,21 +1228,7 @@ class MMFusionForMultiTask(MMFusionPreTrainedModel):
         if labels is not None and (not isinstance(labels, dict) or set(labels) - set(self.task_names)):
             unknown = sorted(set(labels) - set(self.task_names)) if isinstance(labels, dict) else type(labels).__name__
             raise ValueError(f"labels: expected a dict keyed by task name {list(self.task_names)}, got {unknown}")
-        fusion_output = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            pixel_values=pixel_values,
-            input_values=input_values,
-            audio_attention_mask=audio_attention_mask,
-            has_text=has_text,
-            has_image=has_image,
-            has_audio=has_audio,
-            tower_states=tower_states,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        fusion_output = self.model(**model_inputs, return_dict=True)
         pooled = self.dropout(fusion_output.pooler_output)
         head_outputs, logits = {}, {}
         for task in self.config.tasks:

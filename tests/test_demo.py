@@ -9,6 +9,7 @@ in-process. Everything is offline; the browser is Debian's Chromium driven by Pl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import http.client
 import io
@@ -59,6 +60,27 @@ SOAK_ROWS = 20  # the soak cycles over these rows, so the uploads it makes are a
 SOAK_RSS_GROWTH_MB = 50  # the stated bound on resident-memory growth over the soak, after one warm-up cycle
 EXAMPLE_ROWS = 4
 MIN_IMAGE_HEIGHT_PX = 150  # an example's image must show at a readable size, not as a thin strip with a thumbnail
+
+
+@contextlib.contextmanager
+def demo_page(url: str, tmp_path: Path):
+    """A headless Chromium page on the demo at `url`, its submit button shown; a full-page screenshot
+    (`failure.png`) when the block fails."""
+    import playwright.sync_api as playwright_api
+
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#mm-submit")
+            yield page
+        except Exception:
+            page.screenshot(path=tmp_path / "failure.png", full_page=True)
+            raise
+        finally:
+            browser.close()
 
 
 def free_port() -> int:
@@ -287,64 +309,53 @@ def test_browser_example_upload_and_corrupt_image(server, example_rows, test_row
     answered = f"document.querySelector('{latency}').value.length > 0"
     audio_loaded = "#mm-audio audio, #mm-audio [data-testid=waveform-Audio]"
 
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(server.url, wait_until="domcontentloaded")
-            page.wait_for_selector("#mm-submit")
-            header = page.locator("#mm-header").inner_text()
-            assert all(name in header for name in labels.values())
-            assert "http" not in header
+    with demo_page(server.url, tmp_path) as page:
+        header = page.locator("#mm-header").inner_text()
+        assert all(name in header for name in labels.values())
+        assert "http" not in header
 
-            page.get_by_text(example["text"], exact=True).click()  # the example's row in the table
-            # the example fills the inputs asynchronously: submit once they all hold it
-            playwright_api.expect(page.locator("#mm-text textarea")).to_have_value(example["text"])
-            if example["image"]:
-                page.locator("#mm-image img").wait_for()
-                assert_image_shows_readably(page, "the clicked example's image")
-                page.screenshot(path=tmp_path / "example.png", full_page=True)
-            if example["audio"]:
-                page.locator(audio_loaded).first.wait_for(state="attached")
-            page.locator("#mm-submit").click()
-            page.wait_for_function(answered)
-            page.locator(label).wait_for()
-            assert page.locator(label).inner_text() == labels[int(expected[0])]
-            assert page.locator("#mm-error").inner_text().strip() == ""
-
-            page.locator("#mm-clear").click()
-            page.wait_for_function(f"!({answered})")
-            page.locator("#mm-image input[type=file]").set_input_files(uploaded["image"])
-            page.locator("#mm-text textarea").fill(uploaded["text"])
-            page.locator("#mm-audio input[type=file]").set_input_files(uploaded["audio"])
+        page.get_by_text(example["text"], exact=True).click()  # the example's row in the table
+        # the example fills the inputs asynchronously: submit once they all hold it
+        playwright_api.expect(page.locator("#mm-text textarea")).to_have_value(example["text"])
+        if example["image"]:
             page.locator("#mm-image img").wait_for()
-            assert_image_shows_readably(page, "the uploaded image")
+            assert_image_shows_readably(page, "the clicked example's image")
+            page.screenshot(path=tmp_path / "example.png", full_page=True)
+        if example["audio"]:
             page.locator(audio_loaded).first.wait_for(state="attached")
-            page.locator("#mm-submit").click()
-            page.wait_for_function(answered)
-            page.locator(label).wait_for()
-            assert page.locator(label).inner_text() == labels[int(expected[1])]
-            page.screenshot(path=tmp_path / "prediction.png", full_page=True)
+        page.locator("#mm-submit").click()
+        page.wait_for_function(answered)
+        page.locator(label).wait_for()
+        assert page.locator(label).inner_text() == labels[int(expected[0])]
+        assert page.locator("#mm-error").inner_text().strip() == ""
 
-            page.locator("#mm-clear").click()
-            page.wait_for_function(f"!({answered})")
-            page.locator("#mm-image input[type=file]").set_input_files(bad_files["corrupt_image"])
-            page.locator("#mm-image img").wait_for(state="attached")
-            page.locator("#mm-submit").click()
-            page.wait_for_function(answered)
-            error = page.locator("#mm-error").inner_text()
-            assert error.startswith("image:") and "Traceback" not in error
-            alert = page.locator("[data-testid=toast-body]").first
-            alert.wait_for()
-            assert "image:" in alert.inner_text()
-            assert page.locator(label).count() == 0
-            page.screenshot(path=tmp_path / "corrupt_image.png", full_page=True)
-        except Exception:
-            page.screenshot(path=tmp_path / "failure.png", full_page=True)
-            raise
-        finally:
-            browser.close()
+        page.locator("#mm-clear").click()
+        page.wait_for_function(f"!({answered})")
+        page.locator("#mm-image input[type=file]").set_input_files(uploaded["image"])
+        page.locator("#mm-text textarea").fill(uploaded["text"])
+        page.locator("#mm-audio input[type=file]").set_input_files(uploaded["audio"])
+        page.locator("#mm-image img").wait_for()
+        assert_image_shows_readably(page, "the uploaded image")
+        page.locator(audio_loaded).first.wait_for(state="attached")
+        page.locator("#mm-submit").click()
+        page.wait_for_function(answered)
+        page.locator(label).wait_for()
+        assert page.locator(label).inner_text() == labels[int(expected[1])]
+        page.screenshot(path=tmp_path / "prediction.png", full_page=True)
+
+        page.locator("#mm-clear").click()
+        page.wait_for_function(f"!({answered})")
+        page.locator("#mm-image input[type=file]").set_input_files(bad_files["corrupt_image"])
+        page.locator("#mm-image img").wait_for(state="attached")
+        page.locator("#mm-submit").click()
+        page.wait_for_function(answered)
+        error = page.locator("#mm-error").inner_text()
+        assert error.startswith("image:") and "Traceback" not in error
+        alert = page.locator("[data-testid=toast-body]").first
+        alert.wait_for()
+        assert "image:" in alert.inner_text()
+        assert page.locator(label).count() == 0
+        page.screenshot(path=tmp_path / "corrupt_image.png", full_page=True)
     assert (tmp_path / "prediction.png").stat().st_size > 0
     assert server.process.poll() is None
 
@@ -831,43 +842,32 @@ def test_browser_shows_every_task_of_a_multi_task_model(multi_task_model, tmp_pa
     demo = build_demo(str(multi_task_model.folder))
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        with playwright_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            try:
-                page.goto(demo.local_url, wait_until="domcontentloaded")
-                page.wait_for_selector("#mm-submit")
-                assert "intensity (a number)" in page.locator("#mm-header").inner_text()
-                page.locator("#mm-image input[type=file]").set_input_files(str(multi_task_model.image))
-                page.locator("#mm-text textarea").fill(MULTI_TASK_TEXT)
-                page.locator("#mm-image img").wait_for()
-                page.locator("#mm-submit").click()
-                page.wait_for_function(answered)
-                assert page.locator("#mm-error").inner_text().strip() == ""
+        with demo_page(demo.local_url, tmp_path) as page:
+            assert "intensity (a number)" in page.locator("#mm-header").inner_text()
+            page.locator("#mm-image input[type=file]").set_input_files(str(multi_task_model.image))
+            page.locator("#mm-text textarea").fill(MULTI_TASK_TEXT)
+            page.locator("#mm-image img").wait_for()
+            page.locator("#mm-submit").click()
+            page.wait_for_function(answered)
+            assert page.locator("#mm-error").inner_text().strip() == ""
 
-                heading = page.locator("#mm-task-sentiment [data-testid=label-output-value]")
-                heading.wait_for()
-                assert heading.inner_text() == sentiment
-                rows = page.locator("#mm-task-topics .confidence-set")
-                rows.first.wait_for()
-                shown = {rows.nth(i).locator("dt").inner_text(): rows.nth(i).locator("dd").inner_text()
-                         for i in range(rows.count())}
-                assert sorted(shown) == sorted(multi_task_model.tags)
-                assert shown == {tag: f"{round(topics[tag] * 100)}%" for tag in multi_task_model.tags}
-                assert page.locator("#mm-task-topics [data-testid=label-output-value]").count() == 0
-                number = page.locator("#mm-task-intensity input")
-                playwright_api.expect(number).not_to_have_value("")
-                assert abs(float(number.input_value()) - intensity) <= 0.5 * 10 ** -OUTPUT_DECIMALS + 1e-6
-                for task in MULTI_TASKS:
-                    page.locator(f"#mm-task-{task['name']}-contributions canvas, "
-                                 f"#mm-task-{task['name']}-contributions svg").first.wait_for()
-                page.screenshot(path=tmp_path / "multi_task.png", full_page=True)
-            except Exception:
-                page.screenshot(path=tmp_path / "failure.png", full_page=True)
-                raise
-            finally:
-                browser.close()
+            heading = page.locator("#mm-task-sentiment [data-testid=label-output-value]")
+            heading.wait_for()
+            assert heading.inner_text() == sentiment
+            rows = page.locator("#mm-task-topics .confidence-set")
+            rows.first.wait_for()
+            shown = {rows.nth(i).locator("dt").inner_text(): rows.nth(i).locator("dd").inner_text()
+                     for i in range(rows.count())}
+            assert sorted(shown) == sorted(multi_task_model.tags)
+            assert shown == {tag: f"{round(topics[tag] * 100)}%" for tag in multi_task_model.tags}
+            assert page.locator("#mm-task-topics [data-testid=label-output-value]").count() == 0
+            number = page.locator("#mm-task-intensity input")
+            playwright_api.expect(number).not_to_have_value("")
+            assert abs(float(number.input_value()) - intensity) <= 0.5 * 10 ** -OUTPUT_DECIMALS + 1e-6
+            for task in MULTI_TASKS:
+                page.locator(f"#mm-task-{task['name']}-contributions canvas, "
+                             f"#mm-task-{task['name']}-contributions svg").first.wait_for()
+            page.screenshot(path=tmp_path / "multi_task.png", full_page=True)
     finally:
         demo.close()
 

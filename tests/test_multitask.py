@@ -106,13 +106,13 @@ def test_tasks_are_normalised_with_every_key_present():
     assert all(set(task) == set(TASK_KEYS) for task in config.tasks)
     assert config.tasks == [
         {"name": "topic", "problem_type": "single_label_classification", "labels": ["a", "b", "c"], "num_outputs": 3,
-         "loss_weight": 1.0, "target_mean": None, "target_std": None, "column": None, "label_separator": None},
+         "loss_weight": 1.0, "target_mean": None, "target_std": None, "thresholds": None, "column": None, "label_separator": None},
         {"name": "tags", "problem_type": "multi_label_classification", "labels": ["x"], "num_outputs": 1,
-         "loss_weight": 2.0, "target_mean": None, "target_std": None, "column": "tag_list", "label_separator": "|"},
+         "loss_weight": 2.0, "target_mean": None, "target_std": None, "thresholds": None, "column": "tag_list", "label_separator": "|"},
         {"name": "score", "problem_type": "regression", "labels": None, "num_outputs": 1, "loss_weight": 1.0,
-         "target_mean": [10.0], "target_std": [4.0], "column": None, "label_separator": None},
+         "target_mean": [10.0], "target_std": [4.0], "thresholds": None, "column": None, "label_separator": None},
         {"name": "box-size", "problem_type": "regression", "labels": None, "num_outputs": 2, "loss_weight": 1.0,
-         "target_mean": [1.0, 2.0], "target_std": [0.5, 3.0], "column": None, "label_separator": None},
+         "target_mean": [1.0, 2.0], "target_std": [0.5, 3.0], "thresholds": None, "column": None, "label_separator": None},
     ]
     assert isinstance(config.tasks[1]["loss_weight"], float)
 

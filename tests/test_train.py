@@ -40,7 +40,10 @@ def train_args(sample: Path, output_dir: Path, vit_dir, bert_dir, wav2vec2_dir, 
         "evaluation_report": False,
     }
     settings.update(overrides)
-    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    flags = []
+    for key, value in settings.items():  # a list is one flag with several values (--tasks a:single b:regression)
+        flags += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return flags
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ same random state, so a resumed run ends exactly where an uninterrupted one woul
 `train` reads as its steps, each a function below it: `make_accelerator`, `load_splits`, `build_model_and_processor`,
 `drop_bad_rows`, `configure_model` (LoRA), `make_loaders` (the frozen-tower cache), `make_optimizer`,
 `accelerator.prepare`, `resume`, `train_loop` (a `train_step` per batch, then `after_step`), and at the end
-`restore_best_weights`, `final_evaluations`, `save_model_folder` and `write_report`. `main` resolves the built-in
+`restore_best_weights`, `tune_decision_thresholds`, `final_evaluations`, `save_model_folder` and `write_report`. `main` resolves the built-in
 sample (`resolve_sample`) before it, so `train` trains what it is given.
 """
 
@@ -63,8 +63,8 @@ from modeling_mm.modeling_mm import count_targets, task_loss
 from processors import MMFusionProcessor
 from training.data import DataSettings, MMFusionCollator, find_bad_rows, prepare_splits, row_lengths
 from training.lora import LoraSettings, apply_lora, save_trained_model
-from training.metrics import quality_metrics
-from training.scoring import MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, forward_kept, tasks_of
+from training.metrics import quality_metrics, tune_thresholds
+from training.scoring import MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, forward_kept, scores, tasks_of
 from training.tower_cache import CachedTowersCollator, CachedTowersDataset, compute_tower_cache, frozen_modalities
 
 logger = logging.getLogger("mm_fusion.train")
@@ -233,6 +233,7 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
     train_loop(run)
 
     restore_best_weights(run)
+    tune_decision_thresholds(run)
     metrics = final_evaluations(run, bad_rows)
     if accelerator.is_main_process:
         arguments = {"model": asdict(model_settings), "data": asdict(data_settings), "lora": asdict(lora_settings),
@@ -736,9 +737,32 @@ def evaluate(accelerator: Accelerator, model, loader, modalities: tuple[str, ...
     rows that have the task's target. Keys: the metrics of `VALIDATION_METRICS` and `loss` for a classifier; for a
     multi-task model `<task>/<metric>` and `<task>/loss` for each task, `mean_score` (the tasks' mean `TASK_SCORE`)
     and `loss` (the sum of the tasks' loss_weight times loss). Always `samples`."""
-    model.eval()
     base = accelerator.unwrap_model(model)
     tasks = tasks_of(base)
+    logits, targets = collect_outputs(accelerator, model, loader, modalities, desc)
+    config_tasks = {task["name"]: task for task in base.config.tasks} if base.config.tasks else None
+    result: dict[str, float] = {"samples": int(len(logits))}
+    total_loss, task_scores = 0.0, []
+    for task in tasks:
+        task_logits, target = logits[:, task.outputs], targets[task.name]
+        metrics = _task_metrics(task, task_logits, target, base.config, config_tasks)
+        prefix = f"{task.name}/" if config_tasks else ""
+        result.update({f"{prefix}{key}": value for key, value in metrics.items()})
+        weight = config_tasks[task.name]["loss_weight"] if config_tasks else 1.0
+        total_loss += weight * metrics["loss"]
+        task_scores.append(metrics.get(TASK_SCORE[task.problem_type]) or 0.0)
+    if config_tasks:
+        result["loss"], result["mean_score"] = float(total_loss), float(np.mean(task_scores))
+    return result
+
+
+@torch.no_grad()
+def collect_outputs(accelerator: Accelerator, model, loader, modalities: tuple[str, ...] = ("vision", "text", "audio"),
+                    desc: str = "evaluating") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's outputs over `loader` with only `modalities` (`forward_kept`: every task's side by side, float64,
+    NaN rows without a prediction) and each task's targets, gathered from every process."""
+    model.eval()
+    tasks = tasks_of(accelerator.unwrap_model(model))
     outputs, targets = [], {task.name: [] for task in tasks}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         batch = dict(batch)
@@ -750,21 +774,30 @@ def evaluate(accelerator: Accelerator, model, loader, modalities: tuple[str, ...
         for name, value in labels.items():
             targets[name].append(value.cpu())
     model.train()
-    logits = torch.cat(outputs).double()
-    config_tasks = {task["name"]: task for task in base.config.tasks} if base.config.tasks else None
-    result: dict[str, float] = {"samples": int(len(logits))}
-    total_loss, task_scores = 0.0, []
-    for task in tasks:
-        task_logits, target = logits[:, task.outputs], torch.cat(targets[task.name])
-        metrics = _task_metrics(task, task_logits, target, base.config, config_tasks)
-        prefix = f"{task.name}/" if config_tasks else ""
-        result.update({f"{prefix}{key}": value for key, value in metrics.items()})
-        weight = config_tasks[task.name]["loss_weight"] if config_tasks else 1.0
-        total_loss += weight * metrics["loss"]
-        task_scores.append(metrics.get(TASK_SCORE[task.problem_type]) or 0.0)
-    if config_tasks:
-        result["loss"], result["mean_score"] = float(total_loss), float(np.mean(task_scores))
-    return result
+    return torch.cat(outputs).double(), {name: torch.cat(values) for name, values in targets.items()}
+
+
+def tune_decision_thresholds(run: Run) -> None:
+    """For each multi-label task of a multi-task model, the per-label thresholds that maximise F1 on the validation
+    split (`training.metrics.tune_thresholds`), stored in its `config.tasks` entry, so that the pipeline, the demo
+    and the card use them. Without a validation split the tags stay at 0.5."""
+    base = run.accelerator.unwrap_model(run.model)
+    base = getattr(base, "get_base_model", lambda: base)()
+    if not base.config.tasks or "validation" not in run.loaders:
+        return
+    multi_label = [task for task in tasks_of(base) if task.problem_type == MULTI_LABEL]
+    if not multi_label:
+        return
+    logits, targets = collect_outputs(run.accelerator, run.model, run.loaders["validation"], desc="thresholds")
+    for task in multi_label:
+        target = targets[task.name]
+        rows = ~(torch.isnan(target).all(1) | torch.isnan(logits[:, task.outputs]).any(1))
+        thresholds = tune_thresholds(target[rows].nan_to_num(0).long().numpy(),
+                                     scores(logits[rows][:, task.outputs], MULTI_LABEL))
+        entry = next(entry for entry in base.config.tasks if entry["name"] == task.name)
+        entry["thresholds"] = [round(float(value), 6) for value in thresholds]
+        logger.info("%s: decision thresholds from validation %s", task.name,
+                    dict(zip(task.label_names, entry["thresholds"])))
 
 
 def _task_metrics(task: Task, logits: torch.Tensor, target: torch.Tensor, config, config_tasks) -> dict[str, float]:
