@@ -1048,7 +1048,36 @@ def task_loss(head_output: torch.Tensor, labels: torch.Tensor, problem_type: str
     return masked.sum() / count.clamp_min(1e-12), count
 
 
-class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
+class MMFusionHeadModel(MMFusionPreTrainedModel):
+    """What every task head shares: the fused encoder as `self.model`, dropout on the fused vector, and the tower
+    accessors. A head class adds its modules in `_build_heads` and its `forward`."""
+
+    def __init__(
+        self,
+        config: MMFusionConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+        audio_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        with init.no_init_weights():  # initialised once by post_init, see MMFusionModel.__init__
+            self.model = MMFusionModel(config, vision_model=vision_model, text_model=text_model, audio_model=audio_model)
+            self.dropout = nn.Dropout(config.classifier_dropout)
+            self._build_heads(config)
+        self.post_init()
+
+    def _build_heads(self, config: MMFusionConfig) -> None:
+        raise NotImplementedError
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self.model.get_input_embeddings()
+
+    def encode_tower(self, modality: str, **inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """See [`MMFusionModel.encode_tower`]; give the result back to `forward` as `tower_states`."""
+        return self.model.encode_tower(modality, **inputs)
+
+
+class MMFusionForSequenceClassification(MMFusionHeadModel):
     r"""
     mm-fusion with a classification (or regression) head on the fused vector. `config.problem_type` selects
     single-label (cross-entropy), multi-label (BCE with logits) or regression (MSE) as in transformers' own
@@ -1071,27 +1100,9 @@ class MMFusionForSequenceClassification(MMFusionPreTrainedModel):
     ```
     """
 
-    def __init__(
-        self,
-        config: MMFusionConfig,
-        vision_model: PreTrainedModel | None = None,
-        text_model: PreTrainedModel | None = None,
-        audio_model: PreTrainedModel | None = None,
-    ):
-        super().__init__(config)
+    def _build_heads(self, config: MMFusionConfig) -> None:
         self.num_labels = config.num_labels
-        with init.no_init_weights():  # initialised once by post_init, see MMFusionModel.__init__
-            self.model = MMFusionModel(config, vision_model=vision_model, text_model=text_model, audio_model=audio_model)
-            self.dropout = nn.Dropout(config.classifier_dropout)
-            self.classifier = nn.Linear(config.fusion_hidden_size, config.num_labels)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module | None:
-        return self.model.get_input_embeddings()
-
-    def encode_tower(self, modality: str, **inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """See [`MMFusionModel.encode_tower`]; give the result back to `forward` as `tower_states`."""
-        return self.model.encode_tower(modality, **inputs)
+        self.classifier = nn.Linear(config.fusion_hidden_size, config.num_labels)
 
     def forward(
         self,
@@ -1151,7 +1162,7 @@ class MMFusionTaskWeighting(nn.Module):
         self.log_variance = nn.Parameter(torch.zeros(num_tasks))
 
 
-class MMFusionForMultiTask(MMFusionPreTrainedModel):
+class MMFusionForMultiTask(MMFusionHeadModel):
     r"""
     mm-fusion with several named heads on one fused vector: each task of `config.tasks` has a problem type
     (single-label, multi-label or regression), its labels or output size, and a loss weight. `labels` is a dict
@@ -1178,35 +1189,17 @@ class MMFusionForMultiTask(MMFusionPreTrainedModel):
     ```
     """
 
-    def __init__(
-        self,
-        config: MMFusionConfig,
-        vision_model: PreTrainedModel | None = None,
-        text_model: PreTrainedModel | None = None,
-        audio_model: PreTrainedModel | None = None,
-    ):
-        super().__init__(config)
+    def _build_heads(self, config: MMFusionConfig) -> None:
         if not config.tasks:
             raise ValueError("tasks: MMFusionForMultiTask needs at least one task in config.tasks")
-        with init.no_init_weights():  # initialised once by post_init, see MMFusionModel.__init__
-            self.model = MMFusionModel(config, vision_model=vision_model, text_model=text_model, audio_model=audio_model)
-            self.dropout = nn.Dropout(config.classifier_dropout)
-            self.heads = nn.ModuleDict({task["name"]: nn.Linear(config.fusion_hidden_size, task["num_outputs"])
-                                        for task in config.tasks})
-            self.task_weighting = (MMFusionTaskWeighting(len(config.tasks))
-                                   if config.task_weighting == "uncertainty" else None)
-        self.post_init()
+        self.heads = nn.ModuleDict({task["name"]: nn.Linear(config.fusion_hidden_size, task["num_outputs"])
+                                    for task in config.tasks})
+        self.task_weighting = (MMFusionTaskWeighting(len(config.tasks))
+                               if config.task_weighting == "uncertainty" else None)
 
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(task["name"] for task in self.config.tasks)
-
-    def get_input_embeddings(self) -> nn.Module | None:
-        return self.model.get_input_embeddings()
-
-    def encode_tower(self, modality: str, **inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """See [`MMFusionModel.encode_tower`]; give the result back to `forward` as `tower_states`."""
-        return self.model.encode_tower(modality, **inputs)
 
     def forward(
         self,
