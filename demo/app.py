@@ -58,7 +58,7 @@ from gradio.utils import get_upload_folder
 from modeling_mm.configuration_mm import MODALITY_NAMES
 from modeling_mm.pipeline_mm import DEFAULT_THRESHOLD, task_thresholds
 from processors.media import MediaLimits, load_audio, load_image
-from training.interpretability import shapley_values, subset_value
+from training.interpretability import shapley_values, task_subset_values
 from training.scoring import (MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, classifier, encode_towers, forward_kept,
                               presence, scores, tasks_of)
 
@@ -259,11 +259,8 @@ def _classify_batch(model, processor, samples: list[Sample], thresholds: dict[st
         full = outputs[frozenset(modalities)][:, task.outputs]
         probabilities = scores(full, task.problem_type)
         reference = probabilities.argmax(1) if task.problem_type == SINGLE_LABEL else None
-        values = {subset: subset_value(logits[:, task.outputs], task.problem_type, reference)
-                  for subset, logits in outputs.items()}
-        if task.problem_type == REGRESSION:  # no input: the output a model that saw nothing gives, its training mean
-            prior = np.asarray(task.target_mean if task.target_mean is not None else np.zeros(task.num_outputs))
-            values = {subset: np.where(np.isnan(value), prior, value) for subset, value in values.items()}
+        # no input: the output a model that saw nothing gives, its training mean (0 where the model does not know it)
+        values = task_subset_values(outputs, task, regression_prior=0.0)
         contributions = _shapley_per_sample(values, inputs)
         names = list(task.label_names)
         for index, result in enumerate(results):

@@ -16,6 +16,8 @@ from processors.processing_mm import MMFusionProcessor
 
 from .configuration_mm import MMFusionConfig
 from .modeling_mm import (
+    MMFusionContrastiveModel,
+    MMFusionContrastiveOutput,
     MMFusionForMultiTask,
     MMFusionForSequenceClassification,
     MMFusionModel,
@@ -27,12 +29,15 @@ from .modeling_mm import (
 from .pipeline_mm import PIPELINE_TASK, MMFusionClassificationPipeline
 
 AutoConfig.register(MMFusionConfig.model_type, MMFusionConfig, exist_ok=True)
-AutoModel.register(MMFusionConfig, MMFusionModel, exist_ok=True)
+# AutoModel picks among these by `config.architectures` (the first without one): a folder saved by the multi-task or
+# the contrastive class loads as it, anything else as the base model
+AutoModel.register(MMFusionConfig, (MMFusionModel, MMFusionForMultiTask, MMFusionContrastiveModel), exist_ok=True)
 AutoModelForSequenceClassification.register(MMFusionConfig, MMFusionForSequenceClassification, exist_ok=True)
 AutoProcessor.register(MMFusionConfig, MMFusionProcessor, exist_ok=True)
 MMFusionModel.register_for_auto_class("AutoModel")
 MMFusionForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 MMFusionForMultiTask.register_for_auto_class("AutoModel")
+MMFusionContrastiveModel.register_for_auto_class("AutoModel")
 PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=MMFusionClassificationPipeline,
                                     pt_model=AutoModelForSequenceClassification, type="multimodal")
 
@@ -42,6 +47,8 @@ __all__ = [
     "MMFusionModel",
     "MMFusionForSequenceClassification",
     "MMFusionForMultiTask",
+    "MMFusionContrastiveModel",
+    "MMFusionContrastiveOutput",
     "MMFusionModelOutput",
     "MMFusionMultiTaskOutput",
     "MMFusionSequenceClassifierOutput",

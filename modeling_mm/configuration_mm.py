@@ -32,6 +32,7 @@ MODALITY_NAMES = {
 POOLING_MODES = ("mean", "first")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 TASK_WEIGHTINGS = ("fixed", "uncertainty")
+CONTRASTIVE_LOSSES = ("infonce", "sigmoid")
 # what a task of `MMFusionConfig.tasks` may say: the head's shape and loss, plus where mm-train read its targets
 TASK_KEYS = ("name", "problem_type", "labels", "num_outputs", "loss_weight", "target_mean", "target_std", "thresholds",
              "column", "label_separator")
@@ -138,6 +139,19 @@ class MMFusionConfig(PreTrainedConfig):
         task_weighting (`str`): how [`MMFusionForMultiTask`] sums its task losses: "fixed" (`loss_weight` times the
             task loss) or "uncertainty" (Kendall, Gal & Cipolla 2018: a learned log-variance s per task, the term
             `loss_weight * (c * exp(-s) * loss + s / 2)` with c = 1/2 for regression and 1 for classification).
+        is_contrastive (`bool`): marks a [`MMFusionContrastiveModel`] checkpoint, so that its `auto_map` (and
+            `AutoModel`) give that class back; set by the class itself. Cannot be combined with `tasks`.
+        projection_dim (`int`): width of the joint embedding space of [`MMFusionContrastiveModel`] (read by that class
+            only).
+        logit_scale_init_value (`float`): initial value of the contrastive model's learned log temperature; the scale
+            used is `exp(logit_scale)` clamped at 100, so at most ln(100) = 4.605. Default ln(1/0.07), as in CLIP.
+        logit_bias_init_value (`float`): initial value of the learned logit bias of the sigmoid loss (SigLIP: -10).
+        contrastive_loss (`str`): "infonce" (symmetric cross-entropy over the batch, CLIP) or "sigmoid" (an independent
+            binary decision per pair with a learned bias, SigLIP).
+        contrastive_anchor (`str`, *optional*): a modality ("vision", "text" or "audio"): only the pairs that include
+            it are trained (ImageBind-style binding to one modality). None trains every pair of modalities.
+        fused_contrastive_weight (`float`): weight (>= 0) of an extra term between the fused embedding of each row with
+            two or more modalities and each of its single-modality embeddings (BridgeTower-style); 0 turns it off.
         layer_norm_eps (`float`): epsilon of fusion layer norms.
         initializer_range (`float`): std of the normal init of fusion and head weights.
 
@@ -181,6 +195,13 @@ class MMFusionConfig(PreTrainedConfig):
     target_std: list[float] | None = None
     tasks: list[dict] | None = None
     task_weighting: str = "fixed"
+    is_contrastive: bool = False
+    projection_dim: int = 256
+    logit_scale_init_value: float = 2.6592
+    logit_bias_init_value: float = -10.0
+    contrastive_loss: str = "infonce"
+    contrastive_anchor: str | None = None
+    fused_contrastive_weight: float = 0.0
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
 
@@ -190,12 +211,17 @@ class MMFusionConfig(PreTrainedConfig):
         for field in ("vision_config", "text_config", "audio_config"):
             setattr(self, field, resolve_tower_config(field, getattr(self, field)))
         super().__post_init__(**kwargs)
+        # [] rather than None: AutoModel chooses among our registered classes by iterating `architectures`, which
+        # transformers does without a None check (AutoModel.from_config of a fresh config would raise TypeError)
+        if self.architectures is None:
+            self.architectures = []
         self._validate_fusion_settings()
         self.target_mean, self.target_std = _checked_scaling("", self.target_mean, self.target_std)
         if self.task_weighting not in TASK_WEIGHTINGS:
             raise ValueError(f"task_weighting: must be one of {TASK_WEIGHTINGS}, got {self.task_weighting!r}")
         if self.tasks is not None:
             self.tasks = normalised_tasks(self.tasks)
+        self._validate_contrastive_settings()
 
     def _validate_fusion_settings(self) -> None:
         for name in ("fusion_hidden_size", "fusion_num_layers", "fusion_num_heads", "fusion_intermediate_size"):
@@ -224,6 +250,29 @@ class MMFusionConfig(PreTrainedConfig):
 
         if self.fusion_hidden_act not in ACT2FN:
             raise ValueError(f"fusion_hidden_act: unknown activation {self.fusion_hidden_act!r}")
+
+    def _validate_contrastive_settings(self) -> None:
+        if not isinstance(self.is_contrastive, bool):
+            raise ValueError(f"is_contrastive: must be True or False, got {self.is_contrastive!r}")
+        if self.is_contrastive and self.tasks is not None:
+            raise ValueError("is_contrastive, tasks: a contrastive model has no task heads; give one of them")
+        if isinstance(self.projection_dim, bool) or not isinstance(self.projection_dim, int) or self.projection_dim < 1:
+            raise ValueError(f"projection_dim: must be a positive integer, got {self.projection_dim!r}")
+        for name in ("logit_scale_init_value", "logit_bias_init_value", "fused_contrastive_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}: must be a finite number, got {value!r}")
+        # above ln(100) the clamp of exp(logit_scale) at 100 holds from the start, and the scale gets no gradient
+        if self.logit_scale_init_value > math.log(100.0):
+            raise ValueError(f"logit_scale_init_value: must be <= ln(100) = {math.log(100.0):.4f} (the scale "
+                             f"exp(value) is clamped at 100), got {self.logit_scale_init_value!r}")
+        if self.fused_contrastive_weight < 0:
+            raise ValueError(f"fused_contrastive_weight: must be >= 0, got {self.fused_contrastive_weight!r}")
+        if self.contrastive_loss not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"contrastive_loss: must be one of {CONTRASTIVE_LOSSES}, got {self.contrastive_loss!r}")
+        if self.contrastive_anchor is not None and self.contrastive_anchor not in MODALITIES:
+            raise ValueError(f"contrastive_anchor: must be None or one of {MODALITIES}, "
+                             f"got {self.contrastive_anchor!r}")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -314,4 +363,4 @@ def normalised_tasks(tasks: Any) -> list[dict]:
 MMFusionConfig.register_for_auto_class()
 
 __all__ = ["MMFusionConfig", "tower_modality", "resolve_tower_config", "normalised_tasks", "MODALITIES", "MODALITY_NAMES",
-           "ModalityNames", "PROBLEM_TYPES", "TASK_WEIGHTINGS"]
+           "ModalityNames", "PROBLEM_TYPES", "TASK_WEIGHTINGS", "CONTRASTIVE_LOSSES"]

@@ -7,6 +7,7 @@ Imports only torch and transformers (and its relative config), so this file work
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,42 @@ class MMFusionMultiTaskOutput(ModelOutput):
     task_weights: dict[str, torch.FloatTensor] | None = None
     pooler_output: torch.FloatTensor | None = None
     fusion_output: MMFusionModelOutput | None = None
+
+    to_tuple = _nested_to_tuple
+
+
+@dataclass
+class MMFusionContrastiveOutput(ModelOutput):
+    """
+    Output of [`MMFusionContrastiveModel`]. Rows of samples that lack a modality hold zeros in its `*_embeds`.
+
+    Args:
+        loss (`()`): the contrastive loss (`config.contrastive_loss`), with `return_loss=True`.
+        logits_per_pair (`dict[str, (rows_a, rows_b)]`): per pair of modalities present in the batch, named by their
+            user names in the order image, text, audio ("image_text", "image_audio", "text_audio"): the scaled
+            similarities (plus the bias for the sigmoid loss) between every row that has the first modality and
+            every row that has the second, in batch order. `logits_per_pair["image_text"].T` is CLIP's
+            `logits_per_text`.
+        image_embeds / text_embeds / audio_embeds (`(batch, projection_dim)`): unit-norm embeddings, each computed
+            from that modality of its row alone; None when no row has the modality.
+        fused_embeds (`(batch, projection_dim)`): unit-norm embeddings of the fused vector of each row with two or
+            more modalities (zeros elsewhere), when `config.fused_contrastive_weight > 0`.
+        logit_scale (`()`): the scale the logits used, `exp(logit_scale)` clamped at 100.
+        logit_bias (`()`): the learned bias of the sigmoid loss (None for InfoNCE).
+        has_image / has_text / has_audio (`(batch,)`, bool): which rows have each modality.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_pair: dict[str, torch.FloatTensor] | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    audio_embeds: torch.FloatTensor | None = None
+    fused_embeds: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+    logit_bias: torch.FloatTensor | None = None
+    has_image: torch.BoolTensor | None = None
+    has_text: torch.BoolTensor | None = None
+    has_audio: torch.BoolTensor | None = None
 
     to_tuple = _nested_to_tuple
 
@@ -356,6 +393,9 @@ class MMFusionPreTrainedModel(PreTrainedModel):
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             if self.config.tasks:  # a multi-task checkpoint: AutoModel gives every head back
                 auto_map["AutoModel"] = f"{module}.MMFusionForMultiTask"
+                auto_map.pop("AutoModelForSequenceClassification", None)
+            elif self.config.is_contrastive:  # a contrastive checkpoint: AutoModel gives the projections back
+                auto_map["AutoModel"] = f"{module}.MMFusionContrastiveModel"
                 auto_map.pop("AutoModelForSequenceClassification", None)
             else:
                 auto_map.setdefault("AutoModel", f"{module}.MMFusionModel")
@@ -1264,11 +1304,289 @@ class MMFusionForMultiTask(MMFusionHeadModel):
 
 
 
+def contrastive_pair_loss(logits: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The contrastive loss of `n` aligned pairs from their logits `(n, n)`, where row i and column i are one item.
+
+    "infonce": the symmetric cross-entropy `(CE(logits, arange) + CE(logits.T, arange)) / 2` (CLIP). "sigmoid": an
+    independent binary decision per pair, `-sum(logsigmoid(labels * logits)) / n` with labels +1 on the diagonal and
+    -1 elsewhere (SigLIP; its bias is already in `logits`). Computed in float32."""
+    logits = logits.float()
+    n = logits.shape[0]
+    if loss_type == "sigmoid":
+        labels = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
+        return -F.logsigmoid(labels * logits).sum() / n
+    target = torch.arange(n, device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+class MMFusionContrastiveModel(MMFusionHeadModel):
+    r"""
+    mm-fusion as a joint embedding model, in the manner of CLIP and `VisionTextDualEncoderModel`: each modality of an
+    item is embedded alone (the fusion model run with only that modality, its pooled vector projected to
+    `config.projection_dim` by `vision_projection`, `text_projection` or `audio_projection`), so an item's embedding
+    depends on that item alone and any two modalities can be compared (retrieval, zero-shot classification).
+    `get_fused_features` embeds a row with several modalities together (`fused_projection`).
+
+    With `return_loss=True` the loss is, for every pair of modalities present in the batch (only the pairs with
+    `config.contrastive_anchor` when set), the contrastive loss (`config.contrastive_loss`: symmetric InfoNCE or
+    SigLIP's sigmoid loss) over the rows that have both, averaged over the pairs that have a row; plus
+    `config.fused_contrastive_weight` times the same loss between the fused embedding of each row with two or more
+    modalities and each of its single-modality embeddings (averaged over the modalities). The logits are
+    `exp(logit_scale)` (clamped at 100) times the cosine similarities, plus the learned `logit_bias` for the sigmoid
+    loss. A pair without a row adds an exact zero, and every head weight stays in the graph (DDP needs every
+    parameter used). Negatives come from this process's batch only (see `_gather`).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, ViTConfig
+    >>> from modeling_mm import MMFusionConfig, MMFusionContrastiveModel
+    >>> config = MMFusionConfig(
+    ...     vision_config=ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+    ...                             image_size=32, patch_size=8),
+    ...     text_config=BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37),
+    ...     fusion_hidden_size=32, fusion_num_heads=4, projection_dim=16)
+    >>> model = MMFusionContrastiveModel(config).eval()
+    >>> out = model(input_ids=torch.tensor([[101, 2000, 102], [101, 2001, 102], [101, 102, 0]]),
+    ...             attention_mask=torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0]]),
+    ...             pixel_values=torch.randn(3, 3, 32, 32), has_image=torch.tensor([True, True, False]),
+    ...             return_loss=True)
+    >>> tuple(out.logits_per_pair["image_text"].shape), tuple(out.text_embeds.shape), out.loss.shape
+    ((2, 3), (3, 16), torch.Size([]))
+    ```
+    """
+
+    def _build_heads(self, config: MMFusionConfig) -> None:
+        if config.tasks is not None:
+            raise ValueError("tasks: MMFusionContrastiveModel has no task heads; config.tasks must be None")
+        if config.contrastive_anchor is not None and config.contrastive_anchor not in config.modalities:
+            raise ValueError(f"contrastive_anchor: {config.contrastive_anchor!r} is not one of this model's towers "
+                             f"{config.modalities}")
+        # marks the checkpoint, so that save_pretrained maps AutoModel to this class. (The shared `dropout` is not
+        # applied: embeddings are compared with each other, not classified.)
+        self.config.is_contrastive = True
+        width = config.fusion_hidden_size
+        for modality in config.modalities:
+            setattr(self, f"{modality}_projection", nn.Linear(width, config.projection_dim, bias=False))
+        self.fused_projection = nn.Linear(width, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        # only the sigmoid loss reads a bias: an InfoNCE model has none, so no parameter is left out of the graph
+        self.logit_bias = (nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
+                           if config.contrastive_loss == "sigmoid" else None)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MMFusionContrastiveModel):  # a load without them (e.g. from a classifier checkpoint)
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            if module.logit_bias is not None:
+                init.constant_(module.logit_bias, self.config.logit_bias_init_value)
+
+    # ---- embeddings --------------------------------------------------------------------------------------------------
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        tower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        normalize: bool = True,
+    ) -> torch.FloatTensor:
+        """Image embeddings `(batch, projection_dim)`, each from its image alone; unit vectors with `normalize`.
+        `tower_states={"vision": encode_tower("vision", ...)}` replaces `pixel_values` (a cached frozen tower)."""
+        return self._embed("vision", {"pixel_values": pixel_values}, tower_states, normalize)
+
+    def get_text_features(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        tower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        normalize: bool = True,
+    ) -> torch.FloatTensor:
+        """Text embeddings `(batch, projection_dim)`, each from its text alone; unit vectors with `normalize`.
+        `tower_states={"text": ...}` replaces the token inputs."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return self._embed("text", inputs, tower_states, normalize)
+
+    def get_audio_features(
+        self,
+        input_values: torch.FloatTensor | None = None,
+        audio_attention_mask: torch.LongTensor | None = None,
+        tower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        normalize: bool = True,
+    ) -> torch.FloatTensor:
+        """Audio embeddings `(batch, projection_dim)`, each from its audio alone; unit vectors with `normalize`.
+        `tower_states={"audio": ...}` replaces `input_values`."""
+        inputs = {"input_values": input_values, "audio_attention_mask": audio_attention_mask}
+        return self._embed("audio", inputs, tower_states, normalize)
+
+    def get_fused_features(self, normalize: bool = True, **model_inputs: Any) -> torch.FloatTensor:
+        """Embeddings `(batch, projection_dim)` of the fused vector over the modalities each row has (`model_inputs`
+        as [`MMFusionModel.forward`] takes them, `has_*` masks included), projected by `fused_projection`; unit
+        vectors with `normalize`."""
+        pooled = self.model(**model_inputs, return_dict=True).pooler_output
+        embeds = self.fused_projection(pooled)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def _embed(self, modality: str, inputs: dict[str, torch.Tensor | None],
+               tower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, normalize: bool) -> torch.Tensor:
+        """The fusion model run on one modality only, its pooled vector projected (and normalised)."""
+        main_name = TOWER_INPUT_NAMES[modality][0]
+        if modality not in self.model.modalities:
+            raise ValueError(f"{main_name}: this model has no {modality} tower (it has {self.model.modalities})")
+        if set(tower_states or {}) - {modality}:
+            raise ValueError(f"tower_states: get_{MODALITY_NAMES[modality].user}_features takes only "
+                             f"{modality!r}, got {sorted(tower_states)}")
+        if inputs[main_name] is None and not tower_states:
+            raise ValueError(f"{main_name}: required (or tower_states[{modality!r}])")
+        # With one modality, the fused vector is that stream's pooled vector; it also carries the base model's zero
+        # anchor that keeps the other towers in the graph (DDP), which `{modality}_pooler_output` does not
+        pooled = self.model(**inputs, tower_states=tower_states, return_dict=True).pooler_output
+        embeds = getattr(self, f"{modality}_projection")(pooled)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def _gather(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Where negatives from every process will join the loss (open_clip's `gather_features`): returns `embeds`
+        unchanged. Under torch.distributed each process contrasts its own rows only for now; gathering needs
+        padding (rows per process differ where modalities are missing) and comes with the training loop."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                logger.warning_once("MMFusionContrastiveModel: negatives come from each process's own batch only")
+        return embeds
+
+    def _logits(self, embeds_a: torch.Tensor, embeds_b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        logits = scale * embeds_a @ embeds_b.t()  # (rows_a, rows_b)
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    def _head_parameters(self) -> list[nn.Parameter]:
+        modules = [getattr(self, f"{m}_projection") for m in self.model.modalities] + [self.fused_projection]
+        parameters = [p for module in modules for p in module.parameters()] + [self.logit_scale]
+        return parameters + ([self.logit_bias] if self.logit_bias is not None else [])
+
+    # ---- forward -----------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        audio_attention_mask: torch.LongTensor | None = None,
+        has_text: torch.BoolTensor | None = None,
+        has_image: torch.BoolTensor | None = None,
+        has_audio: torch.BoolTensor | None = None,
+        tower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        return_loss: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MMFusionContrastiveOutput | tuple:
+        r"""
+        Embeds each modality of each row alone, each tower and the fusion run once per modality on the rows that
+        have it (`has_*`; by default every row has the modalities whose inputs are given), and compares every pair of
+        modalities (`logits_per_pair`). `tower_states` as in [`MMFusionModel.forward`].
+
+        return_loss (`bool`): also return the contrastive loss (see the class docstring).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        inputs = {
+            "vision": {"pixel_values": pixel_values},
+            "text": {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids},
+            "audio": {"input_values": input_values, "audio_attention_mask": audio_attention_mask},
+        }
+        main_input = {"vision": pixel_values, "text": input_ids, "audio": input_values}
+        tower_states = self.model._check_tower_states(tower_states or {}, main_input)
+        main_input.update({modality: states for modality, (states, _) in tower_states.items()})
+        batch_size = self.model._batch_size(main_input)
+        device = next(t for t in main_input.values() if t is not None).device
+        presence = self.model._presence(main_input, {"vision": has_image, "text": has_text, "audio": has_audio},
+                                        batch_size, device)
+
+        def rows_of(tensors: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+            return {name: None if t is None else t[rows] for name, t in tensors.items()}
+
+        # 1) each modality alone, on the rows that have it; zeros in the rows that lack it
+        embeds: dict[str, torch.Tensor] = {}
+        for modality in self.model.modalities:
+            rows = presence[modality].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            states = ({modality: tuple(t[rows] for t in tower_states[modality])}
+                      if modality in tower_states else None)
+            projected = self._embed(modality, rows_of(inputs[modality], rows), states, normalize=True)
+            embeds[modality] = projected.new_zeros(batch_size, projected.shape[-1]).index_put((rows,), projected)
+        present = tuple(embeds)
+
+        # 2) the fused embedding of the rows with two or more modalities, when the loss has a term for it
+        fused = None
+        several = torch.stack([presence[m] for m in MODALITIES], dim=1).sum(1) >= 2  # (batch,)
+        if self.config.fused_contrastive_weight > 0 and bool(several.any()):
+            rows = several.nonzero().squeeze(1)
+            model_inputs = {name: value for modality in self.model.modalities
+                            for name, value in rows_of(inputs[modality], rows).items()}
+            model_inputs.update({PRESENCE_KEYS[m]: presence[m][rows] for m in present})
+            model_inputs["tower_states"] = {m: tuple(t[rows] for t in pair) for m, pair in tower_states.items()}
+            projected = self.get_fused_features(**model_inputs)
+            fused = projected.new_zeros(batch_size, projected.shape[-1]).index_put((rows,), projected)
+
+        # 3) logits of every pair of modalities present, and the loss
+        scale = self.logit_scale.exp().clamp(max=100)
+        pairs = list(itertools.combinations(present, 2))
+        logits_per_pair = {
+            f"{MODALITY_NAMES[a].user}_{MODALITY_NAMES[b].user}":
+                self._logits(embeds[a][presence[a]], embeds[b][presence[b]], scale)
+            for a, b in pairs
+        }
+        loss = None
+        if return_loss:
+            loss = self._loss(embeds, fused, presence, several, pairs, scale)
+        output = MMFusionContrastiveOutput(
+            loss=loss,
+            logits_per_pair=logits_per_pair,
+            image_embeds=embeds.get("vision"),
+            text_embeds=embeds.get("text"),
+            audio_embeds=embeds.get("audio"),
+            fused_embeds=fused,
+            logit_scale=scale,
+            logit_bias=self.logit_bias,
+            has_image=presence["vision"],
+            has_text=presence["text"],
+            has_audio=presence["audio"],
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _loss(self, embeds, fused, presence, several, pairs, scale) -> torch.Tensor:
+        loss_type, anchor = self.config.contrastive_loss, self.config.contrastive_anchor
+
+        def pair_loss(embeds_a: torch.Tensor, embeds_b: torch.Tensor) -> torch.Tensor:
+            return contrastive_pair_loss(self._logits(self._gather(embeds_a), self._gather(embeds_b), scale), loss_type)
+
+        # Exactly zero, but computed from every embedding and head weight: a pair without a row, an unused projection
+        # or an unused bias still gets its (zero) gradient, as DDP with find_unused_parameters=False needs.
+        total = (sum(e.sum() for e in embeds.values()) + sum(p.sum() for p in self._head_parameters())) * 0.0
+        terms = []
+        for a, b in pairs:
+            if anchor is not None and anchor not in (a, b):
+                continue
+            both = presence[a] & presence[b]
+            if bool(both.any()):  # a pair without a row drops out of the average
+                terms.append(pair_loss(embeds[a][both], embeds[b][both]))
+        if terms:
+            total = total + torch.stack(terms).mean()
+        if fused is not None:
+            fused_terms = [pair_loss(fused[several & presence[m]], embeds[m][several & presence[m]])
+                           for m in embeds if bool((several & presence[m]).any())]
+            total = total + self.config.fused_contrastive_weight * torch.stack(fused_terms).mean()
+        return total
+
+
 __all__ = [
     "MMFusionPreTrainedModel",
     "MMFusionModel",
     "MMFusionForSequenceClassification",
     "MMFusionForMultiTask",
+    "MMFusionContrastiveModel",
+    "MMFusionContrastiveOutput",
     "MMFusionModelOutput",
     "MMFusionMultiTaskOutput",
     "MMFusionSequenceClassifierOutput",

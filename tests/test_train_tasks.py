@@ -188,6 +188,9 @@ def test_multi_label_from_csv_cells_and_from_parquet_lists_gives_the_same_target
                 "thresholds"):
         assert key in report["metrics"], key
     assert set(report["metrics"]["thresholds"]) == set(csv_tasks[0]["labels"])
+    # the thresholds the metrics used were tuned on the validation split, not left at 0.5
+    assert report["decision_thresholds"]["fitted_on"].startswith("validation data")
+    assert report["metrics"]["thresholds"] == report["decision_thresholds"]["values"]
 
 
 # ---- several tasks -------------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ from training.corruptions import CORRUPTION_LEVEL_NAMES, Corruption, corrupt, ro
 from training.data import (SPLIT_NAMES, DataSettings, MMFusionCollator, _undecoded, encode_targets, find_bad_rows,
                            is_missing, load_table)
 from training.efficiency import measure_efficiency, parameter_counts
-from training.interpretability import cross_attention_mass, eager_fusion_attention, shapley_values, subset_value
+from training.interpretability import cross_attention_mass, eager_fusion_attention, shapley_values, task_subset_values
 from training.metrics import (TEMPERATURE_RANGE, bootstrap_intervals, calibration_metrics, fit_temperature,
                               headline_keys, headline_statistics, negative_log_likelihood, primary_metric,
                               quality_metrics, quiet_warnings, tune_thresholds)
@@ -540,17 +540,8 @@ def _shapley(collected: _Collected, task: Task, subsets: Sequence[tuple[str, ...
                                      f"Shapley values need all {2 ** len(modalities)} modality subsets")
     problem_type = task.problem_type
     full = collected.logits[full_name][:, task.outputs]
-    reference = np.nan_to_num(full, nan=0.0).argmax(1) if problem_type == SINGLE_LABEL else None
-    if problem_type == REGRESSION:
-        # a subset with none of the row's modalities knows as much as no modality: the training mean
-        empty = np.broadcast_to(np.asarray(task.target_mean if task.target_mean else [np.nan] * task.num_outputs,
-                                           dtype=np.float64), full.shape)
-    else:
-        empty = subset_value(np.full(full.shape, np.nan), problem_type, reference)
-    values = {frozenset(): empty}
-    for subset in subsets:
-        value = subset_value(collected.logits[_subset_name(subset)][:, task.outputs], problem_type, reference)
-        values[frozenset(subset)] = np.where(np.isnan(value), empty, value) if problem_type == REGRESSION else value
+    values = task_subset_values({frozenset(s): collected.logits[_subset_name(s)] for s in subsets}, task)
+    empty = values[frozenset()]
     phi = shapley_values(values, modalities)
     has_prediction = ~np.isnan(full).any(1)
     note = None

@@ -160,6 +160,31 @@ def subset_value(logits: np.ndarray, problem_type: str, reference_class: np.ndar
     return np.where(missing, math.log(1.0 / (num_labels - 1)), log_odds)
 
 
+def task_subset_values(subset_logits: Mapping[frozenset[str], np.ndarray], task: Any,
+                       regression_prior: float | None = None) -> dict[frozenset[str], np.ndarray]:
+    """The value function of one task for `shapley_values`: for each subset of modalities, `subset_value` of the
+    task's columns (`task.outputs`) of that subset's outputs `subset_logits[subset]` `(samples, outputs)`, each
+    single-label row scored on the class predicted with every modality of the largest subset; the empty subset gets
+    the value of knowing nothing: the uniform prior (classification), or for regression the task's training mean
+    (`task.target_mean`), else `regression_prior`, else NaN. A regression row that a subset leaves without a
+    prediction gets the same."""
+    full = subset_logits[max(subset_logits, key=len)][:, task.outputs]
+    reference = np.nan_to_num(full, nan=0.0).argmax(1) if task.problem_type == SINGLE_LABEL else None
+    if task.problem_type == REGRESSION:
+        mean = task.target_mean if task.target_mean else [np.nan if regression_prior is None else regression_prior] * (
+            task.num_outputs)
+        empty = np.broadcast_to(np.asarray(mean, dtype=np.float64), full.shape)
+    else:
+        empty = subset_value(np.full(full.shape, np.nan), task.problem_type, reference)
+    values = {frozenset(): empty}
+    for subset, logits in subset_logits.items():
+        if not subset:
+            continue
+        value = subset_value(logits[:, task.outputs], task.problem_type, reference)
+        values[frozenset(subset)] = np.where(np.isnan(value), empty, value) if task.problem_type == REGRESSION else value
+    return values
+
+
 def shapley_values(subset_values: Mapping[frozenset[str], np.ndarray], modalities: Sequence[str]
                    ) -> dict[str, np.ndarray]:
     """Exact Shapley values of each modality, per sample: phi_m = sum over the subsets S of the other modalities of
