@@ -1467,40 +1467,28 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.LongTensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        input_values: torch.FloatTensor | None = None,
-        audio_attention_mask: torch.LongTensor | None = None,
-        has_text: torch.BoolTensor | None = None,
-        has_image: torch.BoolTensor | None = None,
-        has_audio: torch.BoolTensor | None = None,
-        tower_states: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         return_loss: bool = False,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        **model_inputs: Any,
     ) -> MMFusionContrastiveOutput | tuple:
         r"""
         Embeds each modality of each row alone, each tower and the fusion run once per modality on the rows that
         have it (`has_*`; by default every row has the modalities whose inputs are given), and compares every pair of
-        modalities (`logits_per_pair`). `tower_states` as in [`MMFusionModel.forward`].
+        modalities (`logits_per_pair`).
 
+        model_inputs: what [`MMFusionModel.forward`] takes (`input_ids`, `pixel_values`, `input_values`, their masks,
+            `has_*`, `tower_states`), by the names of `MODALITY_NAMES`.
         return_loss (`bool`): also return the contrastive loss (see the class docstring).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        inputs = {
-            "vision": {"pixel_values": pixel_values},
-            "text": {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids},
-            "audio": {"input_values": input_values, "audio_attention_mask": audio_attention_mask},
-        }
-        main_input = {"vision": pixel_values, "text": input_ids, "audio": input_values}
-        tower_states = self.model._check_tower_states(tower_states or {}, main_input)
+        inputs = {m: {name: model_inputs.get(name) for name in MODALITY_NAMES[m].inputs} for m in MODALITIES}
+        main_input = {m: inputs[m][MODALITY_NAMES[m].inputs[0]] for m in MODALITIES}
+        tower_states = self.model._check_tower_states(model_inputs.get("tower_states") or {}, main_input)
         main_input.update({modality: states for modality, (states, _) in tower_states.items()})
         batch_size = self.model._batch_size(main_input)
         device = next(t for t in main_input.values() if t is not None).device
-        presence = self.model._presence(main_input, {"vision": has_image, "text": has_text, "audio": has_audio},
-                                        batch_size, device)
+        presence = self.model._presence(main_input, {m: model_inputs.get(MODALITY_NAMES[m].presence)
+                                                     for m in MODALITIES}, batch_size, device)
 
         def rows_of(tensors: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
             return {name: None if t is None else t[rows] for name, t in tensors.items()}
@@ -1522,11 +1510,11 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
         several = torch.stack([presence[m] for m in MODALITIES], dim=1).sum(1) >= 2  # (batch,)
         if self.config.fused_contrastive_weight > 0 and bool(several.any()):
             rows = several.nonzero().squeeze(1)
-            model_inputs = {name: value for modality in self.model.modalities
+            fused_inputs = {name: value for modality in self.model.modalities
                             for name, value in rows_of(inputs[modality], rows).items()}
-            model_inputs.update({PRESENCE_KEYS[m]: presence[m][rows] for m in present})
-            model_inputs["tower_states"] = {m: tuple(t[rows] for t in pair) for m, pair in tower_states.items()}
-            projected = self.get_fused_features(**model_inputs)
+            fused_inputs.update({PRESENCE_KEYS[m]: presence[m][rows] for m in present})
+            fused_inputs["tower_states"] = {m: tuple(t[rows] for t in pair) for m, pair in tower_states.items()}
+            projected = self.get_fused_features(**fused_inputs)
             fused = projected.new_zeros(batch_size, projected.shape[-1]).index_put((rows,), projected)
 
         # 3) logits of every pair of modalities present, and the loss
