@@ -220,6 +220,14 @@ def encode_targets(values: Sequence[Any], task: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(result, dtype=torch.long)
 
 
+def has_target(targets: np.ndarray | torch.Tensor, problem_type: str) -> np.ndarray:
+    """Which rows of `encode_targets`' output hold a target: not -100 (a class id), not a NaN row (otherwise)."""
+    targets = targets.numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    if problem_type == PROBLEM_TYPES[0]:
+        return targets != -100
+    return ~np.isnan(targets.astype(np.float64)).reshape(len(targets), -1).all(1)
+
+
 def task_specs(settings: DataSettings) -> list[dict[str, Any]]:
     """The tasks `settings` asks for, before the data fills in their labels and scales: from `tasks` (specs or a
     YAML/JSON file) or else the one task of `label_column`/`problem_type`. Raises `ValueError` naming `tasks`."""
@@ -352,24 +360,25 @@ class MMFusionCollator:
     them get zeros and `has_*` False there (their other modalities come from elsewhere, e.g. cached tower states)."""
 
     def __init__(self, processor: MMFusionProcessor, settings: DataSettings, tasks: Sequence[dict[str, Any] | str],
-                 modalities: Sequence[str] | None = None):
+                 modalities: Sequence[str] | None = None, multi_task: bool | None = None):
         """`tasks` in `MMFusionConfig.tasks` layout (`prepare_splits` gives them), or just the label names of one
         single-label task read from `settings.label_column`. Batches carry "labels": a dict by task name when
-        `settings.tasks` asks for multi-task training, else the one task's tensor (`encode_targets`)."""
+        `multi_task` (default: whether `settings.tasks` asks for multi-task training), else the one task's tensor
+        (`encode_targets`)."""
         self.processor = processor
         self.settings = settings
         if all(isinstance(task, str) for task in tasks):
             tasks = [{"name": "label", "column": settings.label_column, "problem_type": PROBLEM_TYPES[0],
                       "labels": list(tasks)}]
         self.tasks = [dict(task) for task in tasks]
-        self.multi_task = bool(settings.tasks)
+        self.multi_task = bool(settings.tasks) if multi_task is None else multi_task
         available = {"vision": processor.image_processor is not None, "text": processor.tokenizer is not None,
                      "audio": processor.feature_extractor is not None}
         self.model_modalities = tuple(m for m, present in available.items() if present)
         self.only = None if modalities is None else tuple(m for m in modalities if m in self.model_modalities)
 
     def restricted_to(self, modalities: Sequence[str]) -> MMFusionCollator:
-        return MMFusionCollator(self.processor, self.settings, self.tasks, modalities)
+        return MMFusionCollator(self.processor, self.settings, self.tasks, modalities, self.multi_task)
 
     def targets(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Each task's targets for `rows` (`encode_targets`). Without multi-task training a row must have the

@@ -81,8 +81,8 @@ import modeling_mm  # noqa: F401  (registers the Auto classes)
 from modeling_mm.configuration_mm import MODALITY_NAMES
 from processors import MMFusionProcessor, MediaLimits, load_audio, load_image
 from training.corruptions import CORRUPTION_LEVEL_NAMES, Corruption, corrupt, robustness_conditions
-from training.data import (SPLIT_NAMES, DataSettings, MMFusionCollator, _undecoded, encode_targets, find_bad_rows,
-                           is_missing, load_table)
+from training.data import (SPLIT_NAMES, DataSettings, MMFusionCollator, _undecoded, find_bad_rows, has_target,
+                           load_table)
 from training.efficiency import measure_efficiency, parameter_counts
 from training.interpretability import cross_attention_mass, eager_fusion_attention, shapley_values, task_subset_values
 from training.metrics import (TEMPERATURE_RANGE, bootstrap_intervals, calibration_metrics, fit_temperature,
@@ -248,13 +248,6 @@ def _task_dict(task: Task) -> dict[str, Any]:
             "label_separator": task.label_separator}
 
 
-def _has_target(targets: np.ndarray, problem_type: str) -> np.ndarray:
-    """Rows whose `encode_targets` target is not the missing marker (-100 for a class id, NaN otherwise)."""
-    if problem_type == SINGLE_LABEL:
-        return targets != -100
-    return ~np.isnan(targets).reshape(len(targets), -1).any(1)
-
-
 # ---- rows -> batches -------------------------------------------------------------------------------------------------
 
 class _IndexedRows(torch.utils.data.Dataset):
@@ -273,25 +266,18 @@ class _IndexedRows(torch.utils.data.Dataset):
 class _EvaluationCollator:
     """Rows -> {"clean": batch, corruption name: batch, ...}, {task name: targets}, row indices. Decodes each row's
     media once per corrupted modality and corrupts every level from it. Picklable, so it runs in DataLoader workers.
-    With `require_targets` (a classifier), a row without the label is refused (`ValueError` naming the column), as
-    mm-train refuses it; otherwise a missing target is encoded as missing."""
+    Targets through mm-train's own `MMFusionCollator.targets`: with `require_targets` (a classifier) a row without the
+    label is refused (`ValueError` naming the column), as mm-train refuses it; otherwise a missing target is encoded
+    as missing."""
 
     def __init__(self, processor: MMFusionProcessor, columns: DataSettings, tasks: Sequence[Task],
                  corruptions: Sequence[Corruption], seed: int, require_targets: bool = True):
         self.tasks = [_task_dict(task) for task in tasks]
-        self.rows_to_inputs = MMFusionCollator(processor, columns, self.tasks)
+        self.rows_to_inputs = MMFusionCollator(processor, columns, self.tasks, multi_task=not require_targets)
         self.processor, self.columns = processor, columns
         self.corruptions, self.seed, self.require_targets = list(corruptions), seed, require_targets
         self.limits = MediaLimits(max_image_pixels=processor.max_image_pixels,
                                   max_audio_seconds=processor.max_audio_seconds)
-
-    def targets(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Each task's targets for `rows`, `training.data.encode_targets` of its column."""
-        if self.require_targets:
-            for task in self.tasks:
-                if any(is_missing(row.get(task["column"])) for row in rows):
-                    raise ValueError(f"{task['column']}: the row has no label")
-        return {task["name"]: encode_targets([row.get(task["column"]) for row in rows], task) for task in self.tasks}
 
     def __call__(self, items: Sequence[tuple[int, dict[str, Any]]]):
         indices = [index for index, _ in items]
@@ -310,7 +296,7 @@ class _EvaluationCollator:
                               for value, row_index in zip(decoded[key], indices)]
             rate = self.processor.feature_extractor.sampling_rate if key == "audio" else None
             batches[corruption.name] = dict(self.processor(**corrupted, sampling_rate=rate))
-        return batches, self.targets(rows), torch.tensor(indices)
+        return batches, self.rows_to_inputs.targets(rows), torch.tensor(indices)
 
     def _decode(self, key: str, values: list) -> list:
         if key == "text":
@@ -414,7 +400,7 @@ class _TaskRows:
 
 def _task_rows(collected: _Collected, task: Task) -> _TaskRows:
     targets = collected.targets[task.name]
-    rows = np.flatnonzero(_has_target(targets, task.problem_type))
+    rows = np.flatnonzero(has_target(targets, task.problem_type))
     labels = targets[rows].astype(np.float64 if task.problem_type == REGRESSION else np.int64)
     logits = {name: values[rows][:, task.outputs] for name, values in collected.logits.items()}
     return _TaskRows(task, rows, labels, logits, len(targets) - len(rows))

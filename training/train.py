@@ -61,7 +61,7 @@ import modeling_mm  # noqa: F401  (registers the Auto classes)
 from modeling_mm import MMFusionForMultiTask, MMFusionForSequenceClassification
 from modeling_mm.modeling_mm import count_targets, task_loss
 from processors import MMFusionProcessor
-from training.data import DataSettings, MMFusionCollator, find_bad_rows, prepare_splits, row_lengths
+from training.data import DataSettings, MMFusionCollator, find_bad_rows, has_target, prepare_splits, row_lengths
 from training.lora import LoraSettings, apply_lora, save_trained_model
 from training.metrics import quality_metrics, tune_thresholds
 from training.scoring import MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, forward_kept, scores, tasks_of
@@ -802,7 +802,7 @@ def tune_decision_thresholds(run: Run) -> None:
 
 def _task_metrics(task: Task, logits: torch.Tensor, target: torch.Tensor, config, config_tasks) -> dict[str, float]:
     """One task's `VALIDATION_METRICS` and loss (the model's own `task_loss`) over the rows with its target."""
-    labelled = (target != -100) if task.problem_type == SINGLE_LABEL else ~torch.isnan(target.reshape(len(target), -1)).all(1)
+    labelled = torch.from_numpy(has_target(target, task.problem_type))
     logits, target = logits[labelled], target[labelled]
     predicted = ~torch.isnan(logits).any(1)
     scaling = (config_tasks[task.name] if config_tasks else
