@@ -1334,7 +1334,8 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
     modalities and each of its single-modality embeddings (averaged over the modalities). The logits are
     `exp(logit_scale)` (clamped at 100) times the cosine similarities, plus the learned `logit_bias` for the sigmoid
     loss. A pair without a row adds an exact zero, and every head weight stays in the graph (DDP needs every
-    parameter used). Negatives come from this process's batch only (see `_gather`).
+    parameter used). Under torch.distributed the loss is that of the global batch, with every process's rows as
+    negatives (`_gathered`), so several processes train as one with their batches put together.
 
     Example:
 
@@ -1445,14 +1446,54 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
         embeds = getattr(self, f"{modality}_projection")(pooled)
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
-    def _gather(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Where negatives from every process will join the loss (open_clip's `gather_features`): returns `embeds`
-        unchanged. Under torch.distributed each process contrasts its own rows only for now; gathering needs
-        padding (rows per process differ where modalities are missing) and comes with the training loop."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                logger.warning_once("MMFusionContrastiveModel: negatives come from each process's own batch only")
-        return embeds
+    def _gathered(self, embeds: dict[str, torch.Tensor], fused: torch.Tensor | None,
+                  presence: dict[str, torch.Tensor], batch_size: int):
+        """Every process's rows, in rank order, for the loss (open_clip's `gather_features` with
+        `gather_with_grad`): under torch.distributed with more than one process, each process computes the loss of
+        the global batch, so its negatives come from every process. The gather keeps the gradient (its backward sums
+        the gradients of all processes into each one's own rows, and DDP's mean over processes then gives exactly
+        the gradient of the global batch's loss). Processes may hold different numbers of rows and lack different
+        modalities: every process sends every modality of the model (zeros where it has none), padded to the
+        largest batch, so all take part in the same collectives. Returns (embeds, fused, presence, several) over
+        the global batch; unchanged (with `several` computed) on a single process."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed or torch.distributed.get_world_size() == 1:
+            several = torch.stack([presence[m] for m in MODALITIES], dim=1).sum(1) >= 2  # (batch,)
+            return embeds, fused, presence, several
+        import torch.distributed.nn.functional as dist_functional
+
+        world_size = torch.distributed.get_world_size()
+        device = next(iter(presence.values())).device
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
+        torch.distributed.all_gather(sizes, torch.tensor([batch_size], device=device))
+        sizes = [int(size) for size in sizes]
+        longest, dim = max(sizes), self.config.projection_dim
+        reference = next(iter(self._head_parameters()))
+
+        def gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
+            padded = F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, longest - tensor.shape[0]))
+            if with_grad:
+                parts = dist_functional.all_gather(padded)
+            else:
+                parts = [torch.empty_like(padded) for _ in range(world_size)]
+                torch.distributed.all_gather(parts, padded)
+            return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+        def rows_or_zeros(tensor: torch.Tensor | None) -> torch.Tensor:
+            # every process must run the backward of every gather (its collective), also for the zeros it sends
+            # for a modality it lacks, so those zeros take part in autograd too
+            if tensor is None:
+                tensor = reference.new_zeros(batch_size, dim).requires_grad_(torch.is_grad_enabled())
+            return tensor
+
+        all_presence = {m: gather(presence[m].long(), with_grad=False).bool() for m in MODALITIES}
+        all_embeds = {m: gather(rows_or_zeros(embeds.get(m)), with_grad=True) for m in self.model.modalities}
+        all_embeds = {m: e for m, e in all_embeds.items() if bool(all_presence[m].any())}
+        all_fused = None
+        if self.config.fused_contrastive_weight > 0:
+            all_fused = gather(rows_or_zeros(fused), with_grad=True)
+        several = torch.stack([all_presence[m] for m in MODALITIES], dim=1).sum(1) >= 2  # (global batch,)
+        return all_embeds, all_fused, all_presence, several
 
     def _logits(self, embeds_a: torch.Tensor, embeds_b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         logits = scale * embeds_a @ embeds_b.t()  # (rows_a, rows_b)
@@ -1512,7 +1553,10 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
             rows = several.nonzero().squeeze(1)
             fused_inputs = {name: value for modality in self.model.modalities
                             for name, value in rows_of(inputs[modality], rows).items()}
-            fused_inputs.update({PRESENCE_KEYS[m]: presence[m][rows] for m in present})
+            # every given modality says which rows have it (a modality no row of this batch has is given as all
+            # absent, never left to the default "present wherever its inputs are")
+            fused_inputs.update({PRESENCE_KEYS[m]: presence[m][rows] for m in self.model.modalities
+                                 if main_input[m] is not None})
             fused_inputs["tower_states"] = {m: tuple(t[rows] for t in pair) for m, pair in tower_states.items()}
             projected = self.get_fused_features(**fused_inputs)
             fused = projected.new_zeros(batch_size, projected.shape[-1]).index_put((rows,), projected)
@@ -1527,7 +1571,7 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
         }
         loss = None
         if return_loss:
-            loss = self._loss(embeds, fused, presence, several, pairs, scale)
+            loss = self._loss(embeds, fused, presence, batch_size, scale)
         output = MMFusionContrastiveOutput(
             loss=loss,
             logits_per_pair=logits_per_pair,
@@ -1543,17 +1587,18 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _loss(self, embeds, fused, presence, several, pairs, scale) -> torch.Tensor:
+    def _loss(self, embeds, fused, presence, batch_size, scale) -> torch.Tensor:
         loss_type, anchor = self.config.contrastive_loss, self.config.contrastive_anchor
-
-        def pair_loss(embeds_a: torch.Tensor, embeds_b: torch.Tensor) -> torch.Tensor:
-            return contrastive_pair_loss(self._logits(self._gather(embeds_a), self._gather(embeds_b), scale), loss_type)
-
         # Exactly zero, but computed from every embedding and head weight: a pair without a row, an unused projection
         # or an unused bias still gets its (zero) gradient, as DDP with find_unused_parameters=False needs.
         total = (sum(e.sum() for e in embeds.values()) + sum(p.sum() for p in self._head_parameters())) * 0.0
+        embeds, fused, presence, several = self._gathered(embeds, fused, presence, batch_size)
+
+        def pair_loss(embeds_a: torch.Tensor, embeds_b: torch.Tensor) -> torch.Tensor:
+            return contrastive_pair_loss(self._logits(embeds_a, embeds_b, scale), loss_type)
+
         terms = []
-        for a, b in pairs:
+        for a, b in itertools.combinations(embeds, 2):
             if anchor is not None and anchor not in (a, b):
                 continue
             both = presence[a] & presence[b]
@@ -1564,7 +1609,8 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
         if fused is not None:
             fused_terms = [pair_loss(fused[several & presence[m]], embeds[m][several & presence[m]])
                            for m in embeds if bool((several & presence[m]).any())]
-            total = total + self.config.fused_contrastive_weight * torch.stack(fused_terms).mean()
+            if fused_terms:
+                total = total + self.config.fused_contrastive_weight * torch.stack(fused_terms).mean()
         return total
 
 

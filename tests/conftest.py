@@ -295,3 +295,21 @@ def sample_model_dir(sample_dir) -> Path:
         if not (output_dir / "model" / "metrics.json").exists():
             assert train_main(sample_job_args(output_dir)) == 0
     return output_dir / "model"
+
+
+# ---- a saved joint embedding model (model + processor), for the layers above the model ------------------------------
+
+@pytest.fixture(scope="session")
+def contrastive_model_dir(tmp_path_factory, vit_dir, bert_dir, wav2vec2_dir) -> Path:
+    """A tiny random-init `MMFusionContrastiveModel` (ViT + BERT + wav2vec2 towers, projection_dim 16) and its
+    processor, saved once per session through the real `save_pretrained` paths."""
+    from modeling_mm import MMFusionContrastiveModel
+    from processors import MMFusionProcessor
+
+    folder = tmp_path_factory.mktemp("contrastive_model") / "model"
+    torch.manual_seed(0)
+    model = MMFusionContrastiveModel.from_towers(vision=vit_dir, text=bert_dir, audio=wav2vec2_dir,
+                                                 projection_dim=16, **FUSION_KWARGS)
+    model.save_pretrained(folder)
+    MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir, audio=wav2vec2_dir).save_pretrained(folder)
+    return folder

@@ -68,3 +68,71 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     assert results[0]["unchanged_fusion"] == [], "every fusion and head weight should have been trained"
     for name, tensor in results[0]["weights"].items():
         assert torch.equal(tensor, results[1]["weights"][name]), f"ranks diverged at {name}"
+
+
+# ---- joint embedding: negatives gathered from every process -------------------------------------------------------
+
+# rows 0-4 go to rank 0 and rows 5-7 to rank 1 (uneven), and rank 1 has no audio at all: the gather pads and fills in
+CONTRASTIVE_PRESENCE = {"has_image": [1, 1, 0, 1, 1, 1, 1, 0], "has_text": [1, 0, 1, 1, 1, 1, 1, 1],
+                        "has_audio": [0, 1, 1, 1, 1, 0, 0, 0]}
+RANK_ROWS = [list(range(0, 5)), list(range(5, 8))]
+CONTRASTIVE_SETTINGS = {"infonce+fused": dict(fused_contrastive_weight=0.5),
+                        "sigmoid+anchor": dict(contrastive_loss="sigmoid", contrastive_anchor="text")}
+# float32 sums in another order: the losses and gradients agree to rounding, far below what a missing negative or a
+# gradient off by the number of processes (2x) would give
+CONTRASTIVE_ATOL = 1e-5
+
+
+def contrastive_batch() -> dict[str, torch.Tensor]:
+    batch = make_batch(batch_size=8, seed=3)
+    batch.update({key: torch.tensor(value).bool() for key, value in CONTRASTIVE_PRESENCE.items()})
+    return batch
+
+
+def contrastive_loss_and_gradients(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    loss = model(**batch, return_loss=True).loss
+    loss.backward()
+    module = getattr(model, "module", model)
+    gradients = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    return loss.item(), gradients
+
+
+def build_contrastive(settings: dict):
+    from modeling_mm import MMFusionContrastiveModel
+
+    torch.manual_seed(0)
+    # training mode, as mm-train runs it (a tower that a process lacks stays in the graph with a zero weight), with
+    # no dropout anywhere (the tiny towers have none), so one process and two compute the same function
+    return MMFusionContrastiveModel(tiny_fusion_config(projection_dim=16, modality_dropout=0.0, **settings)).train()
+
+
+def contrastive_on_rank(rank: int, port: int, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    torch.set_num_threads(1)
+    batch = {key: value[RANK_ROWS[rank]] for key, value in contrastive_batch().items()}
+    results = {}
+    for name, settings in CONTRASTIVE_SETTINGS.items():
+        model = torch.nn.parallel.DistributedDataParallel(build_contrastive(settings), find_unused_parameters=False)
+        results[name] = contrastive_loss_and_gradients(model, batch)
+    torch.save(results, os.path.join(result_dir, f"contrastive-{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_give_the_loss_and_gradients_of_one_process_with_the_global_batch(tmp_path):
+    mp.spawn(contrastive_on_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    ranks = [torch.load(tmp_path / f"contrastive-{rank}.pt") for rank in range(WORLD_SIZE)]
+    for name, settings in CONTRASTIVE_SETTINGS.items():
+        single_loss, single_gradients = contrastive_loss_and_gradients(build_contrastive(settings),
+                                                                       contrastive_batch())
+        # each rank alone, without the other's negatives, would give another loss: the check can fail
+        alone_loss, _ = contrastive_loss_and_gradients(
+            build_contrastive(settings), {k: v[RANK_ROWS[0]] for k, v in contrastive_batch().items()})
+        assert abs(alone_loss - single_loss) > 100 * CONTRASTIVE_ATOL
+        for rank, results in enumerate(ranks):
+            loss, gradients = results[name]
+            assert abs(loss - single_loss) < CONTRASTIVE_ATOL, (name, rank, loss, single_loss)
+            assert set(gradients) == set(single_gradients), name
+            for parameter, gradient in single_gradients.items():
+                difference = (gradients[parameter] - gradient).abs().max().item()
+                assert difference < CONTRASTIVE_ATOL, (name, rank, parameter, difference)
