@@ -1319,6 +1319,19 @@ def contrastive_pair_loss(logits: torch.Tensor, loss_type: str) -> torch.Tensor:
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
+class MMFusionSimilarity(nn.Module):
+    """The learned temperature `logit_scale` (CLIP) and, for the sigmoid loss only, the bias `logit_bias` (SigLIP).
+    A module of their own, so that peft's `modules_to_save` trains them and saves them with an adapter (peft wraps
+    modules, not bare parameters)."""
+
+    def __init__(self, config: MMFusionConfig):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        # only the sigmoid loss reads a bias: an InfoNCE model has none, so no parameter is left out of the graph
+        self.logit_bias = (nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
+                           if config.contrastive_loss == "sigmoid" else None)
+
+
 class MMFusionContrastiveModel(MMFusionHeadModel):
     r"""
     mm-fusion as a joint embedding model, in the manner of CLIP and `VisionTextDualEncoderModel`: each modality of an
@@ -1371,15 +1384,22 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
         for modality in config.modalities:
             setattr(self, f"{modality}_projection", nn.Linear(width, config.projection_dim, bias=False))
         self.fused_projection = nn.Linear(width, config.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
-        # only the sigmoid loss reads a bias: an InfoNCE model has none, so no parameter is left out of the graph
-        self.logit_bias = (nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
-                           if config.contrastive_loss == "sigmoid" else None)
+        self.similarity = MMFusionSimilarity(config)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """The learned log temperature (the logits use `exp(logit_scale)`, clamped at 100), as in CLIPModel."""
+        return self.similarity.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """The sigmoid loss's learned bias (None for InfoNCE), as in SiglipModel."""
+        return self.similarity.logit_bias
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, MMFusionContrastiveModel):  # a load without them (e.g. from a classifier checkpoint)
+        if isinstance(module, MMFusionSimilarity):  # a load without them (e.g. from a classifier checkpoint)
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
             if module.logit_bias is not None:
                 init.constant_(module.logit_bias, self.config.logit_bias_init_value)
@@ -1501,8 +1521,7 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
 
     def _head_parameters(self) -> list[nn.Parameter]:
         modules = [getattr(self, f"{m}_projection") for m in self.model.modalities] + [self.fused_projection]
-        parameters = [p for module in modules for p in module.parameters()] + [self.logit_scale]
-        return parameters + ([self.logit_bias] if self.logit_bias is not None else [])
+        return [p for module in modules + [self.similarity] for p in module.parameters()]
 
     # ---- forward -----------------------------------------------------------------------------------------------------
 
@@ -1621,6 +1640,7 @@ __all__ = [
     "MMFusionForMultiTask",
     "MMFusionContrastiveModel",
     "MMFusionContrastiveOutput",
+    "MMFusionSimilarity",
     "MMFusionModelOutput",
     "MMFusionMultiTaskOutput",
     "MMFusionSequenceClassifierOutput",

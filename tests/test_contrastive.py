@@ -347,8 +347,9 @@ def test_loading_a_base_checkpoint_initialises_the_new_head_weights(tmp_path):
     base.save_pretrained(tmp_path)
     model, info = MMFusionContrastiveModel.from_pretrained(tmp_path, contrastive_loss="sigmoid",
                                                            projection_dim=PROJECTION_DIM, output_loading_info=True)
-    assert sorted(info["missing_keys"]) == ["audio_projection.weight", "fused_projection.weight", "logit_bias",
-                                            "logit_scale", "text_projection.weight", "vision_projection.weight"]
+    assert sorted(info["missing_keys"]) == ["audio_projection.weight", "fused_projection.weight",
+                                            "similarity.logit_bias", "similarity.logit_scale", "text_projection.weight",
+                                            "vision_projection.weight"]
     assert abs(model.logit_scale.item() - 2.6592) <= 1e-6 and model.logit_bias.item() == -10.0
     for modality in ("vision", "text", "audio", "fused"):
         weight = getattr(model, f"{modality}_projection").weight

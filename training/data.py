@@ -40,6 +40,12 @@ SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validatio
                "dev": "validation", "test": "test"}
 
 
+# what mm-train can train: a head on the fused vector (classification, regression, multi-label, several tasks), or
+# a joint embedding space of the modalities (MMFusionContrastiveModel; rows need no label)
+TASK_FAMILIES = ("classification", "contrastive")
+CONTRASTIVE = "contrastive"
+
+
 @dataclass
 class DataSettings:
     train_data: str | None = field(default=None, metadata={
@@ -66,10 +72,26 @@ class DataSettings:
                 "'severity:regression:0.5 findings:multi diagnosis:single'), or one YAML/JSON file holding a list of "
                 "{name, column, problem_type, loss_weight, label_separator}. Replaces label_column/problem_type. A row "
                 "may lack some tasks' targets: they are masked out of those tasks' losses."})
+    task: str = field(default="classification", metadata={
+        "help": "What to train: classification (a head on the fused vector for the label column or --tasks: "
+                "single-label, multi-label, regression, several tasks) or contrastive (a joint embedding space, "
+                "MMFusionContrastiveModel: no label column; each row needs at least two of text, image and audio, "
+                "and the row's modalities are pulled together against the batch's other rows)."})
+    positive_columns: list[str] | None = field(default=None, metadata={
+        "help": "contrastive: rows equal in all of these columns are the same item (positives of each other) in the "
+                "retrieval metrics of validation and the test report, e.g. 'colour shape pitch'. Rows with the same "
+                "caption, image file or audio file always are."})
+    zero_shot_columns: list[str] | None = field(default=None, metadata={
+        "help": "contrastive: the test report's zero-shot classification: for each column, its values are the "
+                "classes, scored against text prompts made with --prompt_template (images and audio)."})
+    prompt_template: str = field(default="a photo of {}", metadata={
+        "help": "contrastive: the zero-shot prompt of a class name ('{}' stands for it)."})
     sample: str = field(default="classification", metadata={
         "help": "Without train_data, which recipe of the built-in sample to train: classification (match / mismatch, "
-                "the main job) or multitask (shape from the image, pitch in Hz from the audio, the caption's colours "
-                "from the text and match from all three, as one multi-task model)."})
+                "the main job), multitask (shape from the image, pitch in Hz from the audio, the caption's colours "
+                "from the text and match from all three, as one multi-task model) or retrieval (a joint embedding of "
+                "the aligned sample, trained on image-text and audio-text pairs only, so that image<->audio retrieval "
+                "is emergent, as in ImageBind)."})
     validation_split: float = field(default=0.1, metadata={
         "help": "Fraction of the training data held out for validation when no validation data is given."})
     strict: bool = field(default=False, metadata={
@@ -326,6 +348,8 @@ def prepare_splits(settings: DataSettings, seed: int) -> tuple[datasets.DatasetD
     elif "test" in table:
         splits["test"] = table["test"]
     splits = {name: _undecoded(split, settings) for name, split in splits.items()}
+    if settings.task == CONTRASTIVE:  # a joint embedding has no targets
+        return datasets.DatasetDict(splits), []
     return datasets.DatasetDict(splits), resolve_tasks(splits["train"], task_specs(settings))
 
 
@@ -367,7 +391,10 @@ class MMFusionCollator:
         (`encode_targets`)."""
         self.processor = processor
         self.settings = settings
-        if all(isinstance(task, str) for task in tasks):
+        self.contrastive = settings.task == CONTRASTIVE
+        if self.contrastive:
+            tasks = []
+        elif all(isinstance(task, str) for task in tasks):
             tasks = [{"name": "label", "column": settings.label_column, "problem_type": PROBLEM_TYPES[0],
                       "labels": list(tasks)}]
         self.tasks = [dict(task) for task in tasks]
@@ -417,9 +444,26 @@ class MMFusionCollator:
                 for key, value in part.items():
                     batch[key] = value.new_zeros((len(rows), *value.shape[1:])).index_put_(
                         (torch.tensor(present),), value)
+        if self.contrastive:
+            if self.only is None:
+                self._check_pairs(inputs, len(rows))
+            # the contrastive model's loss needs no targets: the rows themselves are the pairs (as run_clip.py does)
+            batch["return_loss"] = True
+            return batch
         targets = self.targets(rows)
         batch["labels"] = targets if self.multi_task else targets[self.tasks[0]["name"]]
         return batch
+
+    def _check_pairs(self, inputs: dict[str, list], count: int) -> None:
+        """A contrastive row needs two modalities: with one it has nothing to be pulled towards."""
+        for index in range(count):
+            present = [name for name, values in inputs.items() if values[index] is not None]
+            if len(present) < 2:
+                s = self.settings
+                columns = {"text": s.text_column, "images": s.image_column, "audio": s.audio_column}
+                has = " and ".join(columns[name] for name in present) or "nothing"
+                raise ValueError(f"{s.text_column}, {s.image_column}, {s.audio_column}: a contrastive row needs at "
+                                 f"least two of text, image and audio; row {index} has only {has}")
 
 
 AUDIO_FRAMES_PER_SECOND = 50  # wav2vec2-family towers: one frame per 20 ms

@@ -41,12 +41,13 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 import modeling_mm  # noqa: F401  (registers the Auto classes, so merged folders get auto_map and code files)
-from modeling_mm import MMFusionForMultiTask, MMFusionForSequenceClassification, MMFusionModel
+from modeling_mm import MMFusionContrastiveModel, MMFusionForMultiTask, MMFusionForSequenceClassification, MMFusionModel
 from modeling_mm.configuration_mm import MODALITIES
 from modeling_mm.modeling_mm import load_tower
 
 # the classes a saved folder's `architectures` may name
-SAVED_CLASSES = {cls.__name__: cls for cls in (MMFusionModel, MMFusionForSequenceClassification, MMFusionForMultiTask)}
+SAVED_CLASSES = {cls.__name__: cls for cls in (MMFusionModel, MMFusionForSequenceClassification, MMFusionForMultiTask,
+                                                MMFusionContrastiveModel)}
 
 TOWER_MODES = ("lora", "full", "frozen")
 
@@ -308,7 +309,7 @@ def _absolute_if_local(source: str) -> str:
 
 def load_trained_model(path: str | os.PathLike) -> PreTrainedModel | PeftModel:
     """Load what `save_trained_model` wrote, in eval mode, as the class it was saved from (`MMFusionModel`,
-    `MMFusionForSequenceClassification` or `MMFusionForMultiTask`, per the config's `architectures`): a `PeftModel`
+    `MMFusionForSequenceClassification`, `MMFusionForMultiTask` or `MMFusionContrastiveModel`, per the config's `architectures`): a `PeftModel`
     from an adapter folder (its base rebuilt as described there), else the plain model."""
     path = Path(path)
     config = AutoConfig.from_pretrained(path)

@@ -17,6 +17,13 @@ Next to the label, each row carries the targets of a multi-task recipe (`MULTITA
     caption_colours  text    multi-label classification: the colours the caption names, "|"-joined ("red|grey")
     label            all     single-label classification (match/mismatch), the task named `match`
 
+The `aligned` variant (`generate_sample(..., variant="aligned")`, in its own folder `sample-aligned`; what
+`mm-train --sample retrieval` trains on) is a joint-embedding data set: every caption describes its row, and each
+shape makes its own sound (circle: a deep tone, square: a mellow one, 380-520 Hz, triangle: a shrill one), as a
+dog's picture and its bark go together. Image and audio then share something (the shape) that a model can learn
+from image-text and audio-text pairs alone, and image<->audio retrieval measures that emergent alignment (in the
+default variant image and audio are independent by design, so that no pair of modalities gives the label away).
+
 The folder holds real files, read back through `datasets` like any user data:
 
     images/00000.png ...   audio/00000.wav ...   train.csv  validation.csv  test.csv (80/10/10)   COMPLETE.json
@@ -30,7 +37,7 @@ Generation is deterministic: the same parameters give byte-identical files on ev
 to a temporary sibling and renamed into place with a `COMPLETE.json` marker holding the parameters, so an
 interrupted run never leaves a half-written sample behind; a complete folder with the same parameters is reused.
 
-    python -m training.sample_data --output DIR [--rows 3000 --seed 0]
+    python -m training.sample_data --output DIR [--rows 3000 --seed 0 --variant aligned]
 """
 
 from __future__ import annotations
@@ -61,7 +68,13 @@ PITCHES = {"low": (180.0, 300.0), "high": (660.0, 1000.0)}
 # How captions name the pitches. Not "low"/"high": a sentence encoder places those antonyms almost on top of each
 # other (in all-MiniLM-L6-v2 they explain 4% of a caption's mean-pooled variance, against 21% for these words), so
 # the tone would be the one attribute a caption hardly tells apart.
-PITCH_WORDS = {"low": "deep", "high": "shrill"}
+PITCH_WORDS = {"low": "deep", "middle": "mellow", "high": "shrill"}
+# The aligned variant: every row matches, and the shape picks the pitch (its range is drawn from ALIGNED_PITCHES)
+VARIANTS = ("default", "aligned")
+ALIGNED_PITCHES = {"low": PITCHES["low"], "middle": (380.0, 520.0), "high": PITCHES["high"]}
+SHAPE_PITCHES = {"circle": "low", "square": "middle", "triangle": "high"}
+# what makes two rows of the aligned variant the same item (for retrieval with several positives per query)
+ALIGNED_ITEM_COLUMNS = ("colour", "shape", "pitch")
 MISMATCH_KINDS = ("colour", "shape", "pitch")
 # Words are those of the tests' tiny tokenizer vocabulary, so a test tokenizer sees whole words.
 CAPTION_TEMPLATES = (
@@ -93,10 +106,11 @@ MULTITASK_TASKS = [
 ]
 
 
-def default_sample_dir() -> Path:
-    """Where the sample is cached: `$MM_FUSION_CACHE/sample`, by default `~/.cache/mm-fusion/sample`."""
+def default_sample_dir(variant: str = "default") -> Path:
+    """Where the sample is cached: `$MM_FUSION_CACHE/sample` (`sample-aligned` for the aligned variant), by default
+    under `~/.cache/mm-fusion`."""
     cache = os.environ.get("MM_FUSION_CACHE") or Path("~/.cache/mm-fusion").expanduser()
-    return Path(cache) / "sample"
+    return Path(cache) / ("sample" if variant == "default" else f"sample-{variant}")
 
 
 def generate_sample(
@@ -106,15 +120,17 @@ def generate_sample(
     image_size: int = 32,
     audio_seconds: float = 1.0,
     sampling_rate: int = 16_000,
+    variant: str = "default",
 ) -> Path:
-    """Write the sample to `root` (default: `default_sample_dir()`) and return its path.
+    """Write the sample to `root` (default: `default_sample_dir(variant)`) and return its path. `variant` "aligned"
+    writes the joint-embedding variant (see the module docstring).
 
     Reuses `root` when it already holds a complete sample with the same parameters; regenerates it when it holds a
     sample with other parameters. Raises `ValueError` when a parameter is out of range, or when `root` is a
     non-empty folder that is not a sample (it is never deleted).
     """
-    root = Path(root) if root is not None else default_sample_dir()
-    parameters = _checked_parameters(rows, seed, image_size, audio_seconds, sampling_rate)
+    root = Path(root) if root is not None else default_sample_dir(variant)
+    parameters = _checked_parameters(rows, seed, image_size, audio_seconds, sampling_rate, variant)
     existing = _read_marker(root)
     if existing == parameters:
         return root
@@ -134,7 +150,10 @@ def generate_sample(
     return root
 
 
-def _checked_parameters(rows: int, seed: int, image_size: int, audio_seconds: float, sampling_rate: int) -> dict:
+def _checked_parameters(rows: int, seed: int, image_size: int, audio_seconds: float, sampling_rate: int,
+                        variant: str = "default") -> dict:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
     if rows < 20:
         raise ValueError(f"rows: {rows} is too few; need >= 20 so every split has both labels")
     if image_size < 16:
@@ -145,8 +164,11 @@ def _checked_parameters(rows: int, seed: int, image_size: int, audio_seconds: fl
     if sampling_rate < 4 * highest:
         raise ValueError(f"sampling_rate: {sampling_rate} Hz is too low for a {highest:.0f} Hz tone; need >= "
                          f"{int(4 * highest)} Hz")
-    return {"version": GENERATOR_VERSION, "rows": int(rows), "seed": int(seed), "image_size": int(image_size),
-            "audio_seconds": float(audio_seconds), "sampling_rate": int(sampling_rate)}
+    parameters = {"version": GENERATOR_VERSION, "rows": int(rows), "seed": int(seed), "image_size": int(image_size),
+                  "audio_seconds": float(audio_seconds), "sampling_rate": int(sampling_rate)}
+    if variant != "default":  # so that the default sample's marker, and the cached folder, stay as they were
+        parameters["variant"] = variant
+    return parameters
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -195,17 +217,20 @@ def _make_rows(parameters: dict) -> dict[str, list[dict]]:
     templates are drawn independently of the label."""
     rng = np.random.default_rng([parameters["seed"], 0])
     colours, pitches = tuple(COLOURS), tuple(PITCHES)
+    aligned = parameters.get("variant") == "aligned"
     splits, index = {}, 0
     for split, size in _split_sizes(parameters["rows"]).items():
-        labels = _balanced(LABELS, size, rng)
+        labels = ["match"] * size if aligned else _balanced(LABELS, size, rng)
         kinds = iter(_balanced(MISMATCH_KINDS, labels.count("mismatch"), rng))
         names_background = iter(rng.permutation(size) < int(round(size * BACKGROUND_CAPTION_FRACTION)))
         split_rows = []
         for label in labels:
             shown = {"colour": colours[rng.integers(len(colours))], "shape": SHAPES[rng.integers(len(SHAPES))],
                      "pitch": pitches[rng.integers(2)]}
+            if aligned:
+                shown["pitch"] = SHAPE_PITCHES[shown["shape"]]
             # rounded here, so the CSV holds the very frequency the tone is made at
-            pitch_hz = round(float(rng.uniform(*PITCHES[shown["pitch"]])), 1)
+            pitch_hz = round(float(rng.uniform(*ALIGNED_PITCHES[shown["pitch"]])), 1)
             caption = dict(shown)
             kind = next(kinds) if label == "mismatch" else "none"
             if kind != "none":
@@ -350,8 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image_size", type=int, default=32, help="Image side in pixels.")
     parser.add_argument("--audio_seconds", type=float, default=1.0, help="Length of each tone.")
     parser.add_argument("--sampling_rate", type=int, default=16_000, help="Sampling rate of the WAV files.")
+    parser.add_argument("--variant", default="default", choices=VARIANTS,
+                        help="default (match/mismatch captions) or aligned (joint embedding: every caption true, "
+                             "each shape with its own tone).")
     args = parser.parse_args(argv)
-    root = generate_sample(args.output, args.rows, args.seed, args.image_size, args.audio_seconds, args.sampling_rate)
+    root = generate_sample(args.output, args.rows, args.seed, args.image_size, args.audio_seconds, args.sampling_rate,
+                           args.variant)
     print(root)
 
 

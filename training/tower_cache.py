@@ -68,8 +68,7 @@ def compute_tower_cache(accelerator: Accelerator, model: torch.nn.Module, splits
         position = 0
         for batch in loader:
             batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            labels = batch["labels"]
-            count = len(next(iter(labels.values())) if isinstance(labels, dict) else labels)
+            count = min(batch_size, len(rows) - position)  # the loader keeps the order, so this batch's rows
             states = {m: [None] * count for m in modalities}
             for modality in modalities:
                 present = batch.get(PRESENCE_KEYS[modality])

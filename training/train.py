@@ -58,10 +58,20 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import modeling_mm  # noqa: F401  (registers the Auto classes)
-from modeling_mm import MMFusionForMultiTask, MMFusionForSequenceClassification
+from modeling_mm import MMFusionContrastiveModel, MMFusionForMultiTask, MMFusionForSequenceClassification
+from modeling_mm.configuration_mm import MODALITY_NAMES
 from modeling_mm.modeling_mm import count_targets, task_loss
 from processors import MMFusionProcessor
-from training.data import DataSettings, MMFusionCollator, find_bad_rows, has_target, prepare_splits, row_lengths
+from training.data import (
+    CONTRASTIVE,
+    TASK_FAMILIES,
+    DataSettings,
+    MMFusionCollator,
+    find_bad_rows,
+    has_target,
+    prepare_splits,
+    row_lengths,
+)
 from training.lora import LoraSettings, apply_lora, save_trained_model
 from training.metrics import quality_metrics, tune_thresholds
 from training.scoring import MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, forward_kept, scores, tasks_of
@@ -73,7 +83,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "COMPLETE"
 BEST_WEIGHTS = "best_trainable_weights.pt"  # the best validation step's trainable weights, while training
 LOG_LEVELS = ("debug", "info", "warning", "error")
-SAMPLE_RECIPES = ("classification", "multitask")
+SAMPLE_RECIPES = ("classification", "multitask", "retrieval")
 # what `accelerate launch` tells its processes it was asked for (from its config or flags), in its own checking order
 REQUESTED_DISTRIBUTED_TYPES = (("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
                                ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
@@ -97,6 +107,16 @@ class ModelSettings:
     task_weighting: str = field(default="fixed", metadata={
         "help": "Multi-task loss: fixed (each task's loss_weight) or uncertainty (learned per-task weights, Kendall, "
                 "Gal & Cipolla 2018)."})
+    projection_dim: int = field(default=256, metadata={
+        "help": "--task contrastive: width of the joint embedding space."})
+    contrastive_loss: str = field(default="infonce", metadata={
+        "help": "--task contrastive: infonce (symmetric cross-entropy over the batch, CLIP) or sigmoid (SigLIP)."})
+    contrastive_anchor: str | None = field(default=None, metadata={
+        "help": "--task contrastive: train only the pairs of modalities that include this one (vision, text or "
+                "audio), ImageBind-style: with text, image-audio alignment is emergent. Default: every pair."})
+    fused_contrastive_weight: float = field(default=0.0, metadata={
+        "help": "--task contrastive: weight of a term between the fused embedding of a row with several modalities "
+                "and each of its single-modality embeddings (BridgeTower); 0 = none."})
     modality_dropout: float = field(default=0.1, metadata={
         "help": "Training-time probability of dropping each present modality of a sample (one always stays)."})
     activation_checkpointing: bool = field(default=False, metadata={
@@ -192,6 +212,8 @@ class Run:
     loaders: dict[str, DataLoader]
     total_steps: int
     state: TrainState = field(default_factory=TrainState)
+    # a contrastive run's positives per split (`training.retrieval.positive_keys`), for its retrieval metrics
+    positive_keys: dict[str, list[np.ndarray]] | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -215,11 +237,13 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
     initial_threads = torch.get_num_threads()
     _set_cpu_threads(accelerator, data_settings.num_workers, initial_threads)
 
+    contrastive = check_task(data_settings) == CONTRASTIVE
     splits, tasks = load_splits(accelerator, data_settings, settings.seed)
-    model, processor = build_model_and_processor(model_settings, tasks, multi_task=bool(data_settings.tasks))
+    model, processor = build_model_and_processor(model_settings, tasks, multi_task=bool(data_settings.tasks),
+                                                 contrastive=contrastive)
     collator = MMFusionCollator(processor, data_settings, tasks)
     settings.metric_for_best_model = best_model_metric(settings.metric_for_best_model, tasks,
-                                                       bool(data_settings.tasks))
+                                                       bool(data_settings.tasks), contrastive)
     bad_rows = drop_bad_rows(accelerator, splits, collator, data_settings.strict)
     model = configure_model(model, model_settings, lora_settings, settings)
     loaders = make_loaders(accelerator, model, splits, collator, settings, data_settings.num_workers, initial_threads)
@@ -228,6 +252,8 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
     model, optimizer, loaders["train"], scheduler = accelerator.prepare(model, optimizer, loaders["train"], scheduler)
     loaders.update({name: accelerator.prepare(loader) for name, loader in loaders.items() if name != "train"})
     run = Run(accelerator, settings, model, processor, optimizer, scheduler, loaders, total_steps)
+    if contrastive:
+        run.positive_keys = {name: split_positive_keys(split, data_settings) for name, split in splits.items()}
     resume(run, tracker_config={**asdict(settings), **asdict(lora_settings)})
 
     train_loop(run)
@@ -294,13 +320,51 @@ def load_splits(accelerator: Accelerator, data_settings: DataSettings, seed: int
     return splits, tasks
 
 
-def build_model_and_processor(settings: ModelSettings, tasks: list[dict[str, Any]], multi_task: bool = False
-                              ) -> tuple[MMFusionForSequenceClassification | MMFusionForMultiTask, MMFusionProcessor]:
-    """The model for `tasks` (`MMFusionConfig.tasks` layout) and its processor: an `MMFusionForMultiTask` with a head
-    per task when `multi_task`, else a classifier for the one task (single-label, multi-label or regression, with
-    the regression targets' mean and std, so it predicts in their units). Loaded from `settings.model` (new heads
-    where the tasks differ), else built from the towers given. Refuses (`ValueError`) settings with neither."""
-    if multi_task:
+def check_task(data_settings: DataSettings) -> str:
+    """The task family to train (`DataSettings.task`), refusing (`ValueError` naming the flag) an unknown one and
+    settings that belong to another family."""
+    if data_settings.task not in TASK_FAMILIES:
+        raise ValueError(f"task: {data_settings.task!r} is not one of {', '.join(TASK_FAMILIES)}")
+    if data_settings.task == CONTRASTIVE and data_settings.tasks:
+        raise ValueError("task, tasks: --tasks trains heads on targets; a contrastive model has none")
+    if data_settings.task != CONTRASTIVE:
+        given = [name for name in ("positive_columns", "zero_shot_columns") if getattr(data_settings, name)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only for --task contrastive")
+    elif "{}" not in data_settings.prompt_template:
+        raise ValueError(f"prompt_template: {data_settings.prompt_template!r} has no '{{}}' for the class name")
+    return data_settings.task
+
+
+def split_positive_keys(split: datasets.Dataset, data_settings: DataSettings) -> list[np.ndarray]:
+    """Which rows of `split` are the same item, for retrieval metrics (`training.retrieval.positive_keys`): the row
+    itself, rows with the same caption, image file or audio file, and rows equal in all `positive_columns`.
+    Refuses (`ValueError`) a positive column the split lacks."""
+    from training.retrieval import positive_keys
+
+    columns = {"text": data_settings.text_column, "image": data_settings.image_column,
+               "audio": data_settings.audio_column}
+    columns = {modality: column for modality, column in columns.items() if column in split.column_names}
+    for column in data_settings.positive_columns or []:
+        if column not in split.column_names:
+            raise ValueError(f"positive_columns: {column!r} is not a column of the data (it has "
+                             f"{', '.join(split.column_names)})")
+    return positive_keys(split, columns, data_settings.positive_columns)
+
+
+def build_model_and_processor(settings: ModelSettings, tasks: list[dict[str, Any]], multi_task: bool = False,
+                              contrastive: bool = False) -> tuple[torch.nn.Module, MMFusionProcessor]:
+    """The model for `tasks` (`MMFusionConfig.tasks` layout) and its processor: an `MMFusionContrastiveModel` when
+    `contrastive` (no tasks), an `MMFusionForMultiTask` with a head per task when `multi_task`, else a classifier for
+    the one task (single-label, multi-label or regression, with the regression targets' mean and std, so it predicts
+    in their units). Loaded from `settings.model` (new heads where the tasks differ), else built from the towers
+    given. Refuses (`ValueError`) settings with neither."""
+    if contrastive:
+        model_class = MMFusionContrastiveModel
+        head = {"projection_dim": settings.projection_dim, "contrastive_loss": settings.contrastive_loss,
+                "contrastive_anchor": settings.contrastive_anchor,
+                "fused_contrastive_weight": settings.fused_contrastive_weight}
+    elif multi_task:
         model_class = MMFusionForMultiTask
         head = {"tasks": tasks, "task_weighting": settings.task_weighting}
     else:
@@ -566,7 +630,8 @@ def evaluate_and_track(run: Run) -> bool:
     """Validate, record the result in `state.history` and the trackers, and keep the trainable weights of the best
     `metric_for_best_model` so far. Returns whether early stopping ends the run (`early_stopping_patience`)."""
     accelerator, settings, state = run.accelerator, run.settings, run.state
-    metrics = evaluate(accelerator, run.model, run.loaders["validation"], desc="validation")
+    metrics = evaluate(accelerator, run.model, run.loaders["validation"], desc="validation",
+                       positive_keys=_keys(run, "validation"))
     state.history.append({"step": state.global_step, **{f"validation_{k}": v for k, v in metrics.items()}})
     accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.global_step)
     logger.info("step %d: validation %s", state.global_step, _summary(metrics))
@@ -618,17 +683,24 @@ def final_evaluations(run: Run, bad_rows: dict[str, list[dict[str, Any]]]) -> di
         "train_loss": state.losses[-1][1] if state.losses else None, "losses": state.losses,
     }
     if "validation" in run.loaders:
-        metrics["validation"] = evaluate(accelerator, run.model, run.loaders["validation"], desc="validation")
+        metrics["validation"] = evaluate(accelerator, run.model, run.loaders["validation"], desc="validation",
+                                         positive_keys=_keys(run, "validation"))
     if "test" in run.loaders:
         test_loader = run.loaders["test"]
-        metrics["test"] = evaluate(accelerator, run.model, test_loader, desc="test")
+        metrics["test"] = evaluate(accelerator, run.model, test_loader, desc="test", positive_keys=_keys(run, "test"))
         logger.info("test %s", _summary(metrics["test"]))
+        if run.positive_keys is not None:  # retrieval already compares every pair of modalities
+            return metrics
         subsets = [s for n in (1, 2) for s in itertools.combinations(("vision", "text", "audio"), n)]
         metrics["test_by_modalities"] = {
             "+".join(subset): evaluate(accelerator, run.model, test_loader, modalities=subset, desc="+".join(subset))
             for subset in subsets
         }
     return metrics
+
+
+def _keys(run: Run, split: str) -> list[np.ndarray] | None:
+    return None if run.positive_keys is None else run.positive_keys[split]
 
 
 def save_model_folder(run: Run, metrics: dict[str, Any], arguments: dict[str, Any]) -> Path:
@@ -648,8 +720,13 @@ def write_report(run: Run, model_dir: Path, splits: dict[str, datasets.Dataset],
     into `<model_dir>/evaluation` (main process only)."""
     from training.evaluation import EvaluationSettings, evaluate_model
 
+    retrieval = {}
+    if run.positive_keys is not None:
+        retrieval = {"positive_columns": data_settings.positive_columns,
+                     "zero_shot_columns": data_settings.zero_shot_columns,
+                     "prompt_template": data_settings.prompt_template}
     evaluate_model(run.accelerator.unwrap_model(run.model), run.processor, splits["test"], model_dir / "evaluation",
-                   EvaluationSettings(seed=run.settings.seed, num_workers=data_settings.num_workers),
+                   EvaluationSettings(seed=run.settings.seed, num_workers=data_settings.num_workers, **retrieval),
                    validation=splits.get("validation"), data_settings=data_settings,
                    data_source=data_settings.test_data, model_path=str(model_dir),
                    skipped_rows=bad_rows.get("test"))
@@ -726,18 +803,21 @@ VALIDATION_METRICS = {SINGLE_LABEL: ("accuracy", "macro_f1"), MULTI_LABEL: ("mic
                       REGRESSION: ("mae", "rmse", "r2")}
 # a task's normalised score for `mean_score` (in [0, 1] for a useful model; R² is < 0 below the mean predictor)
 TASK_SCORE = {SINGLE_LABEL: "macro_f1", MULTI_LABEL: "macro_f1", REGRESSION: "r2"}
-LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse", "hamming_loss")
+LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse", "hamming_loss", "median_rank")
 
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, loader, modalities: tuple[str, ...] = ("vision", "text", "audio"),
-             desc: str = "evaluating") -> dict[str, float]:
+             desc: str = "evaluating", positive_keys: list[np.ndarray] | None = None) -> dict[str, float]:
     """Each task's metrics over `loader` (`training.metrics.quality_metrics`, the definitions mm-eval reports), using
     only `modalities` (the others withheld; a sample left with none has no prediction and counts as wrong), over the
     rows that have the task's target. Keys: the metrics of `VALIDATION_METRICS` and `loss` for a classifier; for a
     multi-task model `<task>/<metric>` and `<task>/loss` for each task, `mean_score` (the tasks' mean `TASK_SCORE`)
-    and `loss` (the sum of the tasks' loss_weight times loss). Always `samples`."""
+    and `loss` (the sum of the tasks' loss_weight times loss). Always `samples`. A contrastive model gets
+    `evaluate_contrastive`'s retrieval metrics instead (`positive_keys` of the loader's rows, in order)."""
     base = accelerator.unwrap_model(model)
+    if getattr(base.config, "is_contrastive", False):
+        return evaluate_contrastive(accelerator, model, loader, positive_keys, desc)
     tasks = tasks_of(base)
     logits, targets = collect_outputs(accelerator, model, loader, modalities, desc)
     config_tasks = {task["name"]: task for task in base.config.tasks} if base.config.tasks else None
@@ -775,6 +855,58 @@ def collect_outputs(accelerator: Accelerator, model, loader, modalities: tuple[s
             targets[name].append(value.cpu())
     model.train()
     return torch.cat(outputs).double(), {name: torch.cat(values) for name, values in targets.items()}
+
+
+CONTRASTIVE_METRICS = ("r@1", "r@5", "r@10", "map", "median_rank")
+
+
+@torch.no_grad()
+def evaluate_contrastive(accelerator: Accelerator, model, loader, positive_keys: list[np.ndarray] | None,
+                         desc: str = "evaluating") -> dict[str, float]:
+    """A contrastive model's validation: its loss (the mean over batches, in-batch negatives as in training) and, for
+    every ordered pair of modalities the rows have, retrieval over the whole split (`training.retrieval`): keys
+    `image->text/r@1`, ... for each of `CONTRASTIVE_METRICS`, and `mean_r@1`, `mean_r@5`, `mean_map` over the pairs.
+    Each row's embedding of a modality is computed from that modality alone. `positive_keys` says which rows are the
+    same item (default: each row only)."""
+    from training.retrieval import retrieval_metrics
+
+    from training.embeddings import contrastive_model
+
+    model.eval()
+    base = contrastive_model(accelerator.unwrap_model(model))
+    modalities = base.model.modalities
+    losses, sizes, embeds, presence = [], [], {m: [] for m in modalities}, {m: [] for m in modalities}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        output = model(**batch)
+        size = len(output[MODALITY_NAMES[modalities[0]].presence])
+        losses.append(output.loss.detach().float().reshape(1) * size)
+        sizes.append(torch.tensor([size], device=output.loss.device))
+        for modality in modalities:
+            vectors = output[f"{MODALITY_NAMES[modality].user}_embeds"]
+            if vectors is None:  # no row of this batch has it
+                vectors = output.loss.new_zeros(size, base.config.projection_dim)
+            vectors, present = accelerator.gather_for_metrics((vectors.float(), output[MODALITY_NAMES[modality].presence]))
+            embeds[modality].append(vectors.cpu())
+            presence[modality].append(present.cpu())
+    model.train()
+    loss = accelerator.gather(torch.cat(losses)).sum() / accelerator.gather(torch.cat(sizes)).sum()
+    embeds = {m: torch.cat(embeds[m]) for m in modalities}
+    presence = {m: torch.cat(presence[m]).bool() for m in modalities}
+    rows = len(next(iter(embeds.values())))
+    keys = positive_keys if positive_keys is not None else [np.arange(rows)]
+    result: dict[str, float] = {"samples": rows, "loss": float(loss)}
+    pairs = [(q, g) for q, g in itertools.permutations(modalities, 2)
+             if bool(presence[q].any()) and bool(presence[g].any())]
+    for query, gallery in pairs:
+        q_rows, g_rows = presence[query].numpy(), presence[gallery].numpy()
+        metrics = retrieval_metrics(embeds[query][q_rows], embeds[gallery][g_rows], [key[q_rows] for key in keys],
+                                    [key[g_rows] for key in keys])
+        name = f"{MODALITY_NAMES[query].user}->{MODALITY_NAMES[gallery].user}"
+        result.update({f"{name}/{metric}": float(metrics[metric]) for metric in CONTRASTIVE_METRICS})
+    for metric in ("r@1", "r@5", "map"):
+        values = [result[f"{MODALITY_NAMES[q].user}->{MODALITY_NAMES[g].user}/{metric}"] for q, g in pairs]
+        result[f"mean_{metric}"] = float(np.mean(values)) if values else float("nan")
+    return result
 
 
 def tune_decision_thresholds(run: Run) -> None:
@@ -824,11 +956,17 @@ def _task_metrics(task: Task, logits: torch.Tensor, target: torch.Tensor, config
     return {**chosen, "loss": float(loss), "labelled": int(len(labels))}
 
 
-def best_model_metric(requested: str | None, tasks: list[dict[str, Any]], multi_task: bool) -> str:
+def best_model_metric(requested: str | None, tasks: list[dict[str, Any]], multi_task: bool,
+                      contrastive: bool = False) -> str:
     """The validation metric that picks the kept weights: `requested`, or the default for the tasks (macro_f1,
-    rmse for regression, mean_score for multi-task). Refuses (`ValueError` naming `metric_for_best_model`) a metric
-    validation does not compute."""
-    if multi_task:
+    rmse for regression, mean_score for multi-task, mean_r@1 for a contrastive model). Refuses (`ValueError` naming
+    `metric_for_best_model`) a metric validation does not compute."""
+    if contrastive:
+        users = [names.user for names in MODALITY_NAMES.values()]
+        known = ["loss", "mean_r@1", "mean_r@5", "mean_map"] + [
+            f"{q}->{g}/{metric}" for q, g in itertools.permutations(users, 2) for metric in CONTRASTIVE_METRICS]
+        default = "mean_r@1"
+    elif multi_task:
         known = ["loss", "mean_score"] + [f"{task['name']}/{key}" for task in tasks
                                           for key in (*VALIDATION_METRICS[task["problem_type"]], "loss")]
         default = "mean_score"
@@ -854,8 +992,9 @@ def metric_score(metrics: dict[str, float], name: str) -> float:
 
 def _summary(metrics: dict[str, float]) -> str:
     """The metrics as one log line: `name value` pairs, 4 significant digits."""
+    # a contrastive model's per-pair figures beyond R@1 stay in metrics.json: 30 numbers do not read as a line
     return ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()
-                     if key != "samples" and not key.endswith("labelled"))
+                     if key != "samples" and not key.endswith("labelled") and ("->" not in key or key.endswith("/r@1")))
 
 
 # ---- small helpers -----------------------------------------------------------------------------------------------------
@@ -957,16 +1096,27 @@ def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, o
             raise ValueError(f"sample: {data_settings.sample!r} picks a recipe of the built-in sample, which trains "
                              f"only without train_data (given: {data_settings.train_data!r})")
         return None
-    from training.sample_data import MULTITASK_TASKS, default_sample_dir, generate_sample
+    from training.sample_data import ALIGNED_ITEM_COLUMNS, MULTITASK_TASKS, default_sample_dir, generate_sample
 
+    variant = "default"
     if data_settings.sample == "multitask":
         if data_settings.tasks:
             raise ValueError("sample, tasks: the multitask sample brings its own tasks; give one or the other")
         data_settings.tasks = [dict(task) for task in MULTITASK_TASKS]
+    elif data_settings.sample == "retrieval":
+        # the aligned variant (each shape with its own tone), bound to the text as ImageBind binds to images: image
+        # and audio never meet in the loss, so image<->audio retrieval shows the emergent alignment
+        variant = "aligned"
+        data_settings.task = CONTRASTIVE
+        data_settings.positive_columns = data_settings.positive_columns or list(ALIGNED_ITEM_COLUMNS)
+        data_settings.zero_shot_columns = data_settings.zero_shot_columns or ["shape"]
+        if data_settings.prompt_template == DataSettings.prompt_template:
+            data_settings.prompt_template = "a {}"
+        model_settings.contrastive_anchor = model_settings.contrastive_anchor or "text"
 
     # the process group that `make_accelerator` joins later (the same `cpu` choice), so that one process generates
     state = PartialState(cpu=_distributed_on_cpu())
-    sample = Path(generate_sample(default_sample_dir()) if state.is_main_process else default_sample_dir())
+    sample = Path(generate_sample(variant=variant) if state.is_main_process else default_sample_dir(variant))
     state.wait_for_everyone()
     data_settings.train_data = str(sample / "train.csv")
     data_settings.validation_data = data_settings.validation_data or str(sample / "validation.csv")
