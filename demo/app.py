@@ -1,8 +1,9 @@
-"""`mm-demo`: a Gradio web app for any mm-fusion classifier or multi-task model.
+"""`mm-demo`: a Gradio web app for any mm-fusion classifier, multi-task model or joint embedding model.
 
     mm-demo                                         # the README's sample model (outputs/sample/model)
     mm-demo --model outputs/my-run/model            # a folder written by mm-train (merged model or peft adapter)
     mm-demo --model user/repo --trust_remote_code   # a Hub model that carries its own code
+    mm-demo --model outputs/clip/model --index outputs/clip/index   # a joint embedding model: search an index
     python demo/app.py ...                          # the same, from a checkout without installing
 
 The page shows one input per modality the model has (image: upload, webcam, clipboard; text; audio: upload,
@@ -15,16 +16,23 @@ over every subset of the sample's given inputs (each subset scored with the othe
 masks): on the log-odds of the predicted label (single-label) or of each tag (multi-label), in the output's units
 (regression); the values sum to the output with every given input minus the output with none (the prior).
 
+A joint embedding model (mm-train --task contrastive) has a Search tab instead: the query is a text, an image or an
+audio clip (upload or microphone); the answer is the top-k items of an index (`mm-index build`, given with `--index`;
+without one, an index of the examples folder's rows built on start), those whose embeddings of the ticked modalities
+are nearest to the query's: a gallery of their images captioned "score · text", audio players, the texts with their
+scores, and a table (rank, score, modality, id, text). The results' media are served from copies in the upload folder.
+
 Requests are queued (bounded, with a concurrency limit) and run in batches; each request of a batch is decoded and
 checked on its own (`processors.media` limits), so a bad file gives that request a readable error and leaves the
 others, and the server, alone. Uploads live in a temporary folder that is swept while the server runs
 (`--delete_cache`) and removed when it stops. The server binds to 127.0.0.1 unless `--host` (or
 GRADIO_SERVER_NAME) says otherwise, refuses uploads over `--max_file_size`, and serves no files besides the
-uploads and its copies of the examples (no `allowed_paths`).
+uploads, its copies of the examples and of search results (no `allowed_paths`).
 
 As a Hugging Face Space: set the Space's `app_file` to `demo/app.py` and the variable `MM_FUSION_MODEL` to a model
 folder in the Space or a Hub id (`MM_FUSION_TRUST_REMOTE_CODE=1` to run a Hub model's own code,
-`MM_FUSION_EXAMPLES` for an examples folder). Spaces set GRADIO_SERVER_NAME=0.0.0.0 themselves.
+`MM_FUSION_EXAMPLES` for an examples folder, `MM_FUSION_INDEX` for a joint embedding model's index folder). Spaces set
+GRADIO_SERVER_NAME=0.0.0.0 themselves.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from gradio.utils import get_upload_folder
 from modeling_mm.configuration_mm import MODALITY_NAMES
 from modeling_mm.pipeline_mm import DEFAULT_THRESHOLD, task_thresholds
 from processors.media import MediaLimits, load_audio, load_image
+from training.embeddings import contrastive_model
 from training.interpretability import shapley_values, task_subset_values
 from training.scoring import (MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, classifier, encode_towers, forward_kept,
                               presence, scores, tasks_of)
@@ -77,7 +86,7 @@ IMAGE_INPUT_HEIGHT = 300
 OUTPUT_DECIMALS = 4
 """A regression output is shown rounded to this many decimals."""
 NO_TAGS = "no tag reaches its threshold"
-PAGE_CSS = "#mm-image img { object-fit: contain; }"
+PAGE_CSS = "#mm-image img, #mm-search-image img { object-fit: contain; }"
 """Gradio shows an image with `object-fit: scale-down`, which never enlarges: a 32-pixel sample image stayed a
 32-pixel thumbnail in the input. `contain` scales it to the input's height (larger images still shrink to fit).
 Passed to `launch()` (Gradio 6 takes CSS there only); a host that launches `demo` itself passes `css=PAGE_CSS`."""
@@ -87,14 +96,14 @@ Passed to `launch()` (Gradio 6 takes CSS there only); a host that launches `demo
 
 
 def load_model(model_path: str, trust_remote_code: bool = False, device: str | None = None):
-    """Load an mm-fusion model with task heads (a classifier, or a multi-task model) and its processor for inference:
-    `model_path` is a folder written by mm-train (a merged model, or a peft adapter folder, which is merged here) or a
-    Hub id. The model goes to `device` (default: CUDA when available, else CPU), in eval mode, in bf16 on a GPU that
-    supports it.
+    """Load an mm-fusion model with task heads (a classifier, or a multi-task model) or a joint embedding model
+    (`MMFusionContrastiveModel`, `config.is_contrastive`) and its processor for inference: `model_path` is a folder
+    written by mm-train (a merged model, or a peft adapter folder, which is merged here) or a Hub id. The model goes
+    to `device` (default: CUDA when available, else CPU), in eval mode, in bf16 on a GPU that supports it.
 
     `trust_remote_code` runs the code a Hub model carries (its `auto_map`); without it the classes come from this
     package. Returns `(model, processor)`. Raises `ValueError` for a missing folder, a model that is not mm-fusion,
-    and a model without task heads.
+    and a model with neither task heads nor embedding projections.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoProcessor
 
@@ -107,28 +116,33 @@ def load_model(model_path: str, trust_remote_code: bool = False, device: str | N
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if getattr(config, "model_type", None) != "mm_fusion":
         raise ValueError(f"model: {model_path!r} is a {config.model_type!r} model, not an mm-fusion model")
+    is_contrastive = bool(getattr(config, "is_contrastive", False))
     if (Path(model_path) / "adapter_config.json").exists():
         from training.lora import load_trained_model
 
         model = load_trained_model(model_path).merge_and_unload()
-    elif getattr(config, "tasks", None):
-        # a multi-task folder's auto_map names its class under AutoModel, but this package registers AutoModel as
-        # the bare fusion model, and transformers prefers a registered class to remote code: name the class here
+    elif getattr(config, "tasks", None) or is_contrastive:
+        # a multi-task or contrastive folder's auto_map names its class under AutoModel, but this package registers
+        # AutoModel for several classes, and transformers prefers a registered class to remote code: name the class
         if trust_remote_code:
             from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
             model_class = get_class_from_dynamic_module(config.auto_map["AutoModel"], model_path)
             model = model_class.from_pretrained(model_path)
         else:
-            from modeling_mm import MMFusionForMultiTask
+            import modeling_mm
 
-            model = MMFusionForMultiTask.from_pretrained(model_path)
+            model_class = modeling_mm.MMFusionContrastiveModel if is_contrastive else modeling_mm.MMFusionForMultiTask
+            model = model_class.from_pretrained(model_path)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    if getattr(config, "tasks", None) and not hasattr(classifier(model), "heads"):
-        raise ValueError(f"model: {model_path!r} is a multi-task model but loaded as {type(model).__name__}")
-    classifier(model)  # refuses a model without task heads
+    if is_contrastive:
+        contrastive_model(model)  # refuses a model without the embedding projections
+    else:
+        if getattr(config, "tasks", None) and not hasattr(classifier(model), "heads"):
+            raise ValueError(f"model: {model_path!r} is a multi-task model but loaded as {type(model).__name__}")
+        classifier(model)  # refuses a model without task heads
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Loading straight into bf16 can leave composite towers in float32 (DESIGN.md); casting after loading cannot
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
@@ -328,9 +342,12 @@ def describe_model(model_path: str, config) -> tuple[str, str]:
         logger.info("no model card for %s (%s); describing the model from its config", model_path, err)
     if not text:
         inputs = ", ".join(INPUT_NAMES[m] for m in config.modalities)
-        kind = (f"multi-task model ({', '.join(task['name'] for task in config.tasks)})"
-                if getattr(config, "tasks", None) else "classifier")
-        text = f"An mm-fusion {kind} that reads {inputs} and fuses them with cross-attention."
+        if getattr(config, "is_contrastive", False):
+            text = f"An mm-fusion joint embedding model that embeds {inputs} into one space, each on its own."
+        else:
+            kind = (f"multi-task model ({', '.join(task['name'] for task in config.tasks)})"
+                    if getattr(config, "tasks", None) else "classifier")
+            text = f"An mm-fusion {kind} that reads {inputs} and fuses them with cross-attention."
     return name, text
 
 
@@ -357,10 +374,11 @@ def _escape_markdown(text: str) -> str:
     return re.sub(r"([\\`*_\[\]<>])", r"\\\1", text)
 
 
-def load_examples(examples_dir: str | os.PathLike, modalities: tuple[str, ...]) -> list[list[Any]]:
+def load_examples(examples_dir: str | os.PathLike, modalities: tuple[str, ...],
+                  limit: int | None = MAX_EXAMPLES) -> list[list[Any]]:
     """Rows of `<examples_dir>/examples.csv` (columns text, image, audio[, label]; file paths relative to the
     folder; empty cells allowed) as gr.Examples values, in the order of the page's inputs, for the model's
-    modalities only. At most `MAX_EXAMPLES` rows; rows left with no input for this model are skipped."""
+    modalities only. At most `limit` rows (None: all); rows left with no input for this model are skipped."""
     import csv
 
     folder = Path(examples_dir).resolve()
@@ -378,7 +396,7 @@ def load_examples(examples_dir: str | os.PathLike, modalities: tuple[str, ...]) 
                 row.append(value)
             if any(value is not None for value in row):
                 rows.append(row)
-            if len(rows) == MAX_EXAMPLES:
+            if len(rows) == limit:
                 break
     return rows
 
@@ -401,8 +419,12 @@ def build_demo(
     delete_cache: tuple[int, int] = (600, 3600),
     limits: MediaLimits = MediaLimits(),
     quantize: bool = False,
+    index_path: str | None = None,
 ) -> gr.Blocks:
-    """Build the page for the mm-fusion classifier at `model_path` (see `load_model`), with its queue set up.
+    """Build the page for the mm-fusion classifier at `model_path` (see `load_model`), with its queue set up; for a
+    joint embedding model, its Search tab (`build_search_demo`) over the `EmbeddingIndex` saved at `index_path`,
+    else over one built now from the examples folder's rows, else with a note on how to build one. `index_path` with
+    a model that is not a joint embedding model is a `ValueError`.
 
     `examples_dir` holds `examples.csv` (see `load_examples`); by default the model folder's `examples/`.
     Requests run in batches of up to `max_batch_size`, `concurrency_limit` batches at a time, with at most
@@ -421,6 +443,15 @@ def build_demo(
 
         model = quantize_for_cpu(model)
     config = model.config
+    if getattr(config, "is_contrastive", False):
+        index, source = search_index(model_path, model, processor, index_path,
+                                     examples_dir or default_examples_dir(model_path))
+        return build_search_demo(model_path, model, processor, index, index_source=source,
+                                 concurrency_limit=concurrency_limit, max_queue_size=max_queue_size,
+                                 delete_cache=delete_cache, limits=limits)
+    if index_path:
+        raise ValueError(f"index: {model_path!r} is not a joint embedding model, so it has no index to search "
+                         "(--index needs a model trained with mm-train --task contrastive)")
     modalities = tuple(m for m in ("vision", "text", "audio") if m in config.modalities)
     sampling_rate = processor.feature_extractor.sampling_rate if processor.feature_extractor is not None else 16_000
     tasks = tasks_of(model)
@@ -626,15 +657,291 @@ def _error_message(error: Exception) -> str:
     other failure only its type (the server log has the traceback), so no stack trace reaches the page."""
     if isinstance(error, ValueError):
         return _escape_markdown(str(error))
-    logger.error("classification failed", exc_info=error)
+    logger.error("request failed", exc_info=error)
     return f"the model failed on this input ({type(error).__name__}); try another input"
 
 
-def _show_error(message: str) -> None:
+def _show_error(message: str, title: str = "Could not classify") -> None:
     """Also raise the request's error as a gr.Error, which the page shows as an alert (its message is HTML)."""
     if message:
         unescaped = re.sub(r"\\(.)", r"\1", message)
-        raise gr.Error(html.escape(unescaped), title="Could not classify", print_exception=False)
+        raise gr.Error(html.escape(unescaped), title=title, print_exception=False)
+
+
+def _show_search_error(message: str) -> None:
+    """`_show_error` for the Search tab: the alert's title says what could not be done."""
+    _show_error(message, title="Could not search")
+
+
+# ---- search: the page of a joint embedding model ---------------------------------------------------------------------
+# A joint embedding model (`config.is_contrastive`) has no labels to show: its page is a Search tab over an
+# `EmbeddingIndex` (training/index.py). The query is one text, image or audio clip, embedded alone; the results are the
+# index's items whose embeddings (of the modalities ticked) are nearest to it, best first.
+
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 20
+"""The top-k slider's range; the page holds this many audio players, one per result that has audio."""
+SCORE_DECIMALS = 4
+"""A result's score (the cosine similarity of the query and the item's embedding) is shown to this many decimals."""
+SEARCH_COLUMNS = ["rank", "score", "modality", "id", "text"]
+MAX_SERVED_RESULT_BYTES = 50 * 1024 * 1024
+"""A result's image or audio file larger than this is not copied into the served folder (the result shows without
+it): copies live in the upload folder until swept, and an index may point at large files."""
+INDEX_HELP = (
+    "No index to search. Build one from a data set with the same model, "
+    "`mm-index build --model MODEL --data DATA.csv --output INDEX`, then start `mm-demo --model MODEL --index INDEX` "
+    "(or give `--examples DIR` with an examples.csv: the demo indexes its rows when it starts)."
+)
+
+
+def decode_query(
+    text: str | None = None, image: Any = None, audio: Any = None, *, sampling_rate: int = 16_000,
+    limits: MediaLimits = MediaLimits(),
+) -> tuple[str, Any]:
+    """The one query of a search request, decoded and checked like a classifier's inputs (`decode_sample`):
+    `("text", str)`, `("image", RGB PIL image)` or `("audio", (sampling_rate, mono float32 waveform))`, the form
+    `EmbeddingIndex.query` takes. Empty or whitespace-only text counts as none.
+
+    Raises `ValueError` when no query or more than one is given (naming those given), and for anything
+    `decode_sample` refuses (the message names the input and the limit).
+    """
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"text: expected a string; got {type(text).__name__}")
+    given = [name for name, value in (("text", text if text and text.strip() else None), ("image", image),
+                                      ("audio", audio)) if value is not None]
+    if not given:
+        raise ValueError("no query: give a text, an image or an audio clip to search with")
+    if len(given) > 1:
+        raise ValueError(f"query: give one of text, image or audio, not {len(given)} ({', '.join(given)}); "
+                         "clear the others")
+    sample = decode_sample(image=image, text=text, audio=audio, sampling_rate=sampling_rate, limits=limits)
+    if sample.text is not None:
+        return "text", sample.text
+    if sample.image is not None:
+        return "image", sample.image
+    return "audio", (sampling_rate, sample.audio)
+
+
+def examples_index(model, processor, examples_dir: str | os.PathLike, model_path: str | None = None):
+    """An `EmbeddingIndex` of every row of `<examples_dir>/examples.csv` (see `load_examples`), built with `model`,
+    for the modalities the model has: the small index a page searches when it is given none."""
+    import datasets
+
+    from training.index import EmbeddingIndex
+
+    modalities = tuple(m for m in ("vision", "text", "audio") if m in model.config.modalities)
+    rows = load_examples(examples_dir, modalities, limit=None)
+    columns = {INPUT_NAMES[m]: [row[i] for row in rows] for i, m in enumerate(modalities)}
+    if not rows:
+        raise ValueError(f"examples: {str(Path(examples_dir) / EXAMPLES_FILE)!r} has no row to index")
+    # a column of missing cells only would be typed null: such a column is no column to index
+    dataset = datasets.Dataset.from_dict(
+        {name: values for name, values in columns.items() if any(v is not None for v in values)})
+    return EmbeddingIndex.build(model, processor, dataset, model_path=model_path, progress=False)
+
+
+def search_index(model_path: str, model, processor, index_path: str | os.PathLike | None = None,
+                 examples_dir: str | os.PathLike | None = None) -> tuple[Any, str]:
+    """The index a joint embedding model's page searches, and a few words on where it comes from: the index saved at
+    `index_path` (`EmbeddingIndex.load`), else one built now from `examples_dir` (`examples_index`), else
+    `(None, "")`. Raises `ValueError` for a folder that is not an index and for an index built with another model
+    (`EmbeddingIndex.check_model`: another projection size or config)."""
+    if index_path:
+        from training.index import EmbeddingIndex
+
+        index = EmbeddingIndex.load(index_path)
+        index.check_model(model)  # refuses an index of another model now, rather than at the first search
+        return index, f"loaded from {Path(index_path).resolve().name}"
+    if examples_dir:
+        return (examples_index(model, processor, examples_dir, model_path),
+                f"indexed on start from the examples folder {Path(examples_dir).resolve().name}")
+    return None, ""
+
+
+def _served_copy(path: Any, upload_folder: str) -> str | None:
+    """A copy of a result's media file in the upload folder, the one folder Gradio serves (one copy per content, so
+    repeated results share it), or None when there is none to show: no path, a missing or unreadable file, or one
+    over `MAX_SERVED_RESULT_BYTES`."""
+    if not isinstance(path, str) or not path:
+        return None
+    from gradio.processing_utils import save_file_to_cache
+
+    try:
+        if not Path(path).is_file() or Path(path).stat().st_size > MAX_SERVED_RESULT_BYTES:
+            logger.warning("search result file %s is missing or over %d bytes; shown without it", path,
+                           MAX_SERVED_RESULT_BYTES)
+            return None
+        return save_file_to_cache(path, cache_dir=upload_folder)
+    except OSError as error:
+        logger.warning("cannot copy search result file %s (%s); shown without it", path, error)
+        return None
+
+
+def search_values(hits: list, upload_folder: str) -> tuple[list, str, dict, list]:
+    """The page's values for `hits` (SearchHits, best first): the gallery (each result with an image, captioned
+    "score · text"), the texts (Markdown, a numbered line per result), the table (a Dataframe value: a row of
+    `SEARCH_COLUMNS` per result, its score shown to `SCORE_DECIMALS`) and `MAX_TOP_K` audio players (those of the
+    results with audio, labelled "rank. score · text", then hidden ones). Media are served from copies in
+    `upload_folder` (`_served_copy`)."""
+    gallery, lines, table, players = [], [], [], []
+    for rank, hit in enumerate(hits, start=1):
+        score = f"{hit.score:.{SCORE_DECIMALS}f}"
+        text = hit.row.get("text") or None
+        caption = f"{score} · {text}" if text else score
+        image = _served_copy(hit.row.get("image"), upload_folder)
+        if image is not None:
+            gallery.append((image, caption))
+        audio = _served_copy(hit.row.get("audio"), upload_folder)
+        if audio is not None and len(players) < MAX_TOP_K:
+            players.append(gr.update(value=audio, label=f"{rank}. {caption}", visible=True))
+        shown = _escape_markdown(" ".join(text.split())) if text else "*(no text)*"
+        lines.append(f"{rank}. **{score}** · {shown} ({hit.modality} match, item {hit.id})")
+        table.append([rank, float(hit.score), hit.modality, int(hit.id), text or ""])
+    players += [gr.update(value=None, label="Audio", visible=False)] * (MAX_TOP_K - len(players))
+    # the table keeps each score's full value (the API returns it) and shows it to SCORE_DECIMALS, as the captions do
+    shown = [[str(rank), f"{score:.{SCORE_DECIMALS}f}", modality, str(item), text]
+             for rank, score, modality, item, text in table]
+    frame = {"headers": SEARCH_COLUMNS, "data": table,
+             "metadata": {"display_value": shown, "styling": [[""] * len(SEARCH_COLUMNS) for _ in table]}}
+    return gallery, "\n".join(lines), frame, players
+
+
+def _search_modalities(chosen: Any, available: tuple[str, ...]) -> list[str]:
+    """The ticked modalities, checked: a list of names of the index's modalities, at least one."""
+    if isinstance(chosen, str):
+        chosen = [chosen]
+    if not isinstance(chosen, (list, tuple)) or not chosen:
+        raise ValueError(f"modalities: tick at least one of {', '.join(available)} to search among")
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise ValueError(f"modalities: {unknown[0]!r} is not one of the index's modalities ({', '.join(available)})")
+    return [name for name in available if name in chosen]
+
+
+def _top_k(value: Any) -> int:
+    """The top-k slider's value, checked: a whole number from 1 to `MAX_TOP_K`."""
+    try:
+        top_k = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"top_k: expected a whole number from 1 to {MAX_TOP_K}; got {value!r}") from None
+    if top_k != value or not 1 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k: expected a whole number from 1 to {MAX_TOP_K}; got {value!r}")
+    return top_k
+
+
+def _index_line(index, source: str) -> str:
+    """The header's line about the index: its size, the modalities of its items, and where it comes from."""
+    size = len(index)
+    return (f"**Index:** {size} item{'s' if size != 1 else ''} ({', '.join(index.modalities)}), "
+            f"{_escape_markdown(source)}")
+
+
+def build_search_demo(
+    model_path: str,
+    model,
+    processor,
+    index=None,
+    *,
+    index_source: str = "",
+    concurrency_limit: int = 1,
+    max_queue_size: int = 64,
+    delete_cache: tuple[int, int] = (600, 3600),
+    limits: MediaLimits = MediaLimits(),
+) -> gr.Blocks:
+    """Build the page of a joint embedding model: a header and a Search tab over `index` (an `EmbeddingIndex` built
+    with this model; `index_source` says where it comes from), or, without one, the tab says how to build one.
+
+    The query is one of text, an image (upload, webcam, clipboard) or audio (upload, microphone), of the modalities
+    the model has; the user ticks which of the index's modalities to search among and the top-k. The answer: a
+    gallery of the results with an image (captioned "score · text"), an audio player per result with audio, the
+    texts with their scores, best first, and a table (`SEARCH_COLUMNS`). No query, more than one, or a file the
+    decoder refuses gives a readable error in the page. Requests may name only files in Gradio's upload folder, and
+    the results' media are served from copies there (`_served_copy`), so the server still serves no other files.
+    The returned Blocks also carries `model`, `processor` and `index`.
+    """
+    model_modalities = tuple(m for m in ("vision", "text", "audio") if m in model.config.modalities)
+    sampling_rate = processor.feature_extractor.sampling_rate if processor.feature_extractor is not None else 16_000
+    name, description = describe_model(model_path, model.config)
+    upload_folder = os.path.realpath(get_upload_folder())
+
+    def search(text: str | None = None, image: Any = None, audio: Any = None, modalities: Any = None,
+               top_k: Any = DEFAULT_TOP_K) -> tuple:
+        """One request, not batched (a query is one pass of one tower); a modality the model lacks stays None."""
+        start = time.perf_counter()
+        try:
+            files = {key: _uploaded_path(value, key, upload_folder) for key, value in (("image", image),
+                                                                                          ("audio", audio))}
+            modality, item = decode_query(text=text, **files, sampling_rate=sampling_rate, limits=limits)
+            chosen = _search_modalities(modalities, index.modalities)
+            hits = index.query(model, processor, **{modality: item}, top_k=_top_k(top_k), modalities=chosen)
+        except Exception as error:
+            gallery, texts, table, players = search_values([], upload_folder)
+            return ("", _error_message(error), gallery, texts, table, *players)
+        gallery, texts, table, players = search_values(hits, upload_folder)
+        status = (f"{len(hits)} result{'s' if len(hits) != 1 else ''} for the {modality} query among the items' "
+                  f"{', '.join(chosen)}, best first ({(time.perf_counter() - start) * 1000:.0f} ms)")
+        return (status, "", gallery, texts, table, *players)
+
+    with gr.Blocks(title=f"{name} · mm-demo", analytics_enabled=False, delete_cache=delete_cache) as demo:
+        header = f"# {_escape_markdown(name)}\n\n{_escape_markdown(description)}\n\n"
+        if index is not None:
+            header += (f"{_index_line(index, index_source)}  \n**Query:** one of "
+                       f"{', '.join(INPUT_NAMES[m] for m in model_modalities)}.")
+        gr.Markdown(header, elem_id="mm-header")
+        with gr.Tabs():
+            with gr.Tab("Search", elem_id="mm-search-tab"):
+                if index is None:
+                    gr.Markdown(INDEX_HELP, elem_id="mm-search-status")
+                else:
+                    _search_tab(search, model_modalities, index, concurrency_limit)
+    demo.queue(max_size=max_queue_size, default_concurrency_limit=concurrency_limit)
+    demo.examples_dir = None
+    demo.model, demo.processor, demo.index = model, processor, index
+    return demo
+
+
+def _search_tab(search, modalities: tuple[str, ...], index, concurrency_limit: int) -> None:
+    """The Search tab's components and events, inside the page's Blocks."""
+    with gr.Row():
+        with gr.Column():
+            inputs = {}  # keyed by search's parameter names, which the API shows
+            if "text" in modalities:
+                inputs["text"] = gr.Textbox(label="Text", lines=2, max_length=MAX_TEXT_CHARACTERS,
+                                            elem_id="mm-search-text")
+            if "vision" in modalities:
+                inputs["image"] = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
+                                           height=IMAGE_INPUT_HEIGHT, elem_id="mm-search-image")
+            if "audio" in modalities:
+                inputs["audio"] = gr.Audio(label="Audio", type="filepath", sources=["upload", "microphone"],
+                                           elem_id="mm-search-audio")
+            searched = gr.CheckboxGroup(list(index.modalities), value=list(index.modalities),
+                                        label="Search the items' embeddings of", elem_id="mm-search-modalities")
+            top_k = gr.Slider(1, MAX_TOP_K, value=min(DEFAULT_TOP_K, MAX_TOP_K), step=1, label="Results (top-k)",
+                              elem_id="mm-search-top-k")
+            with gr.Row():
+                clear = gr.ClearButton(list(inputs.values()), value="Clear", elem_id="mm-search-clear")
+                submit = gr.Button("Search", variant="primary", elem_id="mm-search-submit")
+        with gr.Column():
+            status = gr.Markdown(elem_id="mm-search-status")
+            error = gr.Markdown(elem_id="mm-search-error")
+            gallery = gr.Gallery(label="Results with an image", columns=4, height="auto", object_fit="contain",
+                                 interactive=False, elem_id="mm-search-gallery")
+            texts = gr.Markdown(elem_id="mm-search-texts")
+            table = gr.Dataframe(headers=SEARCH_COLUMNS, datatype=["number", "number", "str", "number", "str"],
+                                 interactive=False, label="Results", elem_id="mm-search-table")
+            players = [gr.Audio(label="Audio", type="filepath", interactive=False, visible=False,
+                                elem_id=f"mm-search-audio-{i}") for i in range(MAX_TOP_K)]
+    outputs = [status, error, gallery, texts, table, *players]
+    clear.add([status, error, gallery, texts, table])
+    # clearing empties a player but leaves it shown: hide them, as a search with fewer audio results does
+    clear.click(lambda: [gr.update(value=None, visible=False)] * len(players), None, players,
+                api_visibility="private", queue=False, show_progress="hidden")
+    # preprocess=False: Gradio's own preprocessing would open images with PIL, without our limits; the search
+    # decodes the query itself, from the upload folder only
+    event = submit.click(search, inputs_kwargs={**inputs, "modalities": searched, "top_k": top_k}, outputs=outputs,
+                         api_name="search", preprocess=False, concurrency_limit=concurrency_limit)
+    event.then(_show_search_error, error, None, api_visibility="private", show_progress="hidden",
+               concurrency_limit=None)
 
 
 # ---- the command line ------------------------------------------------------------------------------------------------
@@ -656,6 +963,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", default=environ.get("MM_FUSION_EXAMPLES"),
                         help="Examples folder with examples.csv (text, image, audio[, label]; paths relative to it). "
                              "Default: the model folder's examples/. Env: MM_FUSION_EXAMPLES.")
+    parser.add_argument("--index", default=environ.get("MM_FUSION_INDEX"),
+                        help="A joint embedding model's search index, a folder written by `mm-index build` with the "
+                             "same model. Default: an index of the examples folder's rows, built on start. "
+                             "Env: MM_FUSION_INDEX.")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... Default: cuda when available.")
     parser.add_argument("--quantize", action="store_true", default=_env_flag("MM_FUSION_QUANTIZE"),
                         help="Run on the CPU with dynamic int8 Linear layers (faster on CPU; see "
@@ -695,13 +1006,14 @@ def main(argv: list[str] | None = None) -> int:
             args.model, trust_remote_code=args.trust_remote_code, examples_dir=args.examples, device=args.device,
             max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit,
             max_queue_size=args.max_queue_size, delete_cache=tuple(args.delete_cache), quantize=args.quantize,
+            index_path=args.index,
         )
         # no allowed_paths: Gradio serves the examples from its own copies in the upload folder
         demo.launch(
             server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size,
             show_error=False, enable_monitoring=False, mcp_server=False, ssr_mode=False, css=PAGE_CSS,
         )
-    except (OSError, ValueError) as error:  # no model there, not an mm-fusion classifier, the port is taken, ...
+    except (OSError, ValueError) as error:  # no model or index there, not an mm-fusion model, the port is taken, ...
         print(f"mm-demo: error: {error}", file=sys.stderr)
         return 2
     finally:
@@ -720,4 +1032,5 @@ elif os.environ.get("MM_FUSION_MODEL"):
         trust_remote_code=_env_flag("MM_FUSION_TRUST_REMOTE_CODE"),
         examples_dir=os.environ.get("MM_FUSION_EXAMPLES"),
         quantize=_env_flag("MM_FUSION_QUANTIZE"),
+        index_path=os.environ.get("MM_FUSION_INDEX"),
     )

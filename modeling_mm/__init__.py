@@ -26,7 +26,14 @@ from .modeling_mm import (
     MMFusionPreTrainedModel,
     MMFusionSequenceClassifierOutput,
 )
-from .pipeline_mm import PIPELINE_TASK, MMFusionClassificationPipeline
+from .pipeline_mm import (
+    FEATURE_EXTRACTION_TASK,
+    PIPELINE_TASK,
+    ZERO_SHOT_TASK,
+    MMFusionClassificationPipeline,
+    MMFusionFeatureExtractionPipeline,
+    MMFusionZeroShotClassificationPipeline,
+)
 
 AutoConfig.register(MMFusionConfig.model_type, MMFusionConfig, exist_ok=True)
 # AutoModel picks among these by `config.architectures` (the first without one): a folder saved by the multi-task or
@@ -40,6 +47,11 @@ MMFusionForMultiTask.register_for_auto_class("AutoModel")
 MMFusionContrastiveModel.register_for_auto_class("AutoModel")
 PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=MMFusionClassificationPipeline,
                                     pt_model=AutoModelForSequenceClassification, type="multimodal")
+# the joint embedding pipelines load the model with AutoModel, which gives a contrastive checkpoint back as its class
+PIPELINE_REGISTRY.register_pipeline(ZERO_SHOT_TASK, pipeline_class=MMFusionZeroShotClassificationPipeline,
+                                    pt_model=AutoModel, type="multimodal")
+PIPELINE_REGISTRY.register_pipeline(FEATURE_EXTRACTION_TASK, pipeline_class=MMFusionFeatureExtractionPipeline,
+                                    pt_model=AutoModel, type="multimodal")
 
 __all__ = [
     "MMFusionConfig",
@@ -54,4 +66,6 @@ __all__ = [
     "MMFusionSequenceClassifierOutput",
     "MMFusionProcessor",
     "MMFusionClassificationPipeline",
+    "MMFusionZeroShotClassificationPipeline",
+    "MMFusionFeatureExtractionPipeline",
 ]

@@ -1,23 +1,39 @@
-"""The `mm-fusion-classification` pipeline: any subset of text, image and audio in, labels with scores out (or, for a
-multi-task model, every task's answer under its name).
+"""The mm-fusion pipelines, in transformers' pipeline style:
 
-This file travels to the Hub with a model (`config.json` names it under `custom_pipelines`), so it imports only numpy,
-torch and transformers, and nothing relatively: the processor and the model it drives come from the same repo.
+- `mm-fusion-classification`: any subset of text, image and audio in, labels with scores out (or, for a multi-task
+  model, every task's answer under its name);
+- `mm-fusion-zero-shot-classification`: an image or an audio clip scored against label texts by a joint embedding
+  model (`MMFusionContrastiveModel`), as transformers' zero-shot image and audio classification pipelines do;
+- `mm-fusion-feature-extraction`: the joint embedding of each modality of a sample (and, on request, of the sample's
+  modalities fused).
+
+This file travels to the Hub with a model (`config.json` names its pipelines under `custom_pipelines`), so it imports
+only numpy, PIL, torch and transformers, and relatively only `configuration_mm.py`, which travels too; the processor
+and the model it drives come from the same repo.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import Pipeline
 
+from .configuration_mm import MODALITY_NAMES
+
 PIPELINE_TASK = "mm-fusion-classification"
+ZERO_SHOT_TASK = "mm-fusion-zero-shot-classification"
+FEATURE_EXTRACTION_TASK = "mm-fusion-feature-extraction"
 SAMPLE_KEYS = ("text", "image", "audio", "sampling_rate")
 DEFAULT_THRESHOLD = 0.5
 """A multi-label task's tag is given when its probability is at least its threshold: this one, unless the task in
 `config.tasks` carries its own (`"thresholds"`: {label: value} or one value per label, e.g. tuned on validation)."""
+DEFAULT_HYPOTHESIS_TEMPLATES = {"vision": "a photo of {}", "audio": "the sound of {}"}
+"""How zero-shot classification turns a label into the text it compares with, per modality classified (CLIP's and
+CLAP's prompt styles); `hypothesis_template=` replaces it."""
 
 
 class MMFusionClassificationPipeline(Pipeline):
@@ -78,15 +94,7 @@ class MMFusionClassificationPipeline(Pipeline):
         answers per sample, see the class). Raises `ValueError` naming the argument for an unknown key, a sample with
         no modality, or keyword lists of different lengths."""
         samples, single = _as_samples(inputs, text, image, audio)
-        batch_size = kwargs.pop("batch_size", None) or self._batch_size or 1
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int; got {batch_size!r}")
-        # Each item handed to the base class is one model batch: the processor batches any mix of present and
-        # missing modalities itself, which transformers' generic padding collator cannot.
-        batches = [samples[start : start + batch_size] for start in range(0, len(samples), batch_size)]
-        results = super().__call__(batches, batch_size=1, **kwargs)
-        flat = [result for batch in results for result in batch]
-        return flat[0] if single else flat
+        return _call_in_model_batches(self, samples, single, kwargs)
 
     def _sanitize_parameters(self, top_k: Any = "", function_to_apply: str | None = None, sampling_rate=None,
                              **unknown: Any):
@@ -114,21 +122,10 @@ class MMFusionClassificationPipeline(Pipeline):
         return preprocess, {}, postprocess
 
     def preprocess(self, samples: list[dict[str, Any]], sampling_rate: int | None = None) -> dict[str, torch.Tensor]:
-        audio = [sample.get("audio") for sample in samples]
-        rates = [sample.get("sampling_rate", sampling_rate) for sample in samples]
-        batch = self.processor(
-            text=[sample.get("text") for sample in samples],
-            images=[sample.get("image") for sample in samples],
-            audio=audio if any(clip is not None for clip in audio) else None,
-            sampling_rate=rates,
-        )
-        return dict(batch)
+        return _process_samples(self.processor, samples, sampling_rate)
 
     def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        dtype = self.model.dtype
-        # the processor gives float32; a model loaded in bf16/fp16 needs its own dtype
-        model_inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model_inputs.items()}
-        return {"logits": self.model(**model_inputs).logits}
+        return {"logits": self.model(**_in_dtype(model_inputs, self.model.dtype)).logits}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor], top_k: int | None = 5,
                     function_to_apply: str | None = None) -> list[list[dict[str, Any]]] | list[dict[str, Any]]:
@@ -193,6 +190,250 @@ def _task_answers(task: dict[str, Any], logits: np.ndarray, top_k: int | None) -
     return [float(row[0]) if len(row) == 1 else [float(value) for value in row] for row in logits]
 
 
+class MMFusionZeroShotClassificationPipeline(Pipeline):
+    r"""
+    Zero-shot classification of an image or an audio clip with an mm-fusion joint embedding model
+    (`MMFusionContrastiveModel`) and its `MMFusionProcessor`, as transformers' zero-shot image and audio classification
+    pipelines do with CLIP, SigLIP and CLAP: each candidate label becomes a text (`hypothesis_template`, default
+    "a photo of {}" for an image and "the sound of {}" for audio), the item and the texts are embedded each alone, and
+    the scores are those of the model's own logits, `exp(logit_scale)` (clamped at 100) times the cosine
+    similarities: a softmax over the labels for an InfoNCE model, or, for a sigmoid-loss model (it has a
+    `logit_bias`), SigLIP's independent `sigmoid(logits + logit_bias)` per label. Returns a list of
+    `{"label", "score"}`, best first, per item.
+
+    Inputs: `image=` a path, bytes, a PIL image or an (H, W, C) array; `audio=` a path, bytes, an array with
+    `sampling_rate=`, Gradio's `(sampling_rate, array)` or a `datasets` Audio dict; or the item given positionally,
+    where its kind is told from its type, its file suffix or its first bytes (an image for a model without an audio
+    tower, and the other way round). A list of items is a batch; `batch_size=` runs that many through the model at
+    once (the label texts are embedded once per model batch).
+
+    Parameters (at construction or per call): `candidate_labels` (a list of distinct non-empty strings, required),
+    `hypothesis_template` (a string with `{}` where the label goes) and `sampling_rate` (of bare audio arrays).
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> classifier = pipeline("mm-fusion-zero-shot-classification", model="ORG/NAME",
+    ...                       trust_remote_code=True)  # doctest: +SKIP
+    >>> classifier(image="circle.png", candidate_labels=["red circle", "blue square"])  # doctest: +SKIP
+    [{'label': 'red circle', 'score': 0.93}, {'label': 'blue square', 'score': 0.07}]
+    >>> classifier(audio=["beep.wav", "hum.wav"], candidate_labels=["a high tone", "a deep tone"])  # doctest: +SKIP
+    [[{'label': 'a high tone', ...}, ...], [{'label': 'a deep tone', ...}, ...]]
+    ```
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, model: Any, *args: Any, **kwargs: Any):
+        _check_joint_embedding_model(model, "zero-shot classification")
+        if "text" not in model.config.modalities:
+            raise ValueError(f"model: zero-shot classification compares with label texts, but this model has no text "
+                             f"tower (it has {_tower_names(model)})")
+        super().__init__(model, *args, **kwargs)
+
+    def __call__(
+        self,
+        inputs: Any = None,
+        *,
+        image: Any = None,
+        audio: Any = None,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Score one item (`image=`, `audio=` or given positionally) or a list of them against `candidate_labels`.
+        Returns a list of `{"label", "score"}` (best first) for one item, a list of such lists for a batch. Raises
+        `ValueError` naming the argument for: no item or both kinds, an item whose kind cannot be told, a modality
+        the model has no tower for, no or bad `candidate_labels`, a `hypothesis_template` without `{}`."""
+        modality, items, single = self._items(inputs, image, audio)
+        if "candidate_labels" not in kwargs and "candidate_labels" not in self._preprocess_params:
+            raise ValueError("candidate_labels: give the labels to choose from, e.g. candidate_labels=['cat', 'dog']")
+        samples = [{"modality": modality, "item": item} for item in items]
+        return _call_in_model_batches(self, samples, single, kwargs)
+
+    def _items(self, inputs: Any, image: Any, audio: Any) -> tuple[str, list[Any], bool]:
+        """The modality classified ("vision" or "audio"), the items, and whether it was a single item."""
+        if image is not None and audio is not None:
+            raise ValueError("image, audio: give one of them; zero-shot classification scores one modality at a time")
+        keyword = "vision" if image is not None else "audio" if audio is not None else None
+        if inputs is not None and keyword is not None:
+            raise ValueError(f"inputs: give the items either positionally or as "
+                             f"{MODALITY_NAMES[keyword].user}=, not both")
+        given = image if image is not None else audio if audio is not None else inputs
+        if given is None:
+            raise ValueError("inputs: give an image (image=) or an audio clip (audio=) to classify")
+        single = not isinstance(given, list)
+        items = [given] if single else given
+        if not items:
+            raise ValueError("inputs: the list of items is empty")
+        towers = self.model.config.modalities
+        if keyword is None:
+            kinds = {_guess_modality(item, index, towers) for index, item in enumerate(items)}
+            if len(kinds) > 1:
+                raise ValueError("inputs: the batch mixes images and audio; classify each kind in its own call")
+            (keyword,) = kinds
+        if keyword not in towers:
+            user = MODALITY_NAMES[keyword].user
+            raise ValueError(f"{user}: this model has no {user} tower (it has {_tower_names(self.model)})")
+        for index, item in enumerate(items):
+            if item is None:
+                raise ValueError(f"{MODALITY_NAMES[keyword].user}[{index}]: is None")
+        return keyword, items, single
+
+    def _sanitize_parameters(self, candidate_labels: Any = None, hypothesis_template: Any = None,
+                             sampling_rate: int | None = None, **unknown: Any):
+        if unknown:
+            raise ValueError(f"{', '.join(sorted(unknown))}: not a parameter of {type(self).__name__} "
+                             f"(parameters: candidate_labels, hypothesis_template, sampling_rate, batch_size)")
+        preprocess = {}
+        if candidate_labels is not None:
+            preprocess["candidate_labels"] = _checked_labels(candidate_labels)
+        if hypothesis_template is not None:
+            preprocess["hypothesis_template"] = _checked_template(hypothesis_template)
+        if sampling_rate is not None:
+            preprocess["sampling_rate"] = sampling_rate
+        return preprocess, {}, {}
+
+    def preprocess(self, samples: list[dict[str, Any]], candidate_labels: list[str] | None = None,
+                   hypothesis_template: str | None = None, sampling_rate: int | None = None) -> dict[str, Any]:
+        if not candidate_labels:
+            raise ValueError("candidate_labels: give at least one label")
+        modality = samples[0]["modality"]
+        template = hypothesis_template or DEFAULT_HYPOTHESIS_TEMPLATES[modality]
+        names = MODALITY_NAMES[modality]
+        items = self.processor(**{names.processor_argument: [sample["item"] for sample in samples]},
+                               sampling_rate=sampling_rate)
+        texts = self.processor(text=[template.format(label) for label in candidate_labels])
+        return {"modality": modality, "items": dict(items), "texts": dict(texts), "candidate_labels": candidate_labels}
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        model = self.model
+        text_embeds = _features(model, "text", model_inputs["texts"])  # (labels, projection_dim)
+        item_embeds = _features(model, model_inputs["modality"], _in_dtype(model_inputs["items"], model.dtype))
+        scale = model.logit_scale.exp().clamp(max=100)  # as the model's own logits
+        logits = scale * item_embeds @ text_embeds.t()  # (items, labels)
+        bias = getattr(model, "logit_bias", None)
+        scores = torch.sigmoid(logits + bias) if bias is not None else logits.softmax(dim=-1)
+        return {"scores": scores.float(), "candidate_labels": model_inputs["candidate_labels"]}
+
+    def postprocess(self, model_outputs: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        labels = model_outputs["candidate_labels"]
+        return [_ranked(row, labels, None) for row in model_outputs["scores"].numpy()]
+
+
+class MMFusionFeatureExtractionPipeline(Pipeline):
+    r"""
+    Joint embeddings of samples with an mm-fusion joint embedding model (`MMFusionContrastiveModel`) and its
+    `MMFusionProcessor`: for each sample, the embedding of each modality it has, each computed from that modality
+    alone (`get_text_features`, `get_image_features`, `get_audio_features`, so comparable across modalities and
+    independent of the rest of the batch), under `"text_embeds"`, `"image_embeds"`, `"audio_embeds"`; with
+    `return_fused=True` also `"fused_embeds"`, the sample's modalities fused (`get_fused_features`). Vectors of
+    `config.projection_dim` floats, unit length unless `normalize=False`; Python lists, or torch tensors with
+    `return_tensors=True` (as transformers' feature-extraction pipeline).
+
+    Inputs as for the `mm-fusion-classification` pipeline: `text=` a str; `image=` a path, bytes, a PIL image or an
+    (H, W, C) array; `audio=` a path, bytes, an array with `sampling_rate=`, Gradio's `(sampling_rate, array)` or a
+    `datasets` Audio dict; a batch is a list of dicts with those keys, or lists given to the keywords.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> extractor = pipeline("mm-fusion-feature-extraction", model="ORG/NAME", trust_remote_code=True)  # doctest: +SKIP
+    >>> out = extractor(text="a red circle", image="circle.png")  # doctest: +SKIP
+    >>> sorted(out), len(out["text_embeds"])  # doctest: +SKIP
+    (['image_embeds', 'text_embeds'], 256)
+    >>> similarity = sum(a * b for a, b in zip(out["text_embeds"], out["image_embeds"]))  # doctest: +SKIP
+    >>> extractor([{"text": "a blue square"}, {"audio": "beep.wav"}], return_fused=True)  # doctest: +SKIP
+    [{'text_embeds': [...], 'fused_embeds': [...]}, {'audio_embeds': [...], 'fused_embeds': [...]}]
+    ```
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, model: Any, *args: Any, **kwargs: Any):
+        _check_joint_embedding_model(model, "feature extraction")
+        super().__init__(model, *args, **kwargs)
+
+    def __call__(
+        self,
+        inputs: dict[str, Any] | list[dict[str, Any]] | None = None,
+        *,
+        text: str | list[str | None] | None = None,
+        image: Any = None,
+        audio: Any = None,
+        **kwargs: Any,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Embed one sample (`text=`, `image=`, `audio=` or a dict) or a list of them. Returns a dict of embeddings
+        for one sample, a list of dicts for a batch. Raises `ValueError` naming the argument for an unknown key, a
+        sample with no modality, a modality the model has no tower for, or keyword lists of different lengths."""
+        samples, single = _as_samples(inputs, text, image, audio)
+        towers = self.model.config.modalities
+        for index, sample in enumerate(samples):
+            for modality in ("vision", "text", "audio"):
+                user = MODALITY_NAMES[modality].user
+                if sample.get(user) is not None and modality not in towers:
+                    raise ValueError(f"inputs[{index}].{user}: this model has no {user} tower (it has "
+                                     f"{_tower_names(self.model)})")
+        return _call_in_model_batches(self, samples, single, kwargs)
+
+    def _sanitize_parameters(self, normalize: bool | None = None, return_fused: bool | None = None,
+                             return_tensors: bool | None = None, sampling_rate: int | None = None, **unknown: Any):
+        if unknown:
+            raise ValueError(f"{', '.join(sorted(unknown))}: not a parameter of {type(self).__name__} "
+                             f"(parameters: normalize, return_fused, return_tensors, sampling_rate, batch_size)")
+        for name, value in (("normalize", normalize), ("return_fused", return_fused),
+                            ("return_tensors", return_tensors)):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name}: expected True or False; got {value!r}")
+        preprocess = {} if sampling_rate is None else {"sampling_rate": sampling_rate}
+        forward = {name: value for name, value in (("normalize", normalize), ("return_fused", return_fused))
+                   if value is not None}
+        postprocess = {} if return_tensors is None else {"return_tensors": return_tensors}
+        return preprocess, forward, postprocess
+
+    def preprocess(self, samples: list[dict[str, Any]], sampling_rate: int | None = None) -> dict[str, torch.Tensor]:
+        return _process_samples(self.processor, samples, sampling_rate)
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor], normalize: bool = True,
+                 return_fused: bool = False) -> dict[str, Any]:
+        model_inputs = _in_dtype(model_inputs, self.model.dtype)
+        outputs: dict[str, Any] = {"presence": {}}
+        for modality in self.model.config.modalities:
+            names = MODALITY_NAMES[modality]
+            present = model_inputs[names.presence]  # (batch,)
+            outputs["presence"][names.user] = present
+            if bool(present.any()):
+                # each modality alone, on the rows that have it
+                outputs[f"{names.user}_embeds"] = _features(self.model, modality, model_inputs, present, normalize)
+        if return_fused:
+            outputs["fused_embeds"] = self.model.get_fused_features(normalize=normalize, **model_inputs)
+        return outputs
+
+    def postprocess(self, model_outputs: dict[str, Any], return_tensors: bool = False) -> list[dict[str, Any]]:
+        def vector(embeds: torch.Tensor) -> torch.Tensor | list[float]:
+            return embeds if return_tensors else embeds.float().tolist()
+
+        presence = model_outputs["presence"]  # by modality, in the config's order (image, text, audio)
+        batch_size = len(next(iter(presence.values())))
+        rows = {user: iter(model_outputs[f"{user}_embeds"]) for user, present in presence.items() if present.any()}
+        results = []
+        for index in range(batch_size):
+            result = {f"{user}_embeds": vector(next(rows[user])) for user, present in presence.items()
+                      if bool(present[index])}
+            if "fused_embeds" in model_outputs:
+                result["fused_embeds"] = vector(model_outputs["fused_embeds"][index])
+            results.append(result)
+        return results
+
+
 def _as_samples(inputs: Any, text: Any, image: Any, audio: Any) -> tuple[list[dict[str, Any]], bool]:
     """The call's samples as dicts, and whether it was a single sample."""
     keywords = {key: value for key, value in (("text", text), ("image", image), ("audio", audio)) if value is not None}
@@ -224,4 +465,133 @@ def _as_samples(inputs: Any, text: Any, image: Any, audio: Any) -> tuple[list[di
     return list(samples), single
 
 
-__all__ = ["MMFusionClassificationPipeline", "PIPELINE_TASK", "DEFAULT_THRESHOLD", "task_thresholds"]
+# ---- shared by the pipelines ----------------------------------------------------------------------------------------
+
+def _call_in_model_batches(pipe: Pipeline, samples: list[Any], single: bool, kwargs: dict[str, Any]) -> Any:
+    """Run `samples` through `pipe` `batch_size` at a time (the call's, else the pipeline's, else 1) and return the
+    results in order, the one result for a `single` sample."""
+    batch_size = kwargs.pop("batch_size", None)
+    if batch_size is None:
+        batch_size = pipe._batch_size or 1
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int; got {batch_size!r}")
+    # Each item handed to the base class is one model batch: the processor batches any mix of present and
+    # missing modalities itself, which transformers' generic padding collator cannot.
+    batches = [samples[start : start + batch_size] for start in range(0, len(samples), batch_size)]
+    results = Pipeline.__call__(pipe, batches, batch_size=1, **kwargs)
+    flat = [result for batch in results for result in batch]
+    return flat[0] if single else flat
+
+
+def _process_samples(processor: Any, samples: list[dict[str, Any]], sampling_rate: int | None) -> dict[str, Any]:
+    """The processor's batch of samples given as dicts (`SAMPLE_KEYS`)."""
+    audio = [sample.get("audio") for sample in samples]
+    rates = [sample.get("sampling_rate", sampling_rate) for sample in samples]
+    batch = processor(
+        text=[sample.get("text") for sample in samples],
+        images=[sample.get("image") for sample in samples],
+        audio=audio if any(clip is not None for clip in audio) else None,
+        sampling_rate=rates,
+    )
+    return dict(batch)
+
+
+def _in_dtype(model_inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    # the processor gives float32; a model loaded in bf16/fp16 needs its own dtype
+    return {key: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            for key, value in model_inputs.items()}
+
+
+def _features(model: Any, modality: str, batch: dict[str, Any], rows: torch.Tensor | None = None,
+              normalize: bool = True) -> torch.Tensor:
+    """`get_{image,text,audio}_features` of a joint embedding model on the processor's `batch` (its `rows` only, a
+    bool mask, when given): `(rows, projection_dim)`."""
+    names = MODALITY_NAMES[modality]
+    inputs = {name: batch[name] if rows is None else batch[name][rows]
+              for name in names.inputs if batch.get(name) is not None}
+    return getattr(model, f"get_{names.user}_features")(**inputs, normalize=normalize)
+
+
+def _check_joint_embedding_model(model: Any, purpose: str) -> None:
+    # by what the pipeline calls rather than by class: through trust_remote_code the class is the repo's own copy
+    if not (getattr(model.config, "is_contrastive", False) and hasattr(model, "get_text_features")
+            and hasattr(model, "logit_scale")):
+        raise ValueError(f"model: {purpose} needs an mm-fusion joint embedding model (MMFusionContrastiveModel, "
+                         f"what mm-train --task contrastive trains); got {type(model).__name__}")
+
+
+def _tower_names(model: Any) -> str:
+    return ", ".join(MODALITY_NAMES[modality].user for modality in model.config.modalities)
+
+
+def _checked_labels(candidate_labels: Any) -> list[str]:
+    if isinstance(candidate_labels, str) or not isinstance(candidate_labels, (list, tuple)):
+        raise ValueError(f"candidate_labels: expected a list of labels; got {type(candidate_labels).__name__}")
+    if not candidate_labels:
+        raise ValueError("candidate_labels: give at least one label")
+    for index, label in enumerate(candidate_labels):
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"candidate_labels[{index}]: expected a non-empty str; got {label!r}")
+    repeated = sorted({label for label in candidate_labels if candidate_labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"candidate_labels: {repeated} given more than once (the scores are by label)")
+    return list(candidate_labels)
+
+
+def _checked_template(template: Any) -> str:
+    if not isinstance(template, str) or "{}" not in template:
+        raise ValueError(f"hypothesis_template: expected a str with '{{}}' where the label goes, such as "
+                         f"'a photo of {{}}'; got {template!r}")
+    try:
+        template.format("label")
+    except (IndexError, KeyError, ValueError) as error:
+        raise ValueError(f"hypothesis_template: {template!r} is not a format string with one '{{}}' ({error!r}); "
+                         "double any other braces") from None
+    return template
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+_AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus")
+
+
+def _guess_modality(item: Any, index: int, towers: tuple[str, ...]) -> str:
+    """Whether a positional zero-shot input is an image ("vision") or audio: the one the model has a tower for when
+    it has only one of them, else told from the item's type, its file suffix or its file's first bytes."""
+    candidates = [modality for modality in ("vision", "audio") if modality in towers]
+    if len(candidates) == 1:
+        return candidates[0]
+    if isinstance(item, Image.Image):
+        return "vision"
+    if isinstance(item, tuple) or (isinstance(item, dict) and "array" in item):  # Gradio and datasets audio
+        return "audio"
+    if isinstance(item, dict):  # datasets' undecoded {"bytes", "path"}
+        item = item.get("bytes") if item.get("bytes") is not None else item.get("path")
+    if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (1, 3):
+        return "audio" if item.ndim == 1 else "vision"
+    if isinstance(item, (str, os.PathLike)):
+        suffix = os.path.splitext(os.fspath(item))[1].lower()
+        if suffix in _IMAGE_SUFFIXES or suffix in _AUDIO_SUFFIXES:
+            return "vision" if suffix in _IMAGE_SUFFIXES else "audio"
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        head = bytes(item[:12])
+        if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")) or (
+                head.startswith(b"RIFF") and head[8:12] == b"WEBP"):
+            return "vision"
+        if head.startswith((b"fLaC", b"OggS", b"ID3")) or (head.startswith(b"RIFF") and head[8:12] == b"WAVE") or (
+                len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):  # an MP3 frame
+            return "audio"
+    raise ValueError(f"inputs[{index}]: cannot tell whether this {type(item).__name__} is an image or audio; "
+                     "pass it as image= or audio=")
+
+
+__all__ = [
+    "MMFusionClassificationPipeline",
+    "MMFusionZeroShotClassificationPipeline",
+    "MMFusionFeatureExtractionPipeline",
+    "PIPELINE_TASK",
+    "ZERO_SHOT_TASK",
+    "FEATURE_EXTRACTION_TASK",
+    "DEFAULT_THRESHOLD",
+    "DEFAULT_HYPOTHESIS_TEMPLATES",
+    "task_thresholds",
+]

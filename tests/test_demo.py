@@ -1,5 +1,5 @@
-"""mm-demo (`demo/app.py`): the page in a real browser, the API, load, a soak, file-access safety, and the UI of a
-model with two modalities.
+"""mm-demo (`demo/app.py`): the page in a real browser, the API, load, a soak, file-access safety, the UI of a
+model with two modalities, a multi-task model's page, and a joint embedding model's Search tab.
 
 The sample model's server is started once per module through `main()` in a subprocess (the way `mm-demo` runs), on
 127.0.0.1 and a free port, with its own temporary folder under the test's; it is stopped with SIGTERM and must then
@@ -63,8 +63,8 @@ MIN_IMAGE_HEIGHT_PX = 150  # an example's image must show at a readable size, no
 
 
 @contextlib.contextmanager
-def demo_page(url: str, tmp_path: Path):
-    """A headless Chromium page on the demo at `url`, its submit button shown; a full-page screenshot
+def demo_page(url: str, tmp_path: Path, ready: str = "#mm-submit"):
+    """A headless Chromium page on the demo at `url`, its submit button (`ready`) shown; a full-page screenshot
     (`failure.png`) when the block fails."""
     import playwright.sync_api as playwright_api
 
@@ -74,7 +74,7 @@ def demo_page(url: str, tmp_path: Path):
             page = browser.new_page()
             page.set_default_timeout(60_000)
             page.goto(url, wait_until="domcontentloaded")
-            page.wait_for_selector("#mm-submit")
+            page.wait_for_selector(ready)
             yield page
         except Exception:
             page.screenshot(path=tmp_path / "failure.png", full_page=True)
@@ -872,6 +872,204 @@ def test_browser_shows_every_task_of_a_multi_task_model(multi_task_model, tmp_pa
         demo.close()
 
 
+# ---- 8. a joint embedding model: the Search tab ----------------------------------------------------------------------
+
+SEARCH_ROWS = 20  # the index holds the sample's first test rows; the queries come from rows after them
+SEARCH_DONE_JS = """query => {
+    const shown = id => (document.querySelector(`#${id} [data-testid=markdown]`) || {innerText: ""}).innerText.trim();
+    return query ? shown("mm-search-status").includes(`for the ${query} query`) : shown("mm-search-error") !== "";
+}"""
+"""Whether the page has answered a search by `query` ("text", "image", "audio"), or, for null, shown an error."""
+
+
+@pytest.fixture(scope="module")
+def own_contrastive(contrastive_model_dir):
+    """The joint embedding model and processor as a user loads them, to compare the page's results with."""
+    from transformers import AutoProcessor
+
+    from modeling_mm import MMFusionContrastiveModel
+
+    return (MMFusionContrastiveModel.from_pretrained(contrastive_model_dir).eval(),
+            AutoProcessor.from_pretrained(contrastive_model_dir))
+
+
+@pytest.fixture(scope="module")
+def search_index_dir(own_contrastive, contrastive_model_dir, test_rows, tmp_path_factory) -> Path:
+    """An `EmbeddingIndex` of the sample's first SEARCH_ROWS test rows (text, image, audio), built with the tiny
+    joint embedding model and saved."""
+    import datasets
+
+    from training.index import EmbeddingIndex
+
+    rows = [{key: row[key] for key in ("text", "image", "audio", "label")} for row in test_rows[:SEARCH_ROWS]]
+    index = EmbeddingIndex.build(*own_contrastive, datasets.Dataset.from_list(rows),
+                                 model_path=str(contrastive_model_dir), progress=False)
+    folder = tmp_path_factory.mktemp("search") / "index"
+    index.save(folder)
+    return folder
+
+
+def first_result(page) -> dict[str, str]:
+    """The page's first result as its table row shows it (rank, score, modality, id, text)."""
+    from demo.app import SEARCH_COLUMNS
+
+    return {name: page.locator(f"#mm-search-table [data-testid=cell-0-{column}]").inner_text().strip()
+            for column, name in enumerate(SEARCH_COLUMNS)}
+
+
+@pytest.mark.timeout(300)
+def test_browser_search_by_text_image_and_audio_finds_what_the_index_finds(
+        contrastive_model_dir, search_index_dir, own_contrastive, test_rows, tmp_path):
+    """Chromium searches a joint embedding model's index by typed text, by an uploaded image and by an uploaded WAV:
+    each time the first result the page shows (table row, gallery caption, audio player) is the first hit of
+    `EmbeddingIndex.query` for the same query in-process (its id, modality, text, and score to the page's
+    precision), its image is served from a copy in the upload folder and the index's own file is not served. A
+    search with no query shows the readable error in the page and no results."""
+    import playwright.sync_api as playwright_api
+
+    from demo.app import SCORE_DECIMALS
+    from training.index import EmbeddingIndex
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is not installed: apt-get install chromium chromium-driver"
+    index = EmbeddingIndex.load(search_index_dir)
+    queries = {"text": "a red circle with a high tone", "image": test_rows[SEARCH_ROWS + 1]["image"],
+               "audio": test_rows[SEARCH_ROWS + 2]["audio"]}
+    expected = {modality: index.query(*own_contrastive, **{modality: query}, top_k=5)[0]
+                for modality, query in queries.items()}
+
+    demo = build_demo(str(contrastive_model_dir), index_path=str(search_index_dir))
+    components = {c.elem_id for c in demo.blocks.values() if getattr(c, "elem_id", None)}
+    assert "mm-search-submit" in components and "mm-submit" not in components  # no classification UI
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        with demo_page(demo.local_url, tmp_path, ready="#mm-search-submit") as page:
+            assert f"{SEARCH_ROWS} items" in page.locator("#mm-header").inner_text()
+            for modality, query in queries.items():
+                page.locator("#mm-search-clear").click()
+                if modality == "text":
+                    page.locator("#mm-search-text textarea").fill(query)
+                else:
+                    page.locator(f"#mm-search-{modality} input[type=file]").set_input_files(query)
+                    page.locator(f"#mm-search-{modality} img, #mm-search-{modality} audio, "
+                                 f"#mm-search-{modality} [data-testid=waveform-Audio]").first.wait_for(state="attached")
+                page.locator("#mm-search-submit").click()
+                page.wait_for_function(SEARCH_DONE_JS, arg=modality)
+                hit, shown = expected[modality], first_result(page)
+                assert page.locator("#mm-search-error").inner_text().strip() == "", modality
+                assert (shown["rank"], shown["id"], shown["modality"]) == ("1", str(hit.id), hit.modality), modality
+                assert shown["text"] == hit.row["text"]
+                # to the page's precision (the last digit may round either way for a score a hair from its middle)
+                precision = 0.5 * 10 ** -SCORE_DECIMALS + 1e-6
+                assert len(shown["score"].split(".")[1]) == SCORE_DECIMALS
+                assert abs(float(shown["score"]) - hit.score) <= precision, (modality, shown["score"], hit.score)
+                caption, text = page.locator("#mm-search-gallery .caption-label").first.inner_text().split(" · ", 1)
+                assert abs(float(caption) - hit.score) <= precision and text == hit.row["text"]
+                player = page.locator("#mm-search-audio-0 [data-testid=block-label]")
+                assert player.inner_text().strip() == f"1. {shown['score']} · {hit.row['text']}"
+            page.screenshot(path=tmp_path / "search.png", full_page=True)
+
+            # the result's image is a copy in the upload folder; the index's file itself is not served
+            source = page.locator("#mm-search-gallery img").first.get_attribute("src")
+            served = Path(source.split("/gradio_api/file=", 1)[1])
+            assert served.is_relative_to(os.path.realpath(os.environ["GRADIO_TEMP_DIR"]))
+            assert httpx.get(source).status_code == 200
+            original = httpx.get(f"{demo.local_url}gradio_api/file={expected['audio'].row['image']}")
+            assert original.status_code in (403, 404)
+
+            page.locator("#mm-search-clear").click()
+            page.locator("#mm-search-submit").click()
+            page.wait_for_function(SEARCH_DONE_JS, arg=None)
+            error = page.locator("#mm-search-error").inner_text()
+            assert error.startswith("no query") and "Traceback" not in error
+            assert "no query" in page.locator("[data-testid=toast-body]").first.inner_text()
+            assert page.locator("#mm-search-table [data-testid=cell-0-0]").count() == 0
+            playwright_api.expect(page.locator("#mm-search-audio-0")).to_be_hidden()
+    finally:
+        demo.close()
+
+
+def test_the_app_file_serves_a_search_index_named_by_the_environment(contrastive_model_dir, search_index_dir,
+                                                                     monkeypatch):
+    """As a Space (the app loaded as a file) a joint embedding model's page searches the index MM_FUSION_INDEX names."""
+    import importlib.util
+
+    monkeypatch.setenv("MM_FUSION_MODEL", str(contrastive_model_dir))
+    monkeypatch.setenv("MM_FUSION_INDEX", str(search_index_dir))
+    spec = importlib.util.spec_from_file_location("space_search_app", REPO_ROOT / "demo" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "space_search_app", module)  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    assert len(module.demo.index) == SEARCH_ROWS
+    assert "/search" in module.demo.get_api_info()["named_endpoints"]
+
+
+def search_fn(demo: gr.Blocks):
+    return next(fn.fn for fn in demo.fns.values() if fn.api_name == "search")
+
+
+def test_search_refuses_a_missing_double_or_corrupt_query_with_a_readable_error(
+        contrastive_model_dir, search_index_dir, gradio_upload_folder, test_rows):
+    """The search function answers bad requests with the error output filled and no results: no query, two queries,
+    a corrupt upload, a file that was not uploaded, no modality ticked, a top-k out of range."""
+    from demo.app import MAX_TOP_K
+
+    demo = build_demo(str(contrastive_model_dir), index_path=str(search_index_dir))
+    gradio_upload_folder.mkdir(exist_ok=True)
+    corrupt = gradio_upload_folder / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 64)
+    image = shutil.copy(test_rows[0]["image"], gradio_upload_folder / "query.png")
+    everything = list(demo.index.modalities)
+    cases = [
+        (dict(text="  "), "no query"),
+        (dict(text="a red circle", image={"path": str(image)}), "query: give one of text, image or audio, not 2"),
+        (dict(image={"path": str(corrupt)}), "image:"),
+        (dict(audio={"path": test_rows[0]["audio"]}), "audio: not a file uploaded to this server"),
+        (dict(text="a red circle", modalities=[]), "modalities:"),
+        (dict(text="a red circle", modalities=["smell"]), "modalities:"),
+        (dict(text="a red circle", top_k=MAX_TOP_K + 1), "top\\_k:"),
+    ]
+    for given, message in cases:
+        status, error, gallery, texts, table, *players = search_fn(demo)(**{"modalities": everything, "top_k": 5,
+                                                                           **given})
+        assert error.startswith(message) and "Traceback" not in error, (given, error)
+        assert status == "" and gallery == [] and texts == "" and table["data"] == []
+        assert all(player["visible"] is False for player in players)
+    status, error, gallery, _, table, *players = search_fn(demo)(image={"path": str(image)}, modalities=["text"],
+                                                                  top_k=3)
+    assert error == "" and status.startswith("3 results for the image query among the items' text")
+    assert [row[2] for row in table["data"]] == ["text"] * 3 and len(gallery) == 3
+    assert sum(player["visible"] for player in players) == 3
+
+
+def test_a_joint_embedding_model_without_an_index_indexes_its_examples_or_says_how_to_build_one(
+        contrastive_model_dir, vision_text_model_dir, test_rows, tmp_path):
+    """Without --index the Search tab searches an index of the examples folder's rows, built on start; without
+    examples either, it says how to build one. A classifier keeps its page, and refuses --index."""
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    with open(examples / "examples.csv", "w", newline="") as file:  # the last row has no image
+        writer = csv.writer(file)
+        writer.writerow(["text", "image", "audio"])
+        for index, row in enumerate(test_rows[:EXAMPLE_ROWS]):
+            for key in ("image", "audio"):
+                shutil.copy(row[key], examples / Path(row[key]).name)
+            image = Path(row["image"]).name if index < EXAMPLE_ROWS - 1 else ""
+            writer.writerow([row["text"], image, Path(row["audio"]).name])
+    demo = build_demo(str(contrastive_model_dir), examples_dir=str(examples))
+    assert len(demo.index) == EXAMPLE_ROWS and set(demo.index.modalities) == {"image", "text", "audio"}
+    (hit,) = demo.index.query(demo.model, demo.processor, text=test_rows[0]["text"], top_k=1, modalities=["text"])
+    assert hit.row["text"] == test_rows[0]["text"] and Path(hit.row["image"]).parent == examples
+
+    demo = build_demo(str(contrastive_model_dir))
+    components = {c.elem_id: c for c in demo.blocks.values() if getattr(c, "elem_id", None)}
+    assert demo.index is None and "mm-search-submit" not in components and "mm-submit" not in components
+    assert "mm-index build" in components["mm-search-status"].value
+    assert any(isinstance(c, gr.Tab) and c.label == "Search" for c in demo.blocks.values())
+
+    with pytest.raises(ValueError, match="^index: .* is not a joint embedding model"):
+        build_demo(str(vision_text_model_dir), index_path="any-index")
+
+
 # ---- decoding, the per-sample view, the header -----------------------------------------------------------------------
 
 
@@ -1001,17 +1199,19 @@ def test_the_header_description_is_the_cards_first_paragraph_without_links():
 
 
 def test_server_settings_default_to_safe_values_and_spaces_set_them_through_the_environment(monkeypatch):
-    for name in ("MM_FUSION_MODEL", "MM_FUSION_TRUST_REMOTE_CODE", "MM_FUSION_EXAMPLES", "GRADIO_SERVER_NAME",
-                 "GRADIO_SERVER_PORT"):
+    for name in ("MM_FUSION_MODEL", "MM_FUSION_TRUST_REMOTE_CODE", "MM_FUSION_EXAMPLES", "MM_FUSION_INDEX",
+                 "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
         monkeypatch.delenv(name, raising=False)
     args = parse_args([])
     assert (args.model, args.host, args.share, args.trust_remote_code) == (DEFAULT_MODEL, "127.0.0.1", False, False)
     assert args.max_file_size == "20mb" and args.max_queue_size > 0 and args.concurrency_limit >= 1
+    assert args.index is None
     monkeypatch.setenv("MM_FUSION_MODEL", "user/model")
     monkeypatch.setenv("MM_FUSION_TRUST_REMOTE_CODE", "1")
+    monkeypatch.setenv("MM_FUSION_INDEX", "my-index")
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")  # what Spaces set
     args = parse_args([])
-    assert (args.model, args.host, args.trust_remote_code) == ("user/model", "0.0.0.0", True)
+    assert (args.model, args.host, args.trust_remote_code, args.index) == ("user/model", "0.0.0.0", True, "my-index")
 
 
 def test_the_app_file_builds_demo_for_hosts_that_import_it(vision_text_model_dir, monkeypatch):

@@ -1,7 +1,9 @@
 """mm-publish: the release folder loads where only transformers is installed and predicts like the original, the card
 parses and validates, the upload sends exactly the allow-listed files and never the token, an adapter-only release
 loads onto its base like the merged model, and forbidden files stay behind (Publishing acceptance 1-5); and the
-`mm-fusion-classification` pipeline."""
+`mm-fusion-classification` pipeline. A multi-task model and a joint embedding model publish too: their cards and
+configs name their tasks and pipelines, and their cards' snippets run where only transformers is installed (the joint
+embedding pipelines themselves are tested in test_pipelines.py)."""
 
 from __future__ import annotations
 
@@ -720,3 +722,234 @@ def test_a_multi_task_report_without_what_the_card_reads_is_refused(tmp_path, ch
     (tmp_path / "report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match=message):
         publish.read_report(tmp_path / "report.json")
+
+
+# ---- a joint embedding model: its release, its card and its pipelines through trust_remote_code --------------------
+
+JOINT_LABELS = ["a red circle", "a blue square"]  # the labels the card's snippets use
+# an mm-eval report of a joint embedding model ("problem_type": "contrastive"), cut down to what the card reads:
+# retrieval and zero-shot sections, a headline of their main numbers, no classifier section
+JOINT_REPORT = {
+    "problem_type": "contrastive",
+    "model": {"modalities": ["image", "text", "audio"], "projection_dim": 16},
+    "data": {"source": "/data/private/test.csv", "split": "test", "rows": 120},
+    "headline": {"image->text r@1": 0.62, "text->image r@1": 0.58, "zero-shot shape (image) accuracy": 0.71},
+    "retrieval": {"positives": "the row's own item", "pairs": {
+        "image->text": {"metrics": {"r@1": 0.62, "r@5": 0.93, "r@10": 0.97, "median_rank": 1, "mean_rank": 1.8,
+                                    "map": 0.74}},
+        "text->image": {"metrics": {"r@1": 0.58, "r@5": 0.9, "r@10": 0.96, "median_rank": 1, "mean_rank": 2.1,
+                                    "map": 0.7}}}},
+    "zero_shot": {"prompt_template": "a photo of {}", "columns": {"shape": {
+        "classes": ["circle", "square"], "modalities": {"image": {"accuracy": 0.71, "macro_f1": 0.69}}}}},
+}
+
+
+def joint_results(report: dict) -> set:
+    """The model-index training.report gives a joint embedding report, which the card must hold: (metric type, name,
+    value, split) per result. (The Hub's model-index groups results by task type and data set, so a card read back
+    keeps one task name per group.)"""
+    from training.report import model_index_results
+
+    return {(r.metric_type, r.metric_name, r.metric_value, r.dataset_split)
+            for r in model_index_results(report, dataset_name="test.csv", dataset_type="local")}
+
+
+def card_results(card: ModelCard) -> set:
+    return {(r.metric_type, r.metric_name, r.metric_value, r.dataset_split) for r in card.data.eval_results or []}
+
+
+def write_media(folder: Path) -> None:
+    """The files the card's snippets name: image.png and audio.wav."""
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(folder / "image.png")
+    soundfile.write(folder / "audio.wav", (rng.standard_normal(5000) * 0.1).astype(np.float32), SAMPLING_RATE,
+                    subtype="FLOAT")
+
+
+def card_snippets(release: Path, repo_id: str) -> list[str]:
+    """The card's python blocks pointed at the local release folder, unpinned."""
+    blocks = python_blocks(ModelCard.load(release / "README.md").text)
+    blocks = [re.sub(r'^repo_id = ".*"$', f"repo_id = {str(release)!r}", block, flags=re.M) for block in blocks]
+    blocks = [re.sub(r'^revision = ".*"$', "revision = None", block, flags=re.M) for block in blocks]
+    return [re.sub(r'revision="[^"]*"', "revision=None", block.replace(f'"{repo_id}"', repr(str(release))))
+            for block in blocks]
+
+
+@pytest.fixture(scope="module")
+def joint_release(contrastive_model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("joint")
+    (root / "report.json").write_text(json.dumps(JOINT_REPORT))
+    assert main(["--model", str(contrastive_model_dir), "--repo-id", "mm-fusion/joint", "--dry-run", "--out",
+                 str(root / "release"), "--report", str(root / "report.json")]) == 0
+    return root / "release"
+
+
+def test_joint_embedding_dry_run_lists_the_allow_listed_release(contrastive_model_dir, fake_hub, capsys, tmp_path):
+    assert main(["--model", str(contrastive_model_dir), "--repo-id", "mm-fusion/joint", "--dry-run", "--out",
+                 str(tmp_path / "release")]) == 0
+    out = capsys.readouterr().out
+    assert not fake_hub.calls and not fake_hub.uploads
+    assert {p.name for p in (tmp_path / "release").iterdir()} == TINY_RELEASE
+    for name in TINY_RELEASE:
+        assert re.search(rf"^  {re.escape(name)} +\d+(\.\d)? (B|kB|MB)$", out, flags=re.M), name
+    assert "pipeline_tag: zero-shot-image-classification" in out and "Not evaluated" in out
+
+
+def test_joint_embedding_card_names_the_task_and_the_config_both_pipelines(joint_release):
+    from modeling_mm.pipeline_mm import FEATURE_EXTRACTION_TASK, ZERO_SHOT_TASK
+
+    card = ModelCard.load(joint_release / "README.md")
+    check_card(card)
+    data = card.data
+    assert data.pipeline_tag == "zero-shot-image-classification" and data.library_name == "transformers"
+    assert {"mm-fusion", "joint-embedding", "zero-shot", "retrieval", "image", "text", "audio"} <= set(data.tags)
+    assert card_results(card) == joint_results(JOINT_REPORT)  # the model-index is training.report's
+    body = card.text
+    assert "A multimodal joint embedding model made with mm-fusion" in body
+    assert "one 16-dimensional space, trained with a symmetric InfoNCE loss" in body
+    assert "classification head" not in body and "labels:" not in body
+    pipelines, step_by_step = python_blocks(body)
+    assert f'pipeline("{ZERO_SHOT_TASK}", model="mm-fusion/joint", revision="main",' in pipelines
+    assert f'pipeline("{FEATURE_EXTRACTION_TASK}", model="mm-fusion/joint", revision="main",' in pipelines
+    assert pipelines.count("trust_remote_code=True") == 2
+    assert "model.get_audio_features(" in step_by_step and "similarity = image_embeds @ text_embeds.T" in step_by_step
+    assert "On 120 rows of the `test` split" in body and "| image->text r@1 | 0.6200 |" in body
+    assert "| zero-shot shape (image) accuracy | 0.7100 |" in body
+
+    config = json.loads((joint_release / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_mm.MMFusionContrastiveModel"
+    assert "AutoModelForSequenceClassification" not in config["auto_map"]
+    assert config["custom_pipelines"] == {
+        ZERO_SHOT_TASK: {"impl": "pipeline_mm.MMFusionZeroShotClassificationPipeline", "pt": ["AutoModel"],
+                         "type": "multimodal"},
+        FEATURE_EXTRACTION_TASK: {"impl": "pipeline_mm.MMFusionFeatureExtractionPipeline", "pt": ["AutoModel"],
+                                  "type": "multimodal"},
+    }
+
+
+def test_joint_embedding_report_without_classifier_sections_still_makes_a_card(contrastive_model_dir, tmp_path):
+    retrieval_only = {key: JOINT_REPORT[key] for key in ("problem_type", "model", "data", "retrieval")}
+    bare = {key: JOINT_REPORT[key] for key in ("model", "data")}  # nothing training.report can read
+    for name, report, results in (("retrieval_only", retrieval_only, joint_results(retrieval_only)),
+                                  ("bare", bare, set())):
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+        release = publish.build_release(contrastive_model_dir, tmp_path / name, "mm-fusion/joint",
+                                        report=tmp_path / f"{name}.json")
+        check_card(release.card)
+        assert card_results(release.card) == results, name
+        assert "On 120 rows of the `test` split of local data (`test.csv`). The report has no headline metrics." \
+            in release.card.text
+    with pytest.raises(ValueError, match="report: .* has no 'headline' section"):  # a classifier's still needs one
+        publish.read_report(tmp_path / "bare.json")
+
+
+def test_joint_embedding_release_runs_its_card_snippets_where_only_transformers_is_installed(
+        joint_release, contrastive_model_dir, tmp_path):
+    """Both card snippets, pointed at the release, in a fresh interpreter that cannot import the project: the two
+    pipelines (trust_remote_code) and the step-by-step embeddings answer as the model does in-process."""
+    from modeling_mm import MMFusionContrastiveModel
+    from modeling_mm.pipeline_mm import FEATURE_EXTRACTION_TASK, ZERO_SHOT_TASK
+
+    write_media(tmp_path)
+    result = run_without_project([f"""
+        import json
+        names = {{}}
+        for snippet in {card_snippets(joint_release, "mm-fusion/joint")!r}:
+            exec(snippet, names)
+        for loaded in (names["classifier"].model, names["extractor"].model, names["model"]):
+            assert type(loaded).__module__.startswith("transformers_modules."), type(loaded).__module__
+            assert type(loaded).__name__ == "MMFusionContrastiveModel", type(loaded).__name__
+        with open("answers.json", "w") as file:
+            json.dump({{"zero_shot": names["classifier"](image="image.png", candidate_labels={JOINT_LABELS!r}),
+                       "embeddings": names["embeddings"], "similarity": names["similarity"].tolist()}}, file)
+        loaded = [name for name in sys.modules if name.split(".")[0] in {PROJECT_PACKAGES!r}]
+        assert not loaded, loaded
+        print("OK")
+    """], tmp_path)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    zero_shot = pipeline(ZERO_SHOT_TASK, model=str(contrastive_model_dir))
+    expected = zero_shot(image=str(tmp_path / "image.png"), candidate_labels=JOINT_LABELS)
+    assert [r["label"] for r in answers["zero_shot"]] == [r["label"] for r in expected]
+    np.testing.assert_allclose([r["score"] for r in answers["zero_shot"]], [r["score"] for r in expected], atol=1e-6)
+    extractor = pipeline(FEATURE_EXTRACTION_TASK, model=str(contrastive_model_dir))
+    own = extractor(image=str(tmp_path / "image.png"), text="a caption", audio=str(tmp_path / "audio.wav"))
+    assert list(answers["embeddings"]) == list(own) == ["image_embeds", "text_embeds", "audio_embeds"]
+    for key, vector in own.items():
+        np.testing.assert_allclose(answers["embeddings"][key], vector, atol=1e-6)
+    model = MMFusionContrastiveModel.from_pretrained(contrastive_model_dir).eval()
+    processor = AutoProcessor.from_pretrained(contrastive_model_dir)
+    with torch.no_grad():
+        texts = processor(text=JOINT_LABELS)
+        similarity = (model.get_image_features(processor(images=[str(tmp_path / "image.png")])["pixel_values"])
+                      @ model.get_text_features(texts["input_ids"], texts["attention_mask"],
+                                                texts.get("token_type_ids")).T)
+    np.testing.assert_allclose(answers["similarity"], similarity.numpy(), atol=1e-6)
+
+
+def test_joint_embedding_adapter_only_release_loads_onto_its_base_like_the_trained_model(tiny, vit_dir, bert_dir,
+                                                                                    wav2vec2_dir, tmp_path):
+    """A LoRA-trained joint embedding model published as its adapter, on its towers' Hub ids or on a published
+    mm-fusion model: the card's snippets (the base, the adapter, then the pipelines on the merged model) answer as the
+    model that was trained."""
+    from modeling_mm import MMFusionContrastiveModel
+    from modeling_mm.pipeline_mm import FEATURE_EXTRACTION_TASK, ZERO_SHOT_TASK
+
+    torch.manual_seed(0)
+    model = MMFusionContrastiveModel.from_towers(vision=vit_dir, text=bert_dir, audio=wav2vec2_dir, projection_dim=16,
+                                                 **FUSION_KWARGS)
+    cache = shutil.copytree(tiny["hub_cache"], tmp_path / "hub")  # the towers, and this untrained model as a base
+    base_id = "mm-fusion-test/tiny-joint-base"
+    model.save_pretrained(cache / f"models--{base_id.replace('/', '--')}" / "snapshots" / FAKE_COMMIT)
+    (cache / f"models--{base_id.replace('/', '--')}" / "refs").mkdir()
+    (cache / f"models--{base_id.replace('/', '--')}" / "refs" / "main").write_text(FAKE_COMMIT)
+    peft_model = apply_lora(model, LoraSettings(vision_mode="lora", text_mode="lora", audio_mode="full"))
+    with torch.no_grad():  # stands in for training, as in the `tiny` fixture
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    processor = MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir, audio=wav2vec2_dir)
+    adapter = save_trained_model(peft_model, tmp_path / "adapter", merge=False)
+    processor.save_pretrained(adapter)
+
+    snippets = {}
+    for variant, bases in {"towers": TOWER_IDS, "model": {"model": base_id}}.items():
+        release = tmp_path / variant
+        assert main(["--model", str(adapter), "--repo-id", "mm-fusion/joint-lora", "--adapter-only", "--dry-run",
+                     "--out", str(release), *[f"--base-model={key}={repo_id}" for key, repo_id in bases.items()]]) == 0
+        config = json.loads((release / "config.json").read_text())
+        assert config["auto_map"]["AutoModel"] == "modeling_mm.MMFusionContrastiveModel"
+        assert set(config["custom_pipelines"]) == {ZERO_SHOT_TASK, FEATURE_EXTRACTION_TASK}
+        card = ModelCard.load(release / "README.md")
+        check_card(card)
+        assert card.data.library_name == "peft" and card.data.pipeline_tag == "zero-shot-image-classification"
+        snippets[variant] = card_snippets(release, "mm-fusion/joint-lora")
+
+    write_media(tmp_path)
+    result = run_without_project([f"""
+        import json
+        answers = {{}}
+        for variant, snippets in {snippets!r}.items():
+            names = {{}}
+            for snippet in snippets:
+                exec(snippet, names)
+            assert type(names["model"]).__module__.startswith("transformers_modules."), type(names["model"]).__module__
+            answers[variant] = {{"zero_shot": names["classifier"](image="image.png", candidate_labels={JOINT_LABELS!r}),
+                                "embeddings": names["embeddings"]}}
+        json.dump(answers, open("answers.json", "w"))
+        print("OK")
+    """], tmp_path, HF_HUB_CACHE=str(cache))
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+    merged = peft_model.merge_and_unload().eval()
+    expected = pipeline(ZERO_SHOT_TASK, model=merged, processor=processor)(image=str(tmp_path / "image.png"),
+                                                                           candidate_labels=JOINT_LABELS)
+    own = pipeline(FEATURE_EXTRACTION_TASK, model=merged, processor=processor)(
+        image=str(tmp_path / "image.png"), text="a caption", audio=str(tmp_path / "audio.wav"))
+    for variant, answers in json.loads((tmp_path / "answers.json").read_text()).items():
+        assert [r["label"] for r in answers["zero_shot"]] == [r["label"] for r in expected], variant
+        np.testing.assert_allclose([r["score"] for r in answers["zero_shot"]], [r["score"] for r in expected],
+                                   atol=1e-5)
+        for key, vector in own.items():
+            np.testing.assert_allclose(answers["embeddings"][key], vector, atol=1e-5)

@@ -21,6 +21,11 @@ A multi-task model (`config.tasks`) gets a card that names its tasks, shows each
 snippets, and has a model-index result per task and metric (from the report's `tasks` section); it is published
 merged (`--adapter-only` is refused for it).
 
+A joint embedding model (`MMFusionContrastiveModel`, `config.is_contrastive`) is published with `custom_pipelines`
+for the `mm-fusion-zero-shot-classification` and `mm-fusion-feature-extraction` pipelines (AutoModel maps to its
+class), the pipeline tag `zero-shot-image-classification` (`feature-extraction` without an image and a text tower),
+and a card that shows both pipelines and the embeddings step by step; its report needs no classifier sections.
+
 Local paths stay local: a tower loaded from a local folder is named in the release only by the Hub id given with
 `--base-model MODALITY=ORG/NAME`. An adapter-only release needs those ids for every tower (or `--base-model
 model=ORG/NAME`, a published mm-fusion model it was fine-tuned from), since it loads onto them.
@@ -59,9 +64,16 @@ from transformers.utils.hub import convert_file_size_to_int
 import modeling_mm.modeling_mm
 import modeling_mm.pipeline_mm
 import processors.processing_mm
-from modeling_mm import MMFusionForMultiTask
+from modeling_mm import MMFusionContrastiveModel, MMFusionForMultiTask
 from modeling_mm.configuration_mm import MODALITY_NAMES
-from modeling_mm.pipeline_mm import PIPELINE_TASK, MMFusionClassificationPipeline
+from modeling_mm.pipeline_mm import (
+    FEATURE_EXTRACTION_TASK,
+    PIPELINE_TASK,
+    ZERO_SHOT_TASK,
+    MMFusionClassificationPipeline,
+    MMFusionFeatureExtractionPipeline,
+    MMFusionZeroShotClassificationPipeline,
+)
 from training.lora import load_trained_model
 from training.sample_data import default_sample_dir
 
@@ -219,14 +231,14 @@ def build_release(
         raise ValueError(f"max_shard_size: {max_shard_size!r} is not a size such as '5GB' or '500MB'") from None
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"out: {out_dir} is not empty; give a new or empty folder")
+    config = AutoConfig.from_pretrained(model_dir)
     report_path = Path(report) if report else model_dir / "evaluation" / "report.json"
     if report is not None and not report_path.is_file():
         raise ValueError(f"report: {report_path} does not exist")
-    evaluation = read_report(report_path) if report_path.is_file() else None
+    evaluation = read_report(report_path, joint_embedding=config.is_contrastive) if report_path.is_file() else None
     training_args = _read_json(model_dir / "training_args.json")
     metrics = _read_json(model_dir / "metrics.json")
 
-    config = AutoConfig.from_pretrained(model_dir)
     if adapter_only and config.tasks:
         # its snippets, auto_map and base loading are written for a classifier's adapter
         names = ", ".join(task["name"] for task in config.tasks)
@@ -304,19 +316,26 @@ def resolve_base_models(config: PreTrainedConfig, given: dict[str, str], trained
 
 def _save_merged(model_dir: Path, out_dir: Path, bases: dict[str, str | None], max_shard_size: str | int) -> None:
     config = AutoConfig.from_pretrained(model_dir)
-    if config.tasks and not (model_dir / "adapter_config.json").is_file():
-        # load_trained_model reads `architectures` for the base model or a classifier: a multi-task folder would load
-        # as a classifier with a new head, without its task heads
-        model = MMFusionForMultiTask.from_pretrained(model_dir)
+    head_class = _head_class(config)
+    if head_class is not None and not (model_dir / "adapter_config.json").is_file():
+        # load_trained_model reads `architectures` for the base model or a classifier: a multi-task or joint
+        # embedding folder would load as a classifier with a new head, without its own heads
+        model = head_class.from_pretrained(model_dir)
     else:
         model = load_trained_model(model_dir)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    if config.tasks and not hasattr(model, "heads"):
-        raise ValueError(f"model: {model_dir} holds a multi-task adapter that loaded as {type(model).__name__}; "
-                         "save the merged model (mm-train --merge_lora true) and publish that")
+    if head_class is not None and not isinstance(model, head_class):
+        raise ValueError(f"model: {model_dir} holds a {head_class.__name__} adapter that loaded as "
+                         f"{type(model).__name__}; save the merged model (mm-train --merge_lora true) and publish that"
+                         + (", or publish the adapter with --adapter-only" if config.is_contrastive else ""))
     _set_release_config(model.config, bases)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+
+
+def _head_class(config: PreTrainedConfig) -> type | None:
+    """The class a multi-task or joint embedding checkpoint loads as; None for the base model and a classifier."""
+    return MMFusionForMultiTask if config.tasks else MMFusionContrastiveModel if config.is_contrastive else None
 
 
 def _save_adapter(model_dir: Path, out_dir: Path, config: PreTrainedConfig, bases: dict[str, str | None]) -> None:
@@ -329,24 +348,42 @@ def _save_adapter(model_dir: Path, out_dir: Path, config: PreTrainedConfig, base
     architecture = (config.architectures or ["MMFusionForSequenceClassification"])[0]
     _set_release_config(config, bases)
     # an adapter folder's config names only AutoConfig: the base has to be buildable from the code in the release
-    config.auto_map = {**(config.auto_map or {}), "AutoModel": "modeling_mm.MMFusionModel",
-                       "AutoModelForSequenceClassification": "modeling_mm.MMFusionForSequenceClassification"}
+    if config.is_contrastive:  # as MMFusionPreTrainedModel.save_pretrained maps a contrastive checkpoint
+        config.auto_map = {**(config.auto_map or {}), "AutoModel": "modeling_mm.MMFusionContrastiveModel"}
+        config.auto_map.pop("AutoModelForSequenceClassification", None)
+    else:
+        config.auto_map = {**(config.auto_map or {}), "AutoModel": "modeling_mm.MMFusionModel",
+                           "AutoModelForSequenceClassification": "modeling_mm.MMFusionForSequenceClassification"}
     config.architectures = [architecture]
     config.save_pretrained(out_dir)
 
 
 def _set_release_config(config: PreTrainedConfig, bases: dict[str, str | None]) -> None:
-    """auto_map for the processor and the pipeline entry; towers named by Hub id, never by a local path."""
+    """auto_map for the processor and the pipeline entries; towers named by Hub id, never by a local path."""
     for modality in config.modalities:
         config.tower_config(modality)._name_or_path = bases[modality] or ""
     config.auto_map = {**(config.auto_map or {}), "AutoProcessor": "processing_mm.MMFusionProcessor"}
-    impl = MMFusionClassificationPipeline
-    # the pipeline loads the model through this Auto class: a multi-task checkpoint maps AutoModel to its class
-    auto_class = "AutoModel" if config.tasks else "AutoModelForSequenceClassification"
-    config.custom_pipelines = {
-        PIPELINE_TASK: {"impl": f"{impl.__module__.rsplit('.', 1)[-1]}.{impl.__name__}", "pt": [auto_class],
-                        "type": "multimodal"},
-    }
+    config.custom_pipelines = release_pipelines(config)
+
+
+def release_pipelines(config: PreTrainedConfig) -> dict[str, dict[str, Any]]:
+    """The `custom_pipelines` entry of a release's config.json, which `pipeline(task, model=REPO,
+    trust_remote_code=True)` reads: per task, the pipeline class in the release's `pipeline_mm.py` and the Auto class
+    it loads the model with. A joint embedding model gets zero-shot classification (when it has a text tower and an
+    image or audio one) and feature extraction; any other model the classification pipeline. Each loads the model
+    through AutoModel, which maps a multi-task or contrastive checkpoint to its class, except a classifier's
+    (AutoModelForSequenceClassification)."""
+    if config.is_contrastive:
+        pipelines = {ZERO_SHOT_TASK: MMFusionZeroShotClassificationPipeline,
+                     FEATURE_EXTRACTION_TASK: MMFusionFeatureExtractionPipeline}
+        if _zero_shot_example(config) is None:  # zero-shot compares an image or a clip with label texts
+            del pipelines[ZERO_SHOT_TASK]
+        auto_class = "AutoModel"
+    else:
+        pipelines = {PIPELINE_TASK: MMFusionClassificationPipeline}
+        auto_class = "AutoModel" if config.tasks else "AutoModelForSequenceClassification"
+    return {task: {"impl": f"{impl.__module__.rsplit('.', 1)[-1]}.{impl.__name__}", "pt": [auto_class],
+                   "type": "multimodal"} for task, impl in pipelines.items()}
 
 
 def _left_out(model_dir: Path) -> dict[str, str]:
@@ -362,18 +399,20 @@ def _left_out(model_dir: Path) -> dict[str, str]:
 
 # ---- the model card ------------------------------------------------------------------------------------------------
 
-def read_report(path: str | Path) -> dict[str, Any]:
+def read_report(path: str | Path, joint_embedding: bool = False) -> dict[str, Any]:
     """Read an `mm-eval` report.json and check the fields the card reads: `headline` (metric -> number), `data.source`,
     `data.split`, `data.rows`, `model.modalities`, `problem_type`, and `ablation` rows with a `modalities` list. A
     multi-task model's report has, instead of `headline` and `problem_type`, a `tasks` section: per task name its
     `problem_type`, `headline`, and optional `metrics` (with a multi-label task's `thresholds`) and `ablation` rows.
+    A `joint_embedding` model's report needs only `data` and `model` (its sections are retrieval's, which
+    `training.report` reads for the model-index); a `headline` it has is shown as for a classifier.
     Raises `ValueError` naming the file and the field."""
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"report: cannot read {path}: {error}") from None
     multi_task = "tasks" in report
-    for section in ("data", "model") if multi_task else ("headline", "data", "model"):
+    for section in ("data", "model") if multi_task or joint_embedding else ("headline", "data", "model"):
         if not isinstance(report.get(section), dict):
             raise ValueError(f"report: {path} has no '{section}' section; is it an mm-eval report.json?")
     for field in ("source", "split", "rows"):
@@ -381,6 +420,10 @@ def read_report(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"report: data.{field} is missing in {path}")
     if not isinstance(report["model"].get("modalities"), list):
         raise ValueError(f"report: model.modalities is missing in {path}")
+    if joint_embedding and not multi_task:
+        if "headline" in report and not isinstance(report["headline"], dict):
+            raise ValueError(f"report: headline in {path} is not a mapping of metric names to values")
+        return report
     sections = [(f"tasks.{name}.", section) for name, section in _task_sections(report, path)] if multi_task \
         else [("", report)]
     for where, section in sections:
@@ -414,7 +457,12 @@ def default_pipeline_tag(config: PreTrainedConfig) -> str:
     """The Hub has no tag for a classifier over image + text + audio: `text-classification` when the model reads text,
     else `image-classification` or `audio-classification` (the rule of `training.report.model_index_results`,
     so the tag and the model-index task agree). A multi-task model gets the same tag: its heads are those of
-    sequence classification (single-label, multi-label, regression), and the Hub has no multi-task tag."""
+    sequence classification (single-label, multi-label, regression), and the Hub has no multi-task tag. A joint
+    embedding model gets `zero-shot-image-classification` when it has an image and a text tower (its zero-shot
+    pipeline's use the Hub knows), else `feature-extraction` (the Hub has no zero-shot audio tag)."""
+    if config.is_contrastive:
+        has_image_and_text = {"vision", "text"} <= set(config.modalities)
+        return "zero-shot-image-classification" if has_image_and_text else "feature-extraction"
     for modality in ("text", "vision", "audio"):
         if modality in config.modalities:
             return f"{MODALITY_NAMES[modality].user}-classification"
@@ -447,11 +495,13 @@ def render_card(
         license=license,
         library_name="peft" if adapter_only else "transformers",
         pipeline_tag=pipeline_tag,
-        tags=["mm-fusion", "multimodal", *modalities, *(["multi-task"] if config.tasks else []), "custom_code",
+        tags=["mm-fusion", "multimodal", *modalities, *(["multi-task"] if config.tasks else []),
+              *(["joint-embedding", "zero-shot", "retrieval"] if config.is_contrastive else []), "custom_code",
               *(["peft", "lora"] if adapter_only else [])],
         base_model=base_model or None,
         datasets=datasets or None,
-        eval_results=_eval_results(report, dataset) if report else None,
+        # no model-index rather than an empty one, where the report has no metric the Hub knows
+        eval_results=(_eval_results(report, dataset, config.is_contrastive) if report else None) or None,
         # several base models read as a merge on the Hub unless the relation is stated
         base_model_relation=("adapter" if adapter_only else "finetune") if base_model else None,
     )
@@ -493,14 +543,23 @@ def check_card(card: ModelCard) -> None:
                                  f"{result.metric_value!r}, not a finite number")
 
 
-def _eval_results(report: dict[str, Any], dataset: str | None) -> list[EvalResult]:
+def _eval_results(report: dict[str, Any], dataset: str | None, joint_embedding: bool = False) -> list[EvalResult]:
     """The model-index results: one per task and headline metric (`training.report.model_index_results`; a
-    multi-task model's metric names carry the task's name, "intensity/mae")."""
+    multi-task model's metric names carry the task's name, "intensity/mae"). For a `joint_embedding` model, whatever
+    that function gives for its report, and none where it reads a classifier's section the report does not have."""
     # imported here: it pulls in scipy and scikit-learn, which only a card with results needs
     from training.report import model_index_results
 
     name, kind = _source_name(str(report["data"]["source"]))
-    return model_index_results(report, dataset_name=dataset or name, dataset_type=dataset or kind)
+    try:
+        return model_index_results(report, dataset_name=dataset or name, dataset_type=dataset or kind)
+    except KeyError as error:
+        if not joint_embedding:
+            raise
+        # a joint embedding model's report has retrieval sections, not a classifier's (read_report checked no more)
+        logger.warning("the card has no model-index: training.report reads a section this joint embedding model's "
+                       "report does not have (%s)", error)
+        return []
 
 
 _PROBLEM_TYPE_NAMES = {"single_label_classification": "single-label classification",
@@ -523,7 +582,15 @@ def _summary(repo_id: str, config: PreTrainedConfig, adapter_only: bool, bases: 
         f"({config.tower_config(m).model_type})" for m in config.modalities)
     fusion = (f"{config.fusion_num_layers} cross-attention fusion layers (width {config.fusion_hidden_size}, "
               f"{config.fusion_num_heads} heads)")
-    if config.tasks:
+    if config.is_contrastive:
+        loss = ("SigLIP's sigmoid loss" if config.contrastive_loss == "sigmoid"
+                else "a symmetric InfoNCE loss (as CLIP)")
+        what = (f"A multimodal joint embedding model made with mm-fusion: pretrained towers ({towers}) joined by "
+                f"{fusion}, and a projection per modality into one {config.projection_dim}-dimensional space, trained "
+                f"with {loss} so that the modalities of one item land close together. Each modality of an item is "
+                "embedded alone (unit vectors), so any two can be compared: retrieval across modalities and zero-shot "
+                "classification against label texts; a sample's modalities can also be embedded fused.")
+    elif config.tasks:
         heads = "; ".join(_describe_task(task) for task in config.tasks)
         what = (f"A multimodal multi-task model made with mm-fusion: pretrained towers ({towers}) joined by {fusion} "
                 f"and one head per task, {len(config.tasks)} tasks: {heads}.")
@@ -547,15 +614,23 @@ def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: 
     pipe_call = ", ".join(f"{examples[m][0]}={examples[m][1]}" for m in config.modalities)
     call = ", ".join(f"{examples[m][0] + ('s' if m == 'vision' else '')}=[{examples[m][1]}]" for m in config.modalities)
     if adapter_only:
-        if bases["model"]:
+        # the adapter's own class, for a joint embedding model also on a published base (whose code may predate it)
+        class_name = "MMFusionContrastiveModel" if config.is_contrastive else "MMFusionForSequenceClassification"
+        if bases["model"] and not config.is_contrastive:
             load_base = (f'base = AutoModelForSequenceClassification.from_pretrained(\n'
                          f'    "{bases["model"]}", config=config, ignore_mismatched_sizes=True, trust_remote_code=True)')
             imports = ("from peft import PeftModel\n"
                        "from transformers import AutoConfig, AutoModelForSequenceClassification, AutoProcessor")
+        elif bases["model"]:
+            load_base = (
+                f'model_class = get_class_from_dynamic_module("modeling_mm.{class_name}", repo_id, revision=revision)\n'
+                f'base = model_class.from_pretrained("{bases["model"]}", config=config, ignore_mismatched_sizes=True)')
+            imports = ("from peft import PeftModel\nfrom transformers import AutoConfig, AutoProcessor\n"
+                       "from transformers.dynamic_module_utils import get_class_from_dynamic_module")
         else:
             load_base = (
                 'model_class = get_class_from_dynamic_module(\n'
-                '    "modeling_mm.MMFusionForSequenceClassification", repo_id, revision=revision)\n'
+                f'    "modeling_mm.{class_name}", repo_id, revision=revision)\n'
                 "# the base: the pretrained towers named in the config (fusion layers and head come from the adapter)\n"
                 "modeling = sys.modules[model_class.__module__]\n"
                 "towers = {f\"{m}_model\": modeling.load_tower(m, getattr(config, f\"{m}_config\")._name_or_path, {})\n"
@@ -563,7 +638,7 @@ def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: 
                 "base = model_class(config, **towers)")
             imports = ("import sys\n\nfrom peft import PeftModel\nfrom transformers import AutoConfig, AutoProcessor\n"
                        "from transformers.dynamic_module_utils import get_class_from_dynamic_module")
-        return (
+        loading = (
             "## Usage\n\nThe adapter loads with `transformers` and `peft` (the model code comes from this repository, "
             "hence `trust_remote_code=True`):\n\n"
             f"```python\n{imports}\n\n"
@@ -571,14 +646,19 @@ def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: 
             "config = AutoConfig.from_pretrained(repo_id, revision=revision, trust_remote_code=True)\n"
             f"{load_base}\n"
             "model = PeftModel.from_pretrained(base, repo_id, revision=revision).eval()\n"
-            "processor = AutoProcessor.from_pretrained(repo_id, revision=revision, trust_remote_code=True)\n```\n\n"
-            "Then, for a batch (leave out a modality a sample lacks, or pass `None` in its place):\n\n"
+            "processor = AutoProcessor.from_pretrained(repo_id, revision=revision, trust_remote_code=True)\n```\n\n")
+        if config.is_contrastive:
+            return loading + _joint_embedding_adapter_usage(config, pipe_call)
+        return (
+            loading + "Then, for a batch (leave out a modality a sample lacks, or pass `None` in its place):\n\n"
             f"```python\ninputs = processor({call})\n"
             "labels = [model.config.id2label[i] for i in model(**inputs).logits.argmax(-1).tolist()]\n```\n\n"
             "`model.merge_and_unload()` gives a plain transformers model."
         )
     if config.tasks:
         return _multi_task_usage(repo_id, revision, config, pipe_call, call)
+    if config.is_contrastive:
+        return _joint_embedding_usage(repo_id, revision, config, pipe_call)
     return (
         "## Usage\n\nWith only `transformers` installed (the model code comes from this repository, hence "
         "`trust_remote_code=True`; the revision pins the exact files):\n\n"
@@ -595,6 +675,83 @@ def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: 
         f"inputs = processor({call})\n"
         "labels = [model.config.id2label[i] for i in model(**inputs).logits.argmax(-1).tolist()]\n```"
     )
+
+
+def _zero_shot_example(config: PreTrainedConfig) -> tuple[str, str] | None:
+    """The zero-shot pipeline's call for the card (`image=` where the model has an image tower, else `audio=`) and its
+    labels; None for a model without a text tower or without anything to classify."""
+    if "text" not in config.modalities:
+        return None
+    if "vision" in config.modalities:
+        return 'image="image.png"', '["a red circle", "a blue square"]'
+    if "audio" in config.modalities:
+        return 'audio="audio.wav"', '["a high tone", "a deep tone"]'
+    return None
+
+
+def _joint_embedding_pipelines(config: PreTrainedConfig, zero_shot: str, features: str, pipe_call: str) -> str:
+    """The card's lines that call the two pipelines, built as `zero_shot` and `features` (code that makes them)."""
+    example = _zero_shot_example(config)
+    lines = []
+    if example:
+        item, labels = example
+        lines += [f"classifier = {zero_shot}", f"classifier({item}, candidate_labels={labels})",
+                  "# [{'label': ..., 'score': ...}, ...]: best first; " + (
+                      "a sigmoid per label" if config.contrastive_loss == "sigmoid" else "a softmax over the labels"),
+                  ""]
+    keys = ", ".join(f"'{MODALITY_NAMES[m].user}_embeds': [...]" for m in config.modalities)
+    lines += [f"extractor = {features}", f"embeddings = extractor({pipe_call})",
+              f"# {{{keys}}}",
+              "# unit vectors, compared by dot product; return_fused=True adds the modalities fused, 'fused_embeds'"]
+    return "\n".join(lines)
+
+
+def _joint_embedding_usage(repo_id: str, revision: str, config: PreTrainedConfig, pipe_call: str) -> str:
+    """The usage snippets of a joint embedding model: its two pipelines, then the embeddings step by step."""
+    def remote_pipeline(task: str) -> str:
+        return f'pipeline("{task}", model="{repo_id}", revision="{revision}",\n    trust_remote_code=True)'
+
+    pipelines = _joint_embedding_pipelines(config, remote_pipeline(ZERO_SHOT_TASK),
+                                           remote_pipeline(FEATURE_EXTRACTION_TASK), pipe_call)
+    embed = {
+        "text": ['texts = processor(text=["a red circle", "a blue square"])',
+                 'text_embeds = model.get_text_features(texts["input_ids"], texts["attention_mask"], '
+                 'texts.get("token_type_ids"))'],
+        "vision": ['image_embeds = model.get_image_features(processor(images=["image.png"])["pixel_values"])'],
+        "audio": ['clips = processor(audio=["audio.wav"])',
+                  'audio_embeds = model.get_audio_features(clips["input_values"], clips["audio_attention_mask"])'],
+    }
+    users = [MODALITY_NAMES[m].user for m in config.modalities]
+    # an item compared with label texts where the model reads text, else the two other modalities
+    pair = [user for user in users if user != "text"][:1] + ["text"] if "text" in users else users[:2]
+    compare = (f"similarity = {pair[0]}_embeds @ {pair[1]}_embeds.T  # cosines: the embeddings are unit vectors"
+               if len(pair) == 2 else "")
+    return (
+        "## Usage\n\nWith only `transformers` installed (the model code comes from this repository, hence "
+        "`trust_remote_code=True`; the revision pins the exact files):\n\n"
+        f"```python\nfrom transformers import pipeline\n\n{pipelines}\n```\n\n"
+        "Or step by step (each modality is embedded alone, so items and texts can be embedded apart, e.g. once for a "
+        "search index):\n\n"
+        "```python\nimport torch\nfrom transformers import AutoModel, AutoProcessor\n\n"
+        f'processor = AutoProcessor.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)\n'
+        f'model = AutoModel.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)\n'
+        "with torch.no_grad():\n"
+        + "".join(f"    {line}\n" for m in config.modalities for line in embed[m])
+        + f"{compare}\n```"
+    )
+
+
+def _joint_embedding_adapter_usage(config: PreTrainedConfig, pipe_call: str) -> str:
+    """After the adapter's loading snippet: the pipelines on the merged model, their classes from the repository."""
+    pipelines = _joint_embedding_pipelines(config, 'remote_pipeline("MMFusionZeroShotClassificationPipeline")',
+                                           'remote_pipeline("MMFusionFeatureExtractionPipeline")', pipe_call)
+    return ("Then the pipelines, on the merged model (their classes come from this repository's `pipeline_mm.py`):"
+            "\n\n```python\nfrom transformers.dynamic_module_utils import get_class_from_dynamic_module\n\n"
+            "model = model.merge_and_unload()  # a plain transformers model\n\n\n"
+            "def remote_pipeline(name):\n"
+            '    pipeline_class = get_class_from_dynamic_module(f"pipeline_mm.{name}", repo_id, revision=revision)\n'
+            "    return pipeline_class(model=model, processor=processor)\n\n\n"
+            f"{pipelines}\n```")
 
 
 def _multi_task_usage(repo_id: str, revision: str, config: PreTrainedConfig, pipe_call: str, call: str) -> str:
@@ -680,6 +837,8 @@ def _evaluation_section(report: dict[str, Any] | None) -> str:
     data = report["data"]
     intro = (f"## Evaluation\n\nOn {data['rows']} rows of the `{data['split']}` split of "
              f"{_public_source(str(data['source']))}")
+    if "tasks" not in report and "headline" not in report:  # a joint embedding model's report may lack one
+        return f"{intro}. The report has no headline metrics."
     if "tasks" not in report:
         return f"{intro}:\n\n" + _section_results(report, "###", thresholds=False)
     parts = [f"{intro}, per task:"]
