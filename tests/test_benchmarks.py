@@ -93,3 +93,18 @@ def test_cpu_quantized_benchmark_reports_float32_and_int8_side_by_side(sample_cl
     assert base["quantized_linears"] == 0  # tiny towers' Linears are all under MIN_QUANTIZED_WEIGHTS
     assert base["latency_batch_1_ms"]["float32"] > 0 and base["latency_batch_1_ms"]["int8"] > 0
     assert base["speedup_vs_float32"] > 0 and "random-init model at tiny size" in output
+
+
+def test_retrieval_index_benchmark_tiny_times_exact_and_faiss_at_each_size(tmp_path):
+    output = run_script(["benchmarks/retrieval_index.py", "--tiny", "--threads", "1", "--json",
+                         str(tmp_path / "index.json")], tmp_path, timeout=120)
+    report = json.loads((tmp_path / "index.json").read_text())
+    assert report["tiny"] and report["dim"] == 32 and report["top_k"] == 10
+    assert [(row["gallery"], row["backend"]) for row in report["rows"]] == [
+        (200, "exact"), (200, "faiss"), (2_000, "exact"), (2_000, "faiss")]
+    for row in report["rows"]:
+        assert set(row["p50_ms"]) == {"1", "64"} and all(ms > 0 for ms in row["p50_ms"].values())
+        if row["backend"] == "faiss":  # an exact FAISS index: every query's top-10 is torch's
+            assert row["agrees_top10"] == row["queries"] == 64 and row["build_ms"] > 0
+    assert set(report["faiss_faster_from"]) == {"1", "64"} and report["auto_faiss_min_gallery"] > 0
+    assert "64/64 identical" in output and "auto (training/index.py): faiss from" in output
