@@ -28,6 +28,16 @@ the top level ("problem_type", "headline", "headline_ci", "metrics", "ablation",
 cross-attention under "interpretability") and `"tasks": {task name: section}` with the same keys per section, plus
 the task's "labels", "column" and "rows_without_target". `training.report.report_sections` reads both alike.
 
+A joint embedding model (`MMFusionContrastiveModel`) has a report of its own, with "problem_type": "contrastive":
+"retrieval" ({"positives": how matches are defined, "pairs": {"image->text": {"query", "gallery", "metrics": {"r@1",
+"r@5", "r@10", "median_rank", "mean_rank", "map"}, "ci": the same keys, "ci_method", "queries",
+"queries_without_positive", "gallery_size"}, ...}}, one pair per ordered pair of the modalities that model and data
+share), "zero_shot" (with `--zero_shot_columns`: {"prompt_template", "columns": {column: {"classes", "prompts",
+"modalities": {"image"/"audio": `training.retrieval.zero_shot_accuracy` + "rows_without_value"}}}}), "headline"
+(each pair's R@1 and each zero-shot accuracy, for the model card) with "headline_ci", the common "model", "data",
+"seed", "settings", "versions", "conventions" and "efficiency" (embedding latency per modality). It has report.json
+and report.md only; its metrics are defined once in `training.retrieval`.
+
 Conventions, also stated in every report (`report["conventions"]`):
 
 - Modalities have user-facing names "image", "text", "audio" everywhere in reports and in `explain_sample`; the model
@@ -75,7 +85,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser
 
 import modeling_mm  # noqa: F401  (registers the Auto classes)
 from modeling_mm.configuration_mm import MODALITY_NAMES
@@ -84,12 +94,14 @@ from training.corruptions import CORRUPTION_LEVEL_NAMES, Corruption, corrupt, ro
 from training.data import (SPLIT_NAMES, DataSettings, MMFusionCollator, _undecoded, find_bad_rows, has_target,
                            load_table)
 from training.efficiency import measure_efficiency, parameter_counts
+from training.embeddings import column_items, contrastive_model, embed_items
 from training.interpretability import cross_attention_mass, eager_fusion_attention, shapley_values, task_subset_values
 from training.metrics import (TEMPERATURE_RANGE, bootstrap_intervals, calibration_metrics, fit_temperature,
                               headline_keys, headline_statistics, negative_log_likelihood, primary_metric,
                               quality_metrics, quiet_warnings, tune_thresholds)
 from training.report import (json_safe, render_markdown, report_sections, task_predictions, write_plots,
                              write_predictions)
+from training.retrieval import CONTRASTIVE, positive_keys, retrieval_report, zero_shot_accuracy
 from training.scoring import (MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, classifier, encode_towers, eval_mode,
                               forward_kept, num_outputs, scores, tasks_of)
 
@@ -170,6 +182,17 @@ class EvaluationSettings:
     skip_interpretability: bool = field(default=False, metadata={
         "help": "Skip the Shapley values and cross-attention mass."})
     skip_plots: bool = field(default=False, metadata={"help": "Write no PNG files."})
+    positive_columns: list[str] | None = field(default=None, metadata={
+        "help": "Joint embedding models: columns whose values together are an item's attributes (e.g. colour shape "
+                "pitch). In retrieval, a gallery item with the query's attributes counts as a match too, besides the "
+                "same row, the identical caption text and the same image/audio file."})
+    zero_shot_columns: list[str] | None = field(default=None, metadata={
+        "help": "Joint embedding models: columns to classify zero-shot (e.g. shape). The classes are each column's "
+                "distinct values; each image and audio item gets the class whose prompt (--prompt_template) its "
+                "embedding is closest to."})
+    prompt_template: str = field(default="a photo of {}", metadata={
+        "help": "Joint embedding models: the text embedded for each zero-shot class; {} is replaced by the class "
+                "name."})
 
     def __post_init__(self):
         for name in ("batch_size", "efficiency_batch_size", "latency_runs", "calibration_bins"):
@@ -185,6 +208,14 @@ class EvaluationSettings:
                 raise ValueError(f"{name}: levels must be >= 0; got {getattr(self, name)}")
         if any(rate > 1 for rate in self.text_typo_rates):
             raise ValueError(f"text_typo_rates: rates must be <= 1; got {self.text_typo_rates}")
+        if "{}" not in self.prompt_template:
+            raise ValueError(f"prompt_template: must contain {{}} where the class name goes; got "
+                             f"{self.prompt_template!r}")
+        try:
+            self.prompt_template.format("class")
+        except (IndexError, KeyError, ValueError) as error:
+            raise ValueError(f"prompt_template: {self.prompt_template!r} must hold one {{}} and no other braces "
+                             f"(double them: {{{{ }}}}): {error!r}") from None
 
 
 @dataclass
@@ -726,11 +757,22 @@ def evaluate_model(model: torch.nn.Module, processor: MMFusionProcessor, dataset
     `settings.temperature_scaling`) fits the temperature. The model may be a PeftModel; call this on an unwrapped
     model (on the main process under Accelerate). Its train/eval mode and attention implementation are restored.
 
+    A joint embedding model (`MMFusionContrastiveModel`, `is_contrastive`) gets the retrieval report instead
+    (`_evaluate_contrastive`: report.json and report.md, no plots or predictions; `validation` and `label_names` are
+    not used, and rows need no label).
+
     Raises `ValueError` naming the field for a data set without a target column or any media column, an empty
     data set, a classifier's row without the label, labels that are not the model's, or a model without a head.
     """
     settings = settings or EvaluationSettings()
     columns = data_settings or DataSettings()
+    if is_contrastive(model):
+        return _evaluate_contrastive(model, processor, dataset, Path(output_dir), settings, columns, data_source,
+                                     split, model_path, skipped_rows)
+    for flag in ("positive_columns", "zero_shot_columns"):
+        if getattr(settings, flag):
+            raise ValueError(f"{flag}: only for a joint embedding model (MMFusionContrastiveModel); this is "
+                             f"{type(model).__name__}")
     base = classifier(model)
     multi_task = bool(base.config.tasks)
     if multi_task and label_names is not None:
@@ -850,6 +892,278 @@ def _timed(section: str) -> Iterator[None]:
     logger.info("evaluation section %s: %.1f s", section, time.perf_counter() - start)
 
 
+# ---- joint embedding models ------------------------------------------------------------------------------------------
+
+CONTRASTIVE_CONVENTIONS = [
+    "Modality names: image, text, audio (the model's internal stream 'vision' is reported as 'image').",
+    "Each item is embedded once per modality, from that modality alone (training.embeddings.embed_items, unit "
+    "vectors); a pair's queries and its gallery are the rows that have the respective modality.",
+    "Score: the dot product of the unit embeddings (cosine similarity), in float32.",
+    "Positives of a query: the gallery items of the same row, with the identical caption text, the same image or "
+    "audio file (path or bytes), or, with positive_columns, the same values of all those columns. A query without a "
+    "positive in the gallery is left out of its pair's metrics and counted (queries_without_positive).",
+    "Rank of a gallery item: 1 + the number of gallery items with a strictly higher score (tied items share the "
+    "better rank). R@K: the share of queries whose best-scoring positive has rank <= K; median and mean rank: of that "
+    "first-positive rank.",
+    "AP: average precision over all of a query's positives with scikit-learn's tie rule (average_precision_score: "
+    "tied scores enter the precision-recall curve together); mAP: its mean over the queries.",
+    "Zero-shot: the classes are a column's distinct values, sorted; each is embedded as the text "
+    "prompt_template.format(class); an image or audio item gets the class of highest cosine similarity (ties: the "
+    "first class). Rows without a value in the column are left out and counted. Chance: 1 / classes (uniform) and "
+    "the most frequent class's share of the items (majority).",
+    "Confidence intervals: percentile bootstrap over the queries (retrieval; the gallery stays fixed) or the items "
+    "(zero-shot).",
+    "Every timing- or load-dependent number is under 'efficiency'.",
+]
+
+RETRIEVAL_CUTOFFS = (1, 5, 10)
+
+
+def is_contrastive(model: torch.nn.Module) -> bool:
+    """Whether `model` (maybe wrapped by peft, DDP or Accelerate) is a joint embedding model, which mm-eval
+    evaluates by retrieval and zero-shot classification instead of the classifier's sections."""
+    try:
+        contrastive_model(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _media_columns(columns: DataSettings) -> dict[str, str]:
+    return {"image": columns.image_column, "text": columns.text_column, "audio": columns.audio_column}
+
+
+def _zero_shot_classes(dataset: datasets.Dataset, column: str) -> tuple[list[str], np.ndarray]:
+    """A zero-shot column's class names (its distinct values, sorted) and each row's class index (-1: no value).
+    Raises `ValueError` naming `zero_shot_columns` for list cells or fewer than 2 classes."""
+    values = dataset[column]
+    feature = dataset.features.get(column)
+    if isinstance(feature, datasets.ClassLabel):  # integers -> the names the prompts need
+        values = [None if v is None or v < 0 else feature.int2str(int(v)) for v in values]
+    empty = [v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+             for v in values]
+    present = [v for v, missing in zip(values, empty) if not missing]
+    if any(isinstance(v, (list, tuple, dict)) for v in present):
+        raise ValueError(f"zero_shot_columns: {column!r} holds lists or dicts; zero-shot classes are single values")
+    try:
+        distinct = sorted(set(present))
+    except TypeError:  # mixed types: order by their text
+        distinct = sorted(set(present), key=str)
+    if len(distinct) < 2:
+        raise ValueError(f"zero_shot_columns: {column!r} has {len(distinct)} distinct value(s) "
+                         f"({[str(v) for v in distinct]}); zero-shot classification needs at least 2 classes")
+    index = {value: i for i, value in enumerate(distinct)}
+    labels = np.array([-1 if missing else index[v] for v, missing in zip(values, empty)], dtype=np.int64)
+    return [str(v) for v in distinct], labels
+
+
+def _check_contrastive_input(dataset: datasets.Dataset, settings: EvaluationSettings, model_modalities: list[str],
+                             rows: dict[str, np.ndarray], columns: DataSettings) -> None:
+    """Refuse what the retrieval report cannot use, before any embedding, naming the flag."""
+    for flag in ("positive_columns", "zero_shot_columns"):
+        missing = [c for c in getattr(settings, flag) or [] if c not in dataset.column_names]
+        if missing:
+            raise ValueError(f"{flag}: {missing[0]!r} is not a column of the data (columns: {dataset.column_names})")
+    media = _media_columns(columns)
+    if len(rows) < 2:
+        found = ", ".join(f"{m} ({media[m]!r})" for m in rows) or "none"
+        raise ValueError(f"data: retrieval needs two modalities that both the model ({', '.join(model_modalities)}) "
+                         f"and the data have; the data has {found} (columns: {dataset.column_names}; set "
+                         "--text_column/--image_column/--audio_column)")
+    for modality, present in rows.items():
+        if len(present) < 2:
+            raise ValueError(f"data: retrieval with {modality} needs at least 2 rows with {modality} (column "
+                             f"{media[modality]!r}) for each pair's queries and gallery; got {len(present)}")
+    if settings.zero_shot_columns:
+        if "text" not in model_modalities:
+            raise ValueError(f"zero_shot_columns: the class prompts are embedded as text, and this model has no text "
+                             f"tower (it has {', '.join(model_modalities)})")
+        if not any(m in rows for m in ("image", "audio")):
+            raise ValueError("zero_shot_columns: no image or audio items to classify (the model and the data share "
+                             f"only {', '.join(rows)})")
+
+
+def _embedding_parameter_counts(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """Total and trainable parameters of each part of a joint embedding model: each tower, "fusion" (input
+    projections, fusion layers, final norms), "head" (the projections, logit scale and bias) and "total", counted as
+    `training.efficiency.parameter_counts` counts a classifier's."""
+    base = contrastive_model(model)
+    fusion = base.model
+    parts = {f"{MODALITY_NAMES[m].user}_tower": list(fusion.get_tower(m).named_parameters()) for m in fusion.modalities}
+    parts["fusion"] = [item for module in (fusion.input_projections, fusion.fusion_layers, fusion.final_norms)
+                       for item in module.named_parameters()]
+    parts["head"] = [(name, p) for name, p in base.named_parameters() if not name.startswith("model.")]
+    parts["total"] = list(model.named_parameters())
+
+    def count(named):
+        parameters = [p for name, p in named if "original_module." not in name]
+        return {"total": sum(p.numel() for p in parameters),
+                "trainable": sum(p.numel() for p in parameters if p.requires_grad)}
+
+    return {name: count(named) for name, named in parts.items()}
+
+
+def _embedding_efficiency(model: torch.nn.Module, processor: MMFusionProcessor, examples: dict[str, Any],
+                          items_per_second: dict[str, float], batch_size: int, runs: int) -> dict[str, Any]:
+    """Latency of embedding one item of each modality (p50/p95 of `runs` calls after 3 warm-up calls), and the
+    items per second of the report's own embedding pass."""
+    latencies = {}
+    for modality, item in examples.items():
+        def embed_one():
+            start = time.perf_counter()
+            embed_items(model, processor, modality, [item], batch_size=1)
+            return time.perf_counter() - start
+
+        for _ in range(3):
+            embed_one()
+        times_ms = np.array([embed_one() for _ in tqdm(range(runs), desc=f"latency {modality}", leave=False)]) * 1000
+        latencies[modality] = {"p50": float(np.percentile(times_ms, 50)), "p95": float(np.percentile(times_ms, 95)),
+                               "runs": runs}
+    return {
+        "device": str(next(model.parameters()).device),
+        "torch_threads": torch.get_num_threads(),
+        "what": "embed_items on one item (decoding, processor and model), eval mode, no_grad",
+        "latency_batch_1_ms": latencies,
+        "embedding": {"batch_size": batch_size, "items_per_second": items_per_second,
+                      "what": "the report's embedding pass over the data, decoding and processor included"},
+    }
+
+
+def _evaluate_contrastive(model: torch.nn.Module, processor: MMFusionProcessor, dataset: datasets.Dataset,
+                          output_dir: Path, settings: EvaluationSettings, columns: DataSettings,
+                          data_source: str | None, split: str, model_path: str | None,
+                          skipped_rows: Sequence[dict] | None) -> dict[str, Any]:
+    """`evaluate_model` for a joint embedding model: every row's items embedded once per modality; retrieval for
+    every ordered pair of the modalities that the model and the data share (`training.retrieval.retrieval_report`,
+    keys from `positive_keys` with `settings.positive_columns`); zero-shot classification of image and audio items
+    for each of `settings.zero_shot_columns`; parameters and embedding latency. Writes report.json and report.md.
+
+    Raises `ValueError` naming the flag for a model with one tower ("model"), fewer than two shared modalities or
+    fewer than 2 rows with a modality ("data"), unknown `positive_columns`/`zero_shot_columns`, a zero-shot column
+    with fewer than 2 classes, or zero-shot without a text tower."""
+    base = contrastive_model(model)
+    model_modalities = [MODALITY_NAMES[m].user for m in base.model.modalities]
+    if len(model_modalities) < 2:
+        raise ValueError(f"model: a joint embedding model with only the {model_modalities[0]} tower has no pair of "
+                         "modalities to retrieve between")
+    if not isinstance(dataset, datasets.Dataset):
+        raise ValueError(f"dataset: expected a datasets.Dataset; got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError("dataset: the data set is empty")
+    media = _media_columns(columns)
+    cells, rows = {}, {}
+    for modality in model_modalities:
+        if media[modality] in dataset.column_names:
+            values = column_items(dataset, media[modality], modality)
+            present = np.array([i for i, value in enumerate(values) if value is not None], dtype=np.int64)
+            if len(present):
+                cells[modality], rows[modality] = values, present
+    _check_contrastive_input(dataset, settings, model_modalities, rows, columns)
+    zero_shot_classes = {column: _zero_shot_classes(dataset, column) for column in settings.zero_shot_columns or []}
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    embeds, items_per_second = {}, {}
+    for modality, present in rows.items():
+        start = time.perf_counter()
+        with _timed(f"embedding {len(present)} {modality} items"):
+            embeds[modality] = embed_items(model, processor, modality, [cells[modality][i] for i in present],
+                                           settings.batch_size, progress=True)
+        items_per_second[modality] = len(present) / max(time.perf_counter() - start, 1e-9)
+    keys = positive_keys(dataset, {m: media[m] for m in rows}, settings.positive_columns)
+    bootstrap = {"bootstrap_rounds": settings.bootstrap_rounds, "seed": settings.seed,
+                 "confidence_level": settings.confidence_level}
+    pairs = {}
+    for query, gallery in itertools.permutations(rows, 2):
+        with _timed(f"retrieval {query}->{gallery}"):
+            pairs[f"{query}->{gallery}"] = {
+                "query": query, "gallery": gallery,
+                **retrieval_report(embeds[query], embeds[gallery], [k[rows[query]] for k in keys],
+                                   [k[rows[gallery]] for k in keys], RETRIEVAL_CUTOFFS, progress=True, **bootstrap)}
+    positives = ["comes from the same row"] + [
+        f"has the identical caption (column {media[m]!r})" if m == "text" else
+        f"has the same {m} file (column {media[m]!r})" for m in rows]
+    if settings.positive_columns:
+        positives.append(f"has the same {', '.join(settings.positive_columns)}")
+    retrieval = {"positives": "a gallery item is a positive of a query when it " + ", or ".join(positives),
+                 "pairs": pairs}
+
+    zero_shot: dict[str, Any] | None = None
+    if zero_shot_classes:
+        zero_shot = {"prompt_template": settings.prompt_template, "columns": {}}
+        for column, (names, labels) in zero_shot_classes.items():
+            prompts = [settings.prompt_template.format(name) for name in names]
+            with _timed(f"zero-shot {column}"):
+                class_embeds = embed_items(model, processor, "text", prompts, settings.batch_size)
+                entry: dict[str, Any] = {"classes": names, "prompts": prompts, "modalities": {}}
+                for modality in (m for m in ("image", "audio") if m in rows):
+                    row_labels = labels[rows[modality]]
+                    labelled = row_labels >= 0
+                    result = (zero_shot_accuracy(embeds[modality][torch.from_numpy(labelled)], class_embeds,
+                                                 row_labels[labelled], class_names=names, **bootstrap)
+                              if labelled.any() else {"samples": 0})
+                    entry["modalities"][modality] = {**result, "rows_without_value": int((~labelled).sum())}
+            zero_shot["columns"][column] = entry
+
+    headline, headline_ci = {}, {}
+    for name, pair in pairs.items():
+        headline[f"{name} r@1"], headline_ci[f"{name} r@1"] = pair["metrics"]["r@1"], pair["ci"]["r@1"]
+    for column, entry in (zero_shot or {"columns": {}})["columns"].items():
+        for modality, result in entry["modalities"].items():
+            key = f"zero-shot {column} ({modality}) accuracy"
+            headline[key], headline_ci[key] = result.get("accuracy"), (result.get("ci") or {}).get("accuracy")
+    model_entry = {
+        "path": str(model_path or getattr(base, "name_or_path", "") or "in-memory model"),
+        "class": type(model).__name__,
+        "modalities": model_modalities,
+        "projection_dim": base.config.projection_dim,
+        "parameters": _embedding_parameter_counts(model),
+        "training_modes": _training_modes(model_path),
+    }
+    report: dict[str, Any] = {
+        "model": model_entry,
+        "data": {"source": data_source or "in-memory dataset", "split": split, "rows": len(dataset),
+                 "columns": {m: media[m] for m in ("text", "image", "audio")},
+                 "rows_with": {m: len(present) for m, present in rows.items()},
+                 "skipped_rows": list(skipped_rows or []), "validation_rows": None},
+        "seed": settings.seed,
+        "settings": asdict(settings),
+        "versions": package_versions(),
+        "problem_type": CONTRASTIVE,
+        "headline": headline,
+        "headline_ci": headline_ci,
+        "headline_ci_method": f"{settings.confidence_level:.0%} percentile bootstrap (scipy.stats.bootstrap) over "
+                              f"the queries or items, {settings.bootstrap_rounds} rounds, seed {settings.seed}",
+        "conventions": CONTRASTIVE_CONVENTIONS,
+        "retrieval": retrieval,
+    }
+    if zero_shot is not None:
+        report["zero_shot"] = zero_shot
+    if not settings.skip_efficiency:
+        with _timed(f"efficiency ({settings.latency_runs} latency runs per modality)"):
+            examples = {m: cells[m][int(rows[m][0])] for m in rows}
+            report["efficiency"] = _embedding_efficiency(model, processor, examples, items_per_second,
+                                                         settings.batch_size, settings.latency_runs)
+    report = json_safe(report)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / "report.md").write_text(render_markdown(report))
+    logger.info("evaluation written to %s in %.1f s: %s", output_dir, time.perf_counter() - started,
+                _headline_line("", report, multi_task=False))
+    return report
+
+
+class _MediaRows:
+    """A row check for `find_bad_rows` on a joint embedding model's data: the processor must take the row's media
+    (no label is read)."""
+
+    def __init__(self, processor: MMFusionProcessor, columns: DataSettings):
+        self.processor = processor
+        self.read = MMFusionCollator(processor, columns, [], multi_task=True)
+
+    def __call__(self, rows):
+        return self.processor(**self.read.inputs(rows))
+
+
 # ---- command line ----------------------------------------------------------------------------------------------------
 
 def load_split(source: str, split: str, columns: DataSettings) -> datasets.Dataset:
@@ -881,11 +1195,13 @@ def run(arguments: EvaluationArguments, settings: EvaluationSettings) -> dict[st
     columns = DataSettings(text_column=arguments.text_column, image_column=arguments.image_column,
                            audio_column=arguments.audio_column, label_column=arguments.label_column,
                            label_separator=arguments.label_separator)
+    # a joint embedding model needs no label and no validation data (nothing is tuned or fitted on it)
+    contrastive = bool(getattr(AutoConfig.from_pretrained(model_path), "is_contrastive", False))
     dataset = load_split(arguments.data, arguments.split, columns)
     validation = None
-    if arguments.validation_data:
+    if arguments.validation_data and not contrastive:
         validation = load_split(arguments.validation_data, "validation", columns)
-    elif not Path(arguments.data).is_file():  # thresholds and temperatures are fitted on it
+    elif not Path(arguments.data).is_file() and not contrastive:  # thresholds and temperatures are fitted on it
         with contextlib.suppress(ValueError):
             validation = load_split(arguments.data, "validation", columns)
 
@@ -900,6 +1216,14 @@ def run(arguments: EvaluationArguments, settings: EvaluationSettings) -> dict[st
 
         model = quantize_for_cpu(model)  # merges a peft adapter first
     model.to(device)
+    output_dir = Path(arguments.output_dir) if arguments.output_dir else model_path / "evaluation"
+    if is_contrastive(model):
+        bad = find_bad_rows(dataset, _MediaRows(processor, columns), "dataset", arguments.strict)
+        if bad:
+            dataset = dataset.select(sorted(set(range(len(dataset))) - {i for i, _ in bad}))
+        return evaluate_model(model, processor, dataset, output_dir, settings, data_settings=columns,
+                              data_source=arguments.data, split=arguments.split, model_path=str(model_path),
+                              skipped_rows=[{"row": i, "reason": reason} for i, reason in bad])
     multi_task = bool(classifier(model).config.tasks)
     tasks = evaluated_tasks(model, columns)
     skipped = []
@@ -916,7 +1240,6 @@ def run(arguments: EvaluationArguments, settings: EvaluationSettings) -> dict[st
             dataset, skipped = split, [{"row": i, "reason": reason} for i, reason in bad]
         else:
             validation = split
-    output_dir = Path(arguments.output_dir) if arguments.output_dir else model_path / "evaluation"
     return evaluate_model(model, processor, dataset, output_dir, settings, None, validation,
                           data_settings=columns, data_source=arguments.data, split=arguments.split,
                           model_path=str(model_path), skipped_rows=skipped)
@@ -949,7 +1272,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mm-eval: error: {error}", file=sys.stderr)
         return 2
     output_dir = arguments.output_dir or Path(arguments.model) / "evaluation"
-    sections = report_sections(report)
+    sections = [] if report.get("problem_type") == CONTRASTIVE else report_sections(report)
+    if not sections:  # a joint embedding model's report: one headline of every pair and zero-shot column
+        print(f"{report['data']['split']}: {_headline_line('', report, multi_task=False)}")
     for name, section in sections:
         where = f"{report['data']['split']} {name}" if "tasks" in report else report["data"]["split"]
         print(f"{where}: {_headline_line(name, section, multi_task=False)}")

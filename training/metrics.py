@@ -235,17 +235,19 @@ def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict
 
 
 def bootstrap_intervals(statistics: dict[str, Any], samples: int, rounds: int, seed: int,
-                        confidence_level: float = 0.95) -> dict[str, list[float] | None]:
+                        confidence_level: float = 0.95, batch: int | None = None) -> dict[str, list[float] | None]:
     """Percentile bootstrap confidence intervals (scipy.stats.bootstrap over resampled sample indices, so the
     samples stay paired) for each `statistics[name](indices) -> values`, vectorised: `indices` is an integer array
     (..., samples) and the result has shape `indices.shape[:-1]` (wrap a function of one index array with
-    `per_resample`). None when there are fewer than 2 samples or `rounds` is 0."""
+    `per_resample`). `batch` resamples are drawn at a time (scipy's `batch`; default all `rounds` at once), which
+    bounds the memory of the index arrays for many samples. None when there are fewer than 2 samples or `rounds`
+    is 0."""
     if rounds == 0 or samples < 2:
         return {name: None for name in statistics}
     intervals = {}
     for offset, (name, statistic) in enumerate(statistics.items()):
         result = stats.bootstrap((np.arange(samples),), lambda indices, axis=-1, f=statistic: f(indices),
-                                 n_resamples=rounds, vectorized=True, confidence_level=confidence_level,
+                                 n_resamples=rounds, batch=batch, vectorized=True, confidence_level=confidence_level,
                                  method="percentile", random_state=np.random.default_rng([seed, offset]))
         low, high = result.confidence_interval
         intervals[name] = [finite_or_none(low), finite_or_none(high)] if math.isfinite(low) and math.isfinite(high) else None

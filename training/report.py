@@ -25,6 +25,7 @@ from sklearn import metrics as skm
 
 from modeling_mm.configuration_mm import MODALITY_NAMES
 from training.metrics import finite_or_none, label_thresholds, primary_metric
+from training.retrieval import CONTRASTIVE
 from training.scoring import MULTI_LABEL, REGRESSION, SINGLE_LABEL, SINGLE_TASK_NAME, scores
 
 # every plot has this size, so a reader (and the tests) can rely on it: 640 x 480 pixels
@@ -289,10 +290,75 @@ def _interpretability_markdown(interpretability: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _with_interval(value: Any, interval: Sequence[float] | None) -> str:
+    """A value with its confidence interval in one table cell: "0.5000 [0.4000, 0.6000]"."""
+    return _format(value) + ("" if not interval else f" [{interval[0]:.4f}, {interval[1]:.4f}]")
+
+
+def _contrastive_markdown(report: dict[str, Any]) -> list[str]:
+    """A joint embedding model's sections: retrieval per ordered pair of modalities, zero-shot classification."""
+    pairs = report["retrieval"]["pairs"]
+    level = round(100 * report["settings"]["confidence_level"])
+    positives = report["retrieval"]["positives"]
+    lines = ["## Retrieval", "", f"Each query's gallery is every item of the other modality. "
+             f"{positives[0].upper() + positives[1:]}. Values with their {level}% confidence interval "
+             f"({next(iter(pairs.values()))['ci_method']}).", ""]
+    metrics = ["r@1", "r@5", "r@10", "median_rank", "mean_rank", "map"]
+    headers = ["query -> gallery", "queries", "gallery", "R@1", "R@5", "R@10", "median rank", "mean rank", "mAP"]
+    lines += _table(headers, [[name.replace("->", " -> "), pair["queries"], pair["gallery_size"],
+                               *[_with_interval(pair["metrics"][m], pair["ci"].get(m)) for m in metrics]]
+                              for name, pair in pairs.items()])
+    left_out = {name: pair["queries_without_positive"] for name, pair in pairs.items()
+                if pair["queries_without_positive"]}
+    if left_out:
+        lines += ["Queries without a positive in the gallery, left out: " + ", ".join(
+            f"{name} {count}" for name, count in left_out.items()) + ".", ""]
+    zero_shot = report.get("zero_shot")
+    if zero_shot:
+        lines += ["## Zero-shot classification", "", f"Each class is embedded as the text "
+                  f"`{zero_shot['prompt_template']}` with the class name; an item gets the class of highest cosine "
+                  "similarity.", ""]
+        for column, entry in zero_shot["columns"].items():
+            lines += [f"### `{column}` ({len(entry['classes'])} classes: {', '.join(entry['classes'])})", ""]
+            methods = {result["ci_method"] for result in entry["modalities"].values() if result.get("ci_method")}
+            if methods:
+                lines += [f"Intervals: {level}% confidence, {methods.pop()}.", ""]
+            rows = []
+            for modality, result in entry["modalities"].items():
+                ci = result.get("ci") or {}
+                chance = result.get("chance") or {}
+                rows.append([modality, result["samples"], result["rows_without_value"],
+                             _with_interval(result.get("accuracy"), ci.get("accuracy")),
+                             _with_interval(result.get("macro_f1"), ci.get("macro_f1")),
+                             chance.get("uniform"), chance.get("majority")])
+            lines += _table(["items", "samples", "without a value", "accuracy", "macro F1", "chance (uniform)",
+                             "chance (majority class)"], rows)
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: the tables a person reads, per task (headline with CIs, per class or label, confusion matrix or
     regression plots, ablation and fusion gain, robustness, calibration, interpretability), then the model's
-    parameters, efficiency and cross-attention, with links to the plots."""
+    parameters, efficiency and cross-attention, with links to the plots. A joint embedding model's report has
+    retrieval and zero-shot sections instead of the tasks."""
+    if report.get("problem_type") == CONTRASTIVE:
+        data = report["data"]
+        rows_with = ", ".join(f"{count} with {modality}" for modality, count in data["rows_with"].items())
+        lines = [f"# Evaluation of `{report['model']['path']}`", "",
+                 f"Data: `{data['source']}`, split `{data['split']}`, {data['rows']} rows ({rows_with}; "
+                 f"{len(data.get('skipped_rows', []))} skipped). Joint embedding model "
+                 f"({', '.join(report['model']['modalities'])}, {report['model']['projection_dim']} dimensions). "
+                 f"Seed {report['seed']}.", ""]
+        lines += _contrastive_markdown(report)
+        lines += _parameters_markdown(report)
+        efficiency = report.get("efficiency")
+        if efficiency:
+            lines += ["## Efficiency", "", f"On `{efficiency['device']}`: {efficiency['what']}; throughput: "
+                      f"{efficiency['embedding']['what']} (batch {efficiency['embedding']['batch_size']}).", ""]
+            lines += _table(["modality", "latency p50, one item (ms)", "latency p95, one item (ms)", "items/s"], [
+                [modality, latency["p50"], latency["p95"], efficiency["embedding"]["items_per_second"].get(modality)]
+                for modality, latency in efficiency["latency_batch_1_ms"].items()])
+        return "\n".join(lines + _closing_markdown(report))
     multi_task = "tasks" in report
     data = report["data"]
     line = (f"Data: `{data['source']}`, split `{data['split']}`, {data['rows']} rows "
@@ -312,12 +378,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += _section_markdown(report, section, "###" if multi_task else "##")
     if multi_task and report.get("interpretability", {}).get("cross_attention"):
         lines += ["## Cross-attention", ""] + _interpretability_markdown(report["interpretability"])
-    modes = report["model"].get("training_modes") or {}
-    lines += ["## Parameters", "", "Trainable: requires_grad at evaluation time; trained as: from the model folder's "
-              "training_args.json.", ""]
-    lines += _table(["part", "total", "trainable", "trained as"], [
-        [part, counts["total"], counts["trainable"], modes.get(part)]
-        for part, counts in report["model"]["parameters"].items()])
+    lines += _parameters_markdown(report)
     efficiency = report.get("efficiency")
     if efficiency:
         memory = efficiency["memory"]
@@ -333,9 +394,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             *[[f"FLOPs per sample, {part} (M)", flops / 1e6]
               for part, flops in efficiency["flops_per_sample_by_part"].items()],
         ])
-    lines += ["## Conventions", "", *[f"- {c}" for c in report["conventions"]], "",
-              "## Versions", "", *[f"- {k}: {v}" for k, v in report["versions"].items()], ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _closing_markdown(report))
+
+
+def _parameters_markdown(report: dict[str, Any]) -> list[str]:
+    modes = report["model"].get("training_modes") or {}
+    lines = ["## Parameters", "", "Trainable: requires_grad at evaluation time; trained as: from the model folder's "
+             "training_args.json.", ""]
+    return lines + _table(["part", "total", "trainable", "trained as"], [
+        [part, counts["total"], counts["trainable"], modes.get(part)]
+        for part, counts in report["model"]["parameters"].items()])
+
+
+def _closing_markdown(report: dict[str, Any]) -> list[str]:
+    return ["## Conventions", "", *[f"- {c}" for c in report["conventions"]], "",
+            "## Versions", "", *[f"- {k}: {v}" for k, v in report["versions"].items()], ""]
 
 
 def write_plots(report: dict[str, Any], output_dir: Path,
@@ -427,9 +500,48 @@ METRIC_IDS = {"accuracy": ("accuracy", "Accuracy", None), "macro_f1": ("f1", "Ma
               "spearman": ("spearmanr", "Spearman ρ", None)}
 
 
+# a joint embedding model's retrieval metrics in the model-index: the metric ids MTEB's model cards use
+RETRIEVAL_METRIC_IDS = {"r@1": ("recall_at_1", "R@1"), "r@5": ("recall_at_5", "R@5"), "r@10": ("recall_at_10", "R@10"),
+                        "map": ("map", "mAP")}
+# the Hub's task ids for zero-shot classification of each modality's items (no zero-shot audio id: audio-classification)
+ZERO_SHOT_TASK_TYPES = {"image": "zero-shot-image-classification", "audio": "audio-classification"}
+
+
+def _contrastive_model_index(report: dict[str, Any], dataset_name: str, dataset_type: str) -> list:
+    """A joint embedding model's model-index: per ordered pair of modalities, R@1/5/10 and mAP under task type
+    "retrieval" (as MTEB's cards have it; metric names "text->image R@1"), and per zero-shot column and modality,
+    accuracy and macro F1 under the Hub's zero-shot task ids."""
+    from huggingface_hub import EvalResult
+
+    split = report["data"]["split"]
+    results = []
+    for pair, section in report["retrieval"]["pairs"].items():
+        for key, (metric_type, label) in RETRIEVAL_METRIC_IDS.items():
+            value = section["metrics"].get(key)
+            if value is None:
+                continue
+            results.append(EvalResult(
+                task_type="retrieval", task_name=f"Cross-modal retrieval ({pair})", dataset_type=dataset_type,
+                dataset_name=dataset_name, dataset_split=split, metric_type=metric_type,
+                metric_name=f"{pair} {label}", metric_value=round(float(value), 4)))
+    for column, entry in (report.get("zero_shot") or {}).get("columns", {}).items():
+        for modality, result in entry["modalities"].items():
+            for key in ("accuracy", "macro_f1"):
+                if result.get(key) is None:
+                    continue
+                metric_type, label, metric_args = METRIC_IDS[key]
+                results.append(EvalResult(
+                    task_type=ZERO_SHOT_TASK_TYPES[modality], task_name=f"Zero-shot {modality} classification: "
+                    f"{column}", dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
+                    metric_type=metric_type, metric_name=f"zero-shot {column} ({modality}) {label}",
+                    metric_value=round(float(result[key]), 4), metric_args=metric_args))
+    return results
+
+
 def model_index_results(report: dict[str, Any], dataset_name: str, dataset_type: str) -> list:
     """The headline metrics of `report` as `huggingface_hub.EvalResult`s for a model card's model-index: one per
-    task and headline metric (`report_sections`).
+    task and headline metric (`report_sections`); for a joint embedding model, its retrieval and zero-shot metrics
+    (`_contrastive_model_index`).
 
     The Hub has no pipeline tag for a classifier over image + text + audio; task_type is "text-classification"
     when the model reads text (transformers' sequence-classification heads use it), else "image-classification" or
@@ -438,6 +550,8 @@ def model_index_results(report: dict[str, Any], dataset_name: str, dataset_type:
     metric names carry the task's name ("pitch_hz/rmse") and its task names the task."""
     from huggingface_hub import EvalResult
 
+    if report.get("problem_type") == CONTRASTIVE:
+        return _contrastive_model_index(report, dataset_name, dataset_type)
     modalities = report["model"]["modalities"]
     task_type = ("text-classification" if "text" in modalities else
                  "image-classification" if "image" in modalities else "audio-classification")
