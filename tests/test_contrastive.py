@@ -237,6 +237,19 @@ def test_the_fused_term_adds_its_weight_times_the_loss_between_fused_and_single_
         assert max_diff(out.fused_embeds[3], model.get_fused_features(**row)[0]) <= 1e-5
 
 
+
+def test_the_fused_embedding_ignores_a_modality_that_no_row_of_the_batch_has():
+    """Audio inputs given, but has_audio False for every row (a DDP process whose share lacks audio): the fused
+    embeddings are those of the batch without any audio input. (They took the audio in, before the fix.)"""
+    model = build(fused_contrastive_weight=0.5)
+    batch = batch_with({"has_image": [1, 1, 0, 1], "has_text": [1, 1, 1, 1], "has_audio": [0, 0, 0, 0]})
+    without_audio = {k: v for k, v in batch.items() if k not in ("input_values", "audio_attention_mask", "has_audio")}
+    with torch.no_grad():
+        given, absent = model(**batch, return_loss=True), model(**without_audio, return_loss=True)
+    assert max_diff(given.fused_embeds, absent.fused_embeds) <= 1e-6
+    assert abs(given.loss.item() - absent.loss.item()) <= 1e-6
+
+
 # ---- 3. the logit scale -----------------------------------------------------------------------------------------------
 
 def test_the_logit_scale_starts_at_one_over_007_and_is_clamped_at_100():
