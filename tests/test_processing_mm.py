@@ -1,5 +1,6 @@
 """MMFusionProcessor: acceptance 1-7 of the Processor issue (round trip, equivalence with the towers' own processors,
-the real MiniLM tokenizer, mixed batches, resampling, bad inputs, property-based shapes)."""
+the real MiniLM tokenizer, mixed batches, resampling, bad inputs, property-based shapes); the decoder's prompts, targets
+and labels of issue #17 part 2."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from transformers.dynamic_module_utils import get_imports
 from conftest import PROJECT_PACKAGES, WITHOUT_PROJECT, tiny_fusion_config
 from modeling_mm import MMFusionForSequenceClassification
 from processors import MMFusionProcessor
+from processors.processing_mm import DEFAULT_CHAT_TEMPLATE
 
 HUB_FILES = ("processing_mm.py", "media.py")
 TEXT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
@@ -638,3 +640,337 @@ def test_any_input_gives_a_finite_batch_of_expected_shapes_or_value_error(proces
     except ValueError:
         return
     _check_batch(batch, text, images, audio, rate, size)
+
+
+# ---- Issue #17, part 2: the decoder's prompts, targets and labels ------------------------------------------------
+# A processor with a `decoder_tokenizer` makes `decoder_input_ids`, `decoder_attention_mask` and `labels` with the
+# layout of the class docstring: [bos] prompt | target [eos] | padding, labels -100 on bos, prompt and padding.
+
+HISTORY = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "what colour is the star"},
+    {"role": "assistant", "content": "red"},
+    {"role": "user", "content": "and the shape"},
+]
+# the default template's rendering of HISTORY with the generation prompt, as documented next to it; {eos} per tokenizer
+HISTORY_RENDERED = ("system: be brief\nuser: what colour is the star\nassistant: red{eos}\nuser: and the shape\n"
+                    "assistant:")
+# mixed prompt lengths: none, empty, short, a dialogue history, longer; targets of different lengths (vocabulary words,
+# so that the BERT tokenizer decodes them back exactly)
+DECODER_TEXTS = ["a red circle", "a blue star", "a high tone", "the green square", "a low beep"]
+DECODER_PROMPTS = [None, "", "what colour is it?", HISTORY, "is it a star or a circle or a square?"]
+DECODER_TARGETS = ["red circle", "a blue star with a high tone", "green", "a yellow triangle", "grey"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> str:
+    """A tiny GPT-2 tokenizer (byte-level BPE trained here on the test vocabulary, no network): like GPT-2's, it has
+    <|endoftext|> as bos, eos and unk, no pad token and no chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Tokenizer
+
+    from conftest import VOCAB
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([" ".join(VOCAB[5:]), "system: user: assistant: what colour is it be brief shape"] * 3,
+                            trainer)
+    model = json.loads(bpe.to_str())["model"]
+    folder = tmp_path_factory.mktemp("gpt2_tokenizer")
+    GPT2Tokenizer(vocab=model["vocab"], merges=[tuple(merge) for merge in model["merges"]],
+                  model_max_length=128).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def decoder_processors(vit_dir, bert_dir, gpt2_dir) -> dict[str, MMFusionProcessor]:
+    """"bert": the text tower's tokenizer as the decoder's, as in the built-in sample; "gpt2": a GPT-2 decoder."""
+    return {
+        "bert": MMFusionProcessor.from_towers(text=bert_dir, decoder=bert_dir),
+        "gpt2": MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir, decoder=gpt2_dir),
+    }
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    """The prompt's tokens as the class docstring defines them, from the tokenizer's own calls."""
+    if not prompt:
+        return []
+    if isinstance(prompt, list):
+        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def _real_columns(mask_row: torch.Tensor) -> list[int]:
+    return [column for column, value in enumerate(mask_row.tolist()) if value]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("decoder", ["bert", "gpt2"])
+def test_labels_are_minus_100_exactly_on_prompt_and_padding_positions(decoder_processors, decoder, side):
+    """Acceptance 3: for a batch with mixed prompt lengths (none, empty, a history), on both padding sides, labels
+    are -100 exactly on the bos, prompt and padding positions and equal the ids on the target and eos positions;
+    decoder_attention_mask is 1 exactly on the real tokens. GPT-2 pads with its eos id: the eos that ends a target is
+    still labelled, the padding is not."""
+    processor = decoder_processors[decoder]
+    tokenizer = processor.decoder_tokenizer
+    batch = processor(text=DECODER_TEXTS, prompt=DECODER_PROMPTS, target=DECODER_TARGETS, decoder_padding_side=side)
+    ids, mask, labels = batch["decoder_input_ids"], batch["decoder_attention_mask"], batch["labels"]
+    assert ids.dtype == mask.dtype == labels.dtype == torch.int64 and ids.shape == mask.shape == labels.shape
+    assert batch["has_text"].all() and "input_ids" in batch  # the fusion keys are there as always
+    width = ids.shape[1]
+    for row, (prompt, target) in enumerate(zip(DECODER_PROMPTS, DECODER_TARGETS)):
+        prompt_ids, target_ids = _prompt_ids(tokenizer, prompt), tokenizer.encode(target, add_special_tokens=False)
+        expected = [tokenizer.bos_token_id, *prompt_ids, *target_ids, tokenizer.eos_token_id]
+        padding = width - len(expected)
+        real = list(range(len(expected))) if side == "right" else list(range(padding, width))
+        assert _real_columns(mask[row]) == real, row
+        assert ids[row, real].tolist() == expected, row
+        pads = [column for column in range(width) if column not in real]
+        assert ids[row, pads].eq(tokenizer.pad_token_id).all(), row
+        prompt_columns, target_columns = real[: 1 + len(prompt_ids)], real[1 + len(prompt_ids) :]
+        assert labels[row, prompt_columns + pads].eq(-100).all(), row
+        assert labels[row, target_columns].tolist() == [*target_ids, tokenizer.eos_token_id], row
+        # read back: the labelled tokens are the target, the rest of the row is the prompt
+        assert processor.decode(labels[row][labels[row] != -100]) == target
+    if decoder == "gpt2":
+        assert tokenizer.pad_token_id == tokenizer.eos_token_id  # so the test above is the one that matters
+    as_numpy = processor(text=DECODER_TEXTS, prompt=DECODER_PROMPTS, target=DECODER_TARGETS, return_tensors="np")
+    assert np.array_equal(as_numpy["labels"], processor(text=DECODER_TEXTS, prompt=DECODER_PROMPTS,
+                                                        target=DECODER_TARGETS)["labels"].numpy())
+
+
+@pytest.mark.parametrize("decoder", ["bert", "gpt2"])
+def test_generation_prompts_are_left_padded_and_do_not_depend_on_the_batch_partners(decoder_processors, decoder):
+    """Without a target: the prompts only ([bos] prompt), left-padded, so every row's last real token is in the last
+    column and is the same whatever the batch partners; each row is the start of its training row."""
+    processor = decoder_processors[decoder]
+    batch = processor(text=DECODER_TEXTS, prompt=DECODER_PROMPTS)
+    assert "labels" not in batch and batch["decoder_attention_mask"][:, -1].all()
+    reversed_batch = processor(text=DECODER_TEXTS[::-1], prompt=DECODER_PROMPTS[::-1])
+    assert torch.equal(reversed_batch["decoder_input_ids"][:, -1], batch["decoder_input_ids"].flip(0)[:, -1])
+    training = processor(text=DECODER_TEXTS, prompt=DECODER_PROMPTS, target=DECODER_TARGETS)
+    for row, prompt in enumerate(DECODER_PROMPTS):
+        alone = processor(text=DECODER_TEXTS[row], prompt=[prompt])
+        assert alone["decoder_attention_mask"].all()
+        real = batch["decoder_input_ids"][row, _real_columns(batch["decoder_attention_mask"][row])]
+        assert torch.equal(real, alone["decoder_input_ids"][0]), row
+        assert real[0] == processor.decoder_tokenizer.bos_token_id
+        assert real.tolist() == [processor.decoder_tokenizer.bos_token_id, *_prompt_ids(processor.decoder_tokenizer,
+                                                                                      prompt)]
+        training_row = training["decoder_input_ids"][row, : len(real)]  # right-padded: its real tokens come first
+        assert torch.equal(training_row, real) and training["labels"][row, : len(real)].eq(-100).all(), row
+    right = processor(text=DECODER_TEXTS, prompt=DECODER_PROMPTS, decoder_padding_side="right")
+    assert right["decoder_attention_mask"][:, 0].all()
+
+
+def test_the_default_chat_template_renders_a_history_as_documented(bert_dir, gpt2_dir):
+    """BERT and GPT-2 have no chat template: the decoder tokenizer gets DEFAULT_CHAT_TEMPLATE, and BERT its
+    [CLS]/[SEP] as bos/eos, GPT-2 its eos as pad, on the processor's copy; the caller's tokenizer, here the text
+    tower's own object, is left as it was."""
+    text_tokenizer = AutoTokenizer.from_pretrained(bert_dir)
+    processor = MMFusionProcessor(tokenizer=text_tokenizer, decoder_tokenizer=text_tokenizer)
+    decoder = processor.decoder_tokenizer
+    assert decoder.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert (decoder.bos_token, decoder.eos_token, decoder.pad_token) == ("[CLS]", "[SEP]", "[PAD]")
+    assert processor.tokenizer is text_tokenizer and decoder is not text_tokenizer
+    assert text_tokenizer.chat_template is None and text_tokenizer.bos_token is text_tokenizer.eos_token is None
+    rendered = decoder.apply_chat_template(HISTORY, tokenize=False, add_generation_prompt=True)
+    assert rendered == HISTORY_RENDERED.format(eos="[SEP]")
+    assert decoder.apply_chat_template(HISTORY, tokenize=False) == rendered.removesuffix("assistant:")
+    row = processor(text="a star", prompt=[HISTORY])["decoder_input_ids"][0].tolist()
+    assert row == [decoder.bos_token_id, *decoder.encode(rendered, add_special_tokens=False)]
+
+    gpt2 = MMFusionProcessor.from_towers(text=bert_dir, decoder=gpt2_dir).decoder_tokenizer
+    assert gpt2.chat_template == DEFAULT_CHAT_TEMPLATE and gpt2.pad_token == gpt2.eos_token == "<|endoftext|>"
+    rendered = gpt2.apply_chat_template(HISTORY, tokenize=False, add_generation_prompt=True)
+    assert rendered == HISTORY_RENDERED.format(eos="<|endoftext|>")
+    assert AutoTokenizer.from_pretrained(gpt2_dir).pad_token is None  # the folder's tokenizer is untouched
+
+
+OWN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_a_decoder_tokenizers_own_chat_template_is_used_and_its_bos_is_not_doubled(bert_dir, gpt2_dir):
+    own = AutoTokenizer.from_pretrained(gpt2_dir)
+    own.chat_template = OWN_TEMPLATE  # writes the bos token itself, as Llama 3's does
+    processor = MMFusionProcessor(tokenizer=AutoTokenizer.from_pretrained(bert_dir), decoder_tokenizer=own)
+    assert processor.decoder_tokenizer.chat_template == OWN_TEMPLATE
+    assert own.pad_token is None  # the pad token went to the processor's copy
+    batch = processor(text="a star", prompt=[HISTORY], target=["a red star"])
+    row, labels = batch["decoder_input_ids"][0], batch["labels"][0]
+    expected = "<|endoftext|><system>be brief<user>what colour is the star<assistant>red<user>and the shape<assistant>"
+    assert processor.decode(row[labels == -100], skip_special_tokens=False) == expected
+    assert processor.decode(labels[labels != -100]) == "a red star"
+
+
+def test_truncation_keeps_the_latest_prompt_tokens_and_the_first_target_tokens(decoder_processors):
+    """max_prompt_length cuts the prompt from the left (the start token stays, then the latest tokens, generation
+    prompt included); max_target_length cuts the target from the right and drops the end token, so that the model
+    is not taught to stop in the middle of an answer; a target that fits keeps its end token."""
+    processor = decoder_processors["gpt2"]
+    tokenizer = processor.decoder_tokenizer
+    prompts, targets = [HISTORY, "what colour"], ["a blue star with a high tone", "red"]
+    full = _prompt_ids(tokenizer, HISTORY)
+    target_ids = tokenizer.encode(targets[0], add_special_tokens=False)
+    assert len(full) > 5 and len(target_ids) > 3
+    batch = processor(text=["a", "b"], prompt=prompts, target=targets, max_prompt_length=5, max_target_length=3)
+    real = batch["decoder_input_ids"][0, _real_columns(batch["decoder_attention_mask"][0])].tolist()
+    assert real == [tokenizer.bos_token_id, *full[-4:], *target_ids[:3]]
+    assert batch["labels"][0, 5:8].tolist() == target_ids[:3] and batch["labels"][0, :5].eq(-100).all()
+    red = tokenizer.encode("red", add_special_tokens=False)
+    short = batch["labels"][1][batch["labels"][1] != -100]
+    assert len(red) < 3 and processor.decode(short, skip_special_tokens=False) == "red<|endoftext|>"
+    # the processor's own settings, saved with it, apply when a call gives none
+    limited = MMFusionProcessor(tokenizer=processor.tokenizer, decoder_tokenizer=tokenizer, max_prompt_length=5,
+                                max_target_length=3)
+    assert torch.equal(limited(text=["a", "b"], prompt=prompts, target=targets)["labels"], batch["labels"])
+
+
+def test_decode_uses_the_decoder_tokenizer_and_skips_special_tokens(decoder_processors, processor):
+    gpt2 = decoder_processors["gpt2"]
+    batch = gpt2(text=DECODER_TEXTS[:2], prompt=DECODER_PROMPTS[:2], target=DECODER_TARGETS[:2])
+    assert gpt2.batch_decode(batch["decoder_input_ids"]) == DECODER_TARGETS[:2]  # prompts are None and ""
+    assert gpt2.decode(batch["decoder_input_ids"][0], skip_special_tokens=False).startswith("<|endoftext|>red circle")
+    # without a decoder tokenizer: the text tokenizer's, as before
+    ids = processor(text="a red star")["input_ids"][0]
+    assert processor.decode(ids) == "[CLS] a red star [SEP]"
+
+
+def test_a_processor_with_a_decoder_tokenizer_round_trips_also_where_only_transformers_is_installed(
+    tmp_path, decoder_processors
+):
+    original = decoder_processors["gpt2"]
+    inputs = dict(text=DECODER_TEXTS, images=[_rgb(40, 30, row) for row in range(5)], prompt=DECODER_PROMPTS,
+                  target=DECODER_TARGETS)
+    expected = original(**inputs)
+    generation = original(**{**inputs, "target": None})
+    saved = tmp_path / "saved"
+    original.save_pretrained(saved)
+    # transformers' place for an additional tokenizer; the template and the pad token travel with it
+    assert (saved / "decoder_tokenizer" / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE
+    assert {path.name for path in saved.glob("*.py")} == set(HUB_FILES)
+
+    for reloaded in (MMFusionProcessor.from_pretrained(saved), AutoProcessor.from_pretrained(saved)):
+        assert type(reloaded) is MMFusionProcessor
+        decoder = reloaded.decoder_tokenizer
+        assert (decoder.bos_token, decoder.eos_token, decoder.pad_token) == ("<|endoftext|>",) * 3
+        assert decoder.chat_template == DEFAULT_CHAT_TEMPLATE
+        _assert_same(reloaded(**inputs), expected, expected.keys())
+        _assert_same(reloaded(**{**inputs, "target": None}), generation, generation.keys())
+
+    with open(tmp_path / "case.pkl", "wb") as file:
+        pickle.dump((inputs, dict(expected), dict(generation)), file)
+    script = WITHOUT_PROJECT + textwrap.dedent(f"""
+        import pickle, sys
+
+        import torch
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
+        assert type(processor).__module__.startswith("transformers_modules."), type(processor).__module__
+        with open({str(tmp_path / "case.pkl")!r}, "rb") as file:
+            inputs, expected, generation = pickle.load(file)
+        generating = processor(**{{**inputs, "target": None}})
+        for actual, wanted in ((processor(**inputs), expected), (generating, generation)):
+            assert sorted(actual.keys()) == sorted(wanted.keys()), (actual.keys(), wanted.keys())
+            for key in wanted:
+                assert torch.equal(actual[key], wanted[key]), key
+        assert processor.batch_decode(expected["labels"].clamp(min=0))[0].startswith("red circle")
+        loaded = [name for name in sys.modules if name.split(".")[0] in {PROJECT_PACKAGES!r}]
+        assert not loaded, loaded
+        print("identical")
+    """)
+    result = _run_fresh(script, tmp_path)
+    assert result.returncode == 0 and "identical" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_processor_saved_before_decoder_tokenizers_existed_loads_without_one(tmp_path, bert_dir):
+    """Its processor_config.json lists no decoder_tokenizer as absent and has no decoder_tokenizer_subfolder."""
+    MMFusionProcessor.from_towers(text=bert_dir).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert "decoder_tokenizer" in config["absent_sub_processors"] and "decoder_tokenizer_subfolder" not in config
+    assert not (tmp_path / "decoder_tokenizer").exists()
+    config["absent_sub_processors"].remove("decoder_tokenizer")
+    del config["max_prompt_length"], config["max_target_length"]
+    (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert reloaded.decoder_tokenizer is None
+    assert "decoder_input_ids" not in reloaded.model_input_names and "decoder_input_ids" not in reloaded(text="a")
+
+
+def test_a_decoder_tokenizer_without_start_or_end_tokens_is_refused(bert_dir, gpt2_dir):
+    from transformers import GPT2Tokenizer
+
+    bare = GPT2Tokenizer.from_pretrained(gpt2_dir, bos_token=None, eos_token=None)
+    with pytest.raises(ValueError, match=r"decoder_tokenizer: GPT2Tokenizer has neither a bos_token nor a cls_token"):
+        MMFusionProcessor(tokenizer=AutoTokenizer.from_pretrained(bert_dir), decoder_tokenizer=bare)
+    bare = GPT2Tokenizer.from_pretrained(gpt2_dir, eos_token=None)
+    with pytest.raises(ValueError, match=r"decoder_tokenizer: GPT2Tokenizer has neither an eos_token nor a sep_token"):
+        MMFusionProcessor(tokenizer=AutoTokenizer.from_pretrained(bert_dir), decoder_tokenizer=bare)
+
+
+def _message(**message) -> list:
+    return [[message]]
+
+
+DECODER_BAD_INPUTS = [
+    # no decoder tokenizer, no inputs to condition on, row counts
+    ("prompt-without-decoder-tokenizer", "none", dict(text="a star", prompt="what colour"),
+     ["prompt", "no decoder_tokenizer", "decoder="]),
+    ("target-without-decoder-tokenizer", "none", dict(text="a star", target="red"), ["target", "no decoder_tokenizer"]),
+    ("target-without-any-modality", "bert", dict(target=["red", "blue"]), ["target", "no text, images or audio"]),
+    ("prompt-without-any-modality", "bert", dict(prompt=["what colour"]), ["prompt", "no text, images or audio"]),
+    ("target-row-without-modality", "gpt2", dict(text=["a", None], images=[None, None], target=["red", "blue"]),
+     ["target[1]", "sample 1 has no text, image or audio"]),
+    ("prompt-count-differs", "bert", dict(text=["a", "b"], prompt=["what"], target=["red", "blue"]),
+     ["prompt", "1 prompts", "batch of 2 samples"]),
+    ("target-count-differs", "bert", dict(text=["a", "b", "c"], target=["red", "blue"]),
+     ["target", "2 targets", "batch of 3 samples"]),
+    # targets
+    ("target-empty", "bert", dict(text=["a", "b"], target=["red", ""]), ["target[1]", "empty"]),
+    ("target-whitespace", "bert", dict(text="a", target=" \n"), ["target[0]", "whitespace"]),
+    ("target-none-in-a-batch", "bert", dict(text=["a", "b"], target=["red", None]),
+     ["target[1]", "NoneType", "call without target to generate"]),
+    ("target-not-a-string", "bert", dict(text=["a", "b"], target=["red", 7]), ["target[1]", "int"]),
+    ("target-lone-surrogate", "bert", dict(text="a", target="red \ud800"), ["target[0]", "surrogate", "position 4"]),
+    ("target-without-tokens", "bert", dict(text="a", target="\u200b"), ["target[0]", "no tokens"]),
+    ("target-longer-than-the-decoder", "bert", dict(text="a", target="red " * 70),
+     ["target[0]", "72 tokens", "model_max_length=64", "max_prompt_length"]),
+    # prompts and messages
+    ("prompt-not-a-string-or-history", "bert", dict(text=["a", "b"], prompt=["what", 5]), ["prompt[1]", "int"]),
+    ("prompt-lone-surrogate", "bert", dict(text="a", prompt="what \udfff"), ["prompt[0]", "surrogate"]),
+    ("message-without-role", "bert", dict(text="a", prompt=_message(content="hi")),
+     ["prompt[0][0]", "without 'role'"]),
+    ("message-without-content", "bert", dict(text="a", prompt=_message(role="user")),
+     ["prompt[0][0]", "without 'content'"]),
+    ("message-unknown-role", "bert", dict(text="a", prompt=_message(role="bot", content="hi")),
+     ["prompt[0][0]", "unknown role 'bot'", "system, user, assistant"]),
+    ("message-content-not-a-string", "bert", dict(text="a", prompt=_message(role="user", content=["hi"])),
+     ["prompt[0][0]", "content", "list"]),
+    ("message-not-a-dict", "bert", dict(text="a", prompt=[[{"role": "user", "content": "hi"}, "and"]]),
+     ["prompt[0][1]", "str"]),
+    ("history-ends-with-assistant", "bert", dict(text=["a", "b"], prompt=[None, HISTORY[:3]]),
+     ["prompt[1][2]", "assistant message"]),
+    ("prompt-longer-than-the-decoder", "bert", dict(text="a", prompt="red " * 70),
+     ["prompt[0]", "71 tokens", "model_max_length=64"]),
+    # settings
+    ("decoder-padding-side", "bert", dict(text="a", target="red", decoder_padding_side="middle"),
+     ["decoder_padding_side", "'middle'"]),
+    ("max-prompt-length-zero", "bert", dict(text="a", target="red", max_prompt_length=0),
+     ["max_prompt_length", "got 0"]),
+    ("max-target-length-negative", "bert", dict(text="a", target="red", max_target_length=-2),
+     ["max_target_length", "-2"]),
+]
+
+
+@pytest.mark.parametrize("case, owner, inputs, words", DECODER_BAD_INPUTS, ids=[row[0] for row in DECODER_BAD_INPUTS])
+def test_bad_decoder_input_raises_value_error_naming_field_row_and_limit(
+    processor, decoder_processors, case, owner, inputs, words
+):
+    owners = {"none": processor, **decoder_processors}
+    with pytest.raises(ValueError) as raised:
+        owners[owner](**inputs)
+    for word in words:
+        assert word in str(raised.value), (word, str(raised.value))
