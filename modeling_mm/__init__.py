@@ -16,8 +16,10 @@ from processors.processing_mm import MMFusionProcessor
 
 from .configuration_mm import MMFusionConfig
 from .modeling_mm import (
+    MMFusionConditionalGenerationOutput,
     MMFusionContrastiveModel,
     MMFusionContrastiveOutput,
+    MMFusionForConditionalGeneration,
     MMFusionForMultiTask,
     MMFusionForSequenceClassification,
     MMFusionModel,
@@ -36,15 +38,17 @@ from .pipeline_mm import (
 )
 
 AutoConfig.register(MMFusionConfig.model_type, MMFusionConfig, exist_ok=True)
-# AutoModel picks among these by `config.architectures` (the first without one): a folder saved by the multi-task or
-# the contrastive class loads as it, anything else as the base model
-AutoModel.register(MMFusionConfig, (MMFusionModel, MMFusionForMultiTask, MMFusionContrastiveModel), exist_ok=True)
+# AutoModel picks among these by `config.architectures` (the first without one): a folder saved by the multi-task, the
+# contrastive or the generation class loads as it, anything else as the base model
+AutoModel.register(MMFusionConfig, (MMFusionModel, MMFusionForMultiTask, MMFusionContrastiveModel,
+                                    MMFusionForConditionalGeneration), exist_ok=True)
 AutoModelForSequenceClassification.register(MMFusionConfig, MMFusionForSequenceClassification, exist_ok=True)
 AutoProcessor.register(MMFusionConfig, MMFusionProcessor, exist_ok=True)
 MMFusionModel.register_for_auto_class("AutoModel")
 MMFusionForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 MMFusionForMultiTask.register_for_auto_class("AutoModel")
 MMFusionContrastiveModel.register_for_auto_class("AutoModel")
+MMFusionForConditionalGeneration.register_for_auto_class("AutoModel")
 PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=MMFusionClassificationPipeline,
                                     pt_model=AutoModelForSequenceClassification, type="multimodal")
 # the joint embedding pipelines load the model with AutoModel, which gives a contrastive checkpoint back as its class
@@ -61,6 +65,8 @@ __all__ = [
     "MMFusionForMultiTask",
     "MMFusionContrastiveModel",
     "MMFusionContrastiveOutput",
+    "MMFusionForConditionalGeneration",
+    "MMFusionConditionalGenerationOutput",
     "MMFusionModelOutput",
     "MMFusionMultiTaskOutput",
     "MMFusionSequenceClassifierOutput",

@@ -33,6 +33,7 @@ POOLING_MODES = ("mean", "first")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 TASK_WEIGHTINGS = ("fixed", "uncertainty")
 CONTRASTIVE_LOSSES = ("infonce", "sigmoid")
+DECODER_CONNECTIONS = ("cross_attention", "prefix")
 # what a task of `MMFusionConfig.tasks` may say: the head's shape and loss, plus where mm-train read its targets
 TASK_KEYS = ("name", "problem_type", "labels", "num_outputs", "loss_weight", "target_mean", "target_std", "thresholds",
              "column", "label_separator")
@@ -96,6 +97,36 @@ def resolve_tower_config(field: str, value: Any) -> PreTrainedConfig | None:
     return value
 
 
+def resolve_decoder_config(value: Any, connection: str) -> PreTrainedConfig | None:
+    """Turn a dict/config given as `decoder_config` into a causal-LM config set up for `connection`, or raise.
+
+    A copy: it is marked `is_decoder=True` (causal self-attention, which BERT-like decoders need to be told) and gets
+    `add_cross_attention=True` for "cross_attention" and `False` for "prefix" (a prefix decoder with cross-attention
+    layers would leave them untrained, and DDP needs every weight used). Whether the built decoder really has
+    cross-attention is checked by the model, which builds it.
+    """
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        model_type = value.get("model_type")
+        if not model_type:
+            raise ValueError("decoder_config: a dict needs a 'model_type' key (e.g. 'gpt2', 'llama', 'bert')")
+        try:
+            value = AutoConfig.for_model(**value)
+        except (ValueError, KeyError):
+            raise ValueError(f"decoder_config: unknown model_type {model_type!r}: transformers has no such "
+                             "model") from None
+    if not isinstance(value, PreTrainedConfig):
+        raise ValueError(f"decoder_config: expected a transformers config or a dict, got {type(value).__name__}")
+    if value.model_type not in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"decoder_config: model_type {value.model_type!r} is not a causal language model "
+                         f"(transformers' AutoModelForCausalLM has no class for it)")
+    value = copy.deepcopy(value)
+    value.is_decoder = True
+    value.add_cross_attention = connection == "cross_attention"
+    return value
+
+
 class MMFusionConfig(PreTrainedConfig):
     r"""
     Configuration of an mm-fusion model: up to three pretrained towers (any transformers image, text and audio
@@ -152,6 +183,19 @@ class MMFusionConfig(PreTrainedConfig):
             it are trained (ImageBind-style binding to one modality). None trains every pair of modalities.
         fused_contrastive_weight (`float`): weight (>= 0) of an extra term between the fused embedding of each row with
             two or more modalities and each of its single-modality embeddings (BridgeTower-style); 0 turns it off.
+        decoder_config (`PreTrainedConfig` or `dict`, *optional*): the language model of
+            [`MMFusionForConditionalGeneration`]: the config of any causal LM that `AutoModelForCausalLM` builds (GPT-2,
+            Llama, Qwen2, SmolLM, BERT as a decoder, BART's decoder, ...). Marked `is_decoder=True`, and given
+            `add_cross_attention` according to `decoder_connection`. None for every other head. Its presence marks a
+            generation checkpoint (its `auto_map` and `AutoModel` give that class back); it cannot be combined with
+            `tasks` or `is_contrastive`.
+        decoder_connection (`str`): how the decoder reads the fused encoder: "cross_attention" (the decoder's own
+            cross-attention layers attend to the fused tokens, passed as `encoder_hidden_states`: GPT-2, BERT, BART
+            decoders; a decoder without cross-attention, such as Llama, is refused) or "prefix" (the fused tokens, as
+            decoder-width embeddings, are placed before the prompt's token embeddings: any causal LM).
+        num_query_tokens (`int`): 0: the decoder reads every fused token of every stream a sample has. N > 0: N learned
+            queries cross-attend to those tokens once (a one-block BLIP-2 Q-Former) and the decoder reads the N
+            results, a fixed-length summary whatever the inputs' lengths.
         layer_norm_eps (`float`): epsilon of fusion layer norms.
         initializer_range (`float`): std of the normal init of fusion and head weights.
 
@@ -174,6 +218,7 @@ class MMFusionConfig(PreTrainedConfig):
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", optional=True),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True),
         "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="wav2vec2", optional=True),
+        "decoder_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2", optional=True),
     }
 
     vision_config: PreTrainedConfig | dict | None = None
@@ -202,6 +247,9 @@ class MMFusionConfig(PreTrainedConfig):
     contrastive_loss: str = "infonce"
     contrastive_anchor: str | None = None
     fused_contrastive_weight: float = 0.0
+    decoder_config: PreTrainedConfig | dict | None = None
+    decoder_connection: str = "prefix"
+    num_query_tokens: int = 0
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
 
@@ -210,6 +258,10 @@ class MMFusionConfig(PreTrainedConfig):
         # config without complaint, and full dual-encoder configs need their one tower picked out.
         for field in ("vision_config", "text_config", "audio_config"):
             setattr(self, field, resolve_tower_config(field, getattr(self, field)))
+        if self.decoder_connection not in DECODER_CONNECTIONS:
+            raise ValueError(f"decoder_connection: must be one of {DECODER_CONNECTIONS}, "
+                             f"got {self.decoder_connection!r}")
+        self.decoder_config = resolve_decoder_config(self.decoder_config, self.decoder_connection)
         super().__post_init__(**kwargs)
         # [] rather than None: AutoModel chooses among our registered classes by iterating `architectures`, which
         # transformers does without a None check (AutoModel.from_config of a fresh config would raise TypeError)
@@ -222,6 +274,7 @@ class MMFusionConfig(PreTrainedConfig):
         if self.tasks is not None:
             self.tasks = normalised_tasks(self.tasks)
         self._validate_contrastive_settings()
+        self._validate_generation_settings()
 
     def _validate_fusion_settings(self) -> None:
         for name in ("fusion_hidden_size", "fusion_num_layers", "fusion_num_heads", "fusion_intermediate_size"):
@@ -273,6 +326,23 @@ class MMFusionConfig(PreTrainedConfig):
         if self.contrastive_anchor is not None and self.contrastive_anchor not in MODALITIES:
             raise ValueError(f"contrastive_anchor: must be None or one of {MODALITIES}, "
                              f"got {self.contrastive_anchor!r}")
+
+    def _validate_generation_settings(self) -> None:
+        value = self.num_query_tokens
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"num_query_tokens: must be an integer >= 0 (0 = every fused token), got {value!r}")
+        if self.decoder_config is not None and self.tasks is not None:
+            raise ValueError("decoder_config, tasks: a generation model has no task heads; give one of them")
+        if self.decoder_config is not None and self.is_contrastive:
+            raise ValueError("decoder_config, is_contrastive: a generation model is not a contrastive model; "
+                             "give one of them")
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
+        """With `decoder=True`, the decoder's config where there is one (generation reads its token ids and sizes
+        there); otherwise as transformers does (`text_config`, the text tower)."""
+        if decoder and not encoder and self.decoder_config is not None:
+            return self.decoder_config
+        return super().get_text_config(decoder=decoder, encoder=encoder)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -362,5 +432,6 @@ def normalised_tasks(tasks: Any) -> list[dict]:
 # Here, where the class is defined: a config saved by code that imports only this module still writes `auto_map`.
 MMFusionConfig.register_for_auto_class()
 
-__all__ = ["MMFusionConfig", "tower_modality", "resolve_tower_config", "normalised_tasks", "MODALITIES", "MODALITY_NAMES",
-           "ModalityNames", "PROBLEM_TYPES", "TASK_WEIGHTINGS", "CONTRASTIVE_LOSSES"]
+__all__ = ["MMFusionConfig", "tower_modality", "resolve_tower_config", "resolve_decoder_config", "normalised_tasks",
+           "MODALITIES", "MODALITY_NAMES", "ModalityNames", "PROBLEM_TYPES", "TASK_WEIGHTINGS", "CONTRASTIVE_LOSSES",
+           "DECODER_CONNECTIONS"]

@@ -1,11 +1,12 @@
 """mm-fusion: pretrained vision, text and audio towers joined by cross-attention fusion layers.
 
-Reads top to bottom: outputs, attention, MLP, fusion layer, pretrained-model base, base model, heads.
+Reads top to bottom: outputs, attention, MLP, fusion layer, query block, pretrained-model base, base model, heads.
 Imports only torch and transformers (and its relative config), so this file works flat in a Hub repo.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import math
@@ -18,22 +19,33 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_mm import MODALITIES, MODALITY_NAMES, MMFusionConfig, resolve_tower_config
+from .configuration_mm import (
+    DECODER_CONNECTIONS,
+    MODALITIES,
+    MODALITY_NAMES,
+    MMFusionConfig,
+    resolve_decoder_config,
+    resolve_tower_config,
+)
 
 logger = logging.get_logger(__name__)
 
 # Presence-mask names of the batch and each tower's inputs (the first one required), from the one table
 PRESENCE_KEYS = {modality: names.presence for modality, names in MODALITY_NAMES.items()}
 TOWER_INPUT_NAMES = {modality: names.inputs for modality, names in MODALITY_NAMES.items()}
+# Everything MMFusionModel.forward reads from a batch: what `generate` hands to the fused encoder, not the decoder
+FUSION_INPUT_NAMES = (*(name for names in MODALITY_NAMES.values() for name in (*names.inputs, names.presence)),
+                      "tower_states")
 
 
 def _nested_to_tuple(output: ModelOutput) -> tuple[Any, ...]:
@@ -172,6 +184,36 @@ class MMFusionContrastiveOutput(ModelOutput):
     has_image: torch.BoolTensor | None = None
     has_text: torch.BoolTensor | None = None
     has_audio: torch.BoolTensor | None = None
+
+    to_tuple = _nested_to_tuple
+
+
+@dataclass
+class MMFusionConditionalGenerationOutput(ModelOutput):
+    """
+    Output of [`MMFusionForConditionalGeneration`].
+
+    Args:
+        loss (`()`): the causal-LM cross-entropy over the target positions (`labels` != -100), each predicted from
+            the position before it, when `labels` were given.
+        logits (`(batch, decoder_length, vocab_size)`): the decoder's scores, aligned with `decoder_input_ids`
+            (`logits[:, t]` predicts the token after `decoder_input_ids[:, t]`); prefix positions are not included.
+            Values at padding positions are meaningless.
+        cache (`Cache`): the decoder's key/value cache, with `use_cache=True`; it holds each row's real tokens first
+            (prefix included), padding last.
+        context_states (`(batch, context_tokens, decoder_hidden_size)`): what the decoder read from the fused encoder:
+            its `encoder_hidden_states` (cross_attention) or prefix embeddings (prefix). Give
+            `(context_states, context_mask)` back as `encoder_outputs` to skip the encoder.
+        context_mask (`(batch, context_tokens)`, bool): which context tokens are real (each row's first).
+        fusion_output ([`MMFusionModelOutput`]): everything the fused encoder returned (None with `encoder_outputs`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    context_states: torch.FloatTensor | None = None
+    context_mask: torch.BoolTensor | None = None
+    fusion_output: MMFusionModelOutput | None = None
 
     to_tuple = _nested_to_tuple
 
@@ -347,6 +389,42 @@ class MMFusionInputProjection(nn.Module):
         return self.to_fusion(tower_states) + self.modality_embedding
 
 
+class MMFusionQueryBlock(nn.Module):
+    """`config.num_query_tokens` learned queries that read the fused tokens once, a one-block BLIP-2 Q-Former: pre-LN
+    cross-attention from the queries to the fused tokens (plus the sink), then a pre-LN MLP, then a final norm. Gives
+    the decoder a fixed number of tokens whatever the modalities and lengths of a sample."""
+
+    def __init__(self, config: MMFusionConfig):
+        super().__init__()
+        width, eps = config.fusion_hidden_size, config.layer_norm_eps
+        self.query_tokens = nn.Parameter(torch.zeros(config.num_query_tokens, width))
+        self.cross_attn_norm = nn.LayerNorm(width, eps=eps)
+        self.cross_attn = MMFusionAttention(config, is_cross_attention=True)
+        # the fused tokens are projected here: the fusion layers' own keys and values belong to their streams
+        self.to_kv = nn.Linear(width, 2 * width)
+        self.mlp_norm = nn.LayerNorm(width, eps=eps)
+        self.mlp = MMFusionMLP(config)
+        self.final_norm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(config.fusion_dropout)
+
+    def forward(self, states: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`states` `(batch, tokens, fusion_hidden)` and their bool mask `(batch, tokens)` -> the queries' states
+        `(batch, num_query_tokens, fusion_hidden)` and an all-true mask `(batch, num_query_tokens)`."""
+        batch = states.shape[0]
+        queries = self.query_tokens.to(states.dtype).expand(batch, -1, -1)  # (batch, queries, width)
+        attention = self.cross_attn
+        query = attention.project_query(self.cross_attn_norm(queries))
+        key, value = (attention.split_heads(t) for t in self.to_kv(states).chunk(2, dim=-1))
+        key, value = attention.with_sink([key], [value], query)
+        context_mask = torch.cat([token_mask.new_ones(batch, 1), token_mask], dim=1)  # (batch, 1 + tokens)
+        mask = create_bidirectional_mask(config=attention.config, inputs_embeds=queries, attention_mask=context_mask,
+                                         encoder_hidden_states=states.new_empty(batch, context_mask.shape[1], 1))
+        attn_output, _ = attention(query, key, value, mask)
+        queries = queries + self.dropout(attn_output)
+        queries = queries + self.dropout(self.mlp(self.mlp_norm(queries)))
+        return self.final_norm(queries), token_mask.new_ones(batch, queries.shape[1])
+
+
 class MMFusionPreTrainedModel(PreTrainedModel):
     config: MMFusionConfig
     config_class = MMFusionConfig
@@ -371,6 +449,8 @@ class MMFusionPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MMFusionAttention) and module.is_cross_attention:
             init.normal_(module.sink_key, mean=0.0, std=std)
             init.normal_(module.sink_value, mean=0.0, std=std)
+        elif isinstance(module, MMFusionQueryBlock):
+            init.normal_(module.query_tokens, mean=0.0, std=std)
 
     def initialize_weights(self) -> None:
         super().initialize_weights()
@@ -396,6 +476,9 @@ class MMFusionPreTrainedModel(PreTrainedModel):
                 auto_map.pop("AutoModelForSequenceClassification", None)
             elif self.config.is_contrastive:  # a contrastive checkpoint: AutoModel gives the projections back
                 auto_map["AutoModel"] = f"{module}.MMFusionContrastiveModel"
+                auto_map.pop("AutoModelForSequenceClassification", None)
+            elif self.config.decoder_config is not None:  # a generation checkpoint: AutoModel gives the decoder back
+                auto_map["AutoModel"] = f"{module}.MMFusionForConditionalGeneration"
                 auto_map.pop("AutoModelForSequenceClassification", None)
             else:
                 auto_map.setdefault("AutoModel", f"{module}.MMFusionModel")
@@ -423,12 +506,7 @@ class MMFusionPreTrainedModel(PreTrainedModel):
         Raises `ValueError` naming the argument when a checkpoint is of the wrong modality or its tower weights
         are incomplete.
         """
-        towers = {}
-        for modality, source in (("vision", vision), ("text", text), ("audio", audio)):
-            if source is not None:
-                towers[f"{modality}_model"] = load_tower(modality, source, tower_kwargs or {})
-        if not towers:
-            raise ValueError("vision, text, audio: at least one tower is required, all three are None")
+        towers = load_towers(vision, text, audio, tower_kwargs or {})
         tower_configs = {f"{name.removesuffix('_model')}_config": tower.config for name, tower in towers.items()}
         config = cls.config_class(**tower_configs, **config_kwargs)
         return cls(config, **towers)
@@ -485,17 +563,29 @@ def _real_first(
     real = mask != 0
     if trim and bool(real.all()):
         return (mask, *tensors)
-    order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices  # (batch, length): real entries first
+    order = _real_first_order(mask)
     if trim:
         order = order[:, : int(real.sum(1).max())]
+    return (_reorder(mask, order), *(_reorder(t, order) for t in tensors))
 
-    def gather(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor is None:
-            return None
-        index = order.reshape(*order.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
-        return tensor.gather(1, index)
 
-    return (gather(mask), *(gather(t) for t in tensors))
+def _real_first_order(mask: torch.Tensor) -> torch.Tensor:
+    """`(batch, length)` column order that puts each row's real entries (mask != 0) first, in their order."""
+    return torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
+
+
+def _real_last_order(mask: torch.Tensor) -> torch.Tensor:
+    """`(batch, length)` column order that puts each row's real entries (mask != 0) last, in their order: left
+    padding, which batched generation with a decoder-only LM needs."""
+    return torch.sort((mask != 0).to(torch.int8), dim=1, stable=True).indices
+
+
+def _reorder(tensor: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor | None:
+    """`tensor` `(batch, length, ...)` with its columns taken in `order` `(batch, columns)`, row by row."""
+    if tensor is None:
+        return None
+    index = order.reshape(*order.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
+    return tensor.gather(1, index)
 
 
 def _accepts(module: nn.Module, argument: str) -> bool:
@@ -982,6 +1072,18 @@ def _stochastic_parameters(tower: PreTrainedModel) -> list[nn.Parameter]:
     return parameters
 
 
+def load_towers(vision: str | PreTrainedModel | None, text: str | PreTrainedModel | None,
+                audio: str | PreTrainedModel | None, tower_kwargs: dict[str, Any]) -> dict[str, PreTrainedModel]:
+    """The given towers loaded (`load_tower`), by attribute name (`vision_model`, ...); raises without any."""
+    towers = {}
+    for modality, source in (("vision", vision), ("text", text), ("audio", audio)):
+        if source is not None:
+            towers[f"{modality}_model"] = load_tower(modality, source, tower_kwargs)
+    if not towers:
+        raise ValueError("vision, text, audio: at least one tower is required, all three are None")
+    return towers
+
+
 def load_tower(modality: str, source: str | PreTrainedModel, tower_kwargs: dict[str, Any]) -> PreTrainedModel:
     """Load one tower with its own class's from_pretrained; from a dual-encoder checkpoint, take this modality's."""
     if isinstance(source, PreTrainedModel):
@@ -1021,6 +1123,72 @@ POOLING_HEAD_MODULES = ("pooler", "head")
 
 def _is_pooling_head_weight(key: str) -> bool:
     return any(part in POOLING_HEAD_MODULES for part in key.split(".")[:-1])
+
+
+def _is_cross_attention_name(name: str) -> bool:
+    # what transformers' decoders call the layers `add_cross_attention` adds: `crossattention` (BERT family, GPT-2),
+    # `ln_cross_attn` (GPT-2), `encoder_attn` (BART family, TrOCR)
+    return any("cross" in part or part.startswith("encoder_attn") for part in name.split("."))
+
+
+def check_decoder(decoder: PreTrainedModel, connection: str) -> None:
+    """Raise `ValueError`, naming the connection to use instead, when `decoder` cannot be joined by `connection`:
+    "cross_attention" needs a forward that takes `encoder_hidden_states` and cross-attention layers that were really
+    built; "prefix" needs `inputs_embeds` and no cross-attention layers (they would receive no gradient)."""
+    name = type(decoder).__name__
+    has_cross_attention = any(_is_cross_attention_name(n) for n, _ in decoder.named_modules())
+    if connection == "cross_attention":
+        if not _accepts(decoder, "encoder_hidden_states"):
+            raise ValueError(f"decoder: {name} has no cross-attention; use decoder_connection='prefix'")
+        if not has_cross_attention:
+            raise ValueError(f"decoder: {name} was built without cross-attention layers (add_cross_attention=False); "
+                             "build it with add_cross_attention=True or use decoder_connection='prefix'")
+    else:
+        if not _accepts(decoder, "inputs_embeds"):
+            raise ValueError(f"decoder: {name} takes no inputs_embeds, which decoder_connection='prefix' needs; "
+                             "use decoder_connection='cross_attention'")
+        if has_cross_attention:
+            raise ValueError(f"decoder: {name} has cross-attention layers, which decoder_connection='prefix' would "
+                             "leave untrained; use decoder_connection='cross_attention' or build it with "
+                             "add_cross_attention=False")
+
+
+def load_decoder(source: str | PreTrainedModel, connection: str, load_kwargs: dict[str, Any]) -> PreTrainedModel:
+    """The decoder LM of a generation model: a loaded model as it is (the model checks it), or a checkpoint (Hub id or
+    folder) loaded with the `AutoModelForCausalLM` class of its config, marked as a decoder and, for
+    "cross_attention", with cross-attention layers, newly initialised where the checkpoint lacks them (as
+    `EncoderDecoderModel.from_encoder_decoder_pretrained` does). Raises `ValueError` naming `decoder` for a checkpoint
+    that is not a causal LM or has no cross-attention to add, before loading its weights."""
+    if isinstance(source, PreTrainedModel):
+        return source
+    config = AutoConfig.from_pretrained(source, **{k: v for k, v in load_kwargs.items() if k in ("revision", "token")})
+    try:
+        config = resolve_decoder_config(config, connection)
+    except ValueError as error:
+        message = str(error).split(": ", 1)[-1]
+        raise ValueError(f"decoder: checkpoint {source!r} ({message})") from None
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    if connection == "cross_attention" and not _accepts(model_class, "encoder_hidden_states"):
+        raise ValueError(f"decoder: {model_class.__name__} has no cross-attention; use decoder_connection='prefix'")
+    decoder, loading_info = model_class.from_pretrained(source, config=config, output_loading_info=True, **load_kwargs)
+    new = sorted(key for key in loading_info["missing_keys"] if _is_cross_attention_name(key))
+    if new:
+        logger.info(f"decoder: checkpoint {source!r} has no cross-attention layers; their {len(new)} weights are newly "
+                    "initialised and train with the fusion")
+    return decoder
+
+
+def _generation_defaults(decoder_generation_config: GenerationConfig) -> GenerationConfig:
+    """The decoder's generation settings, plus a pad token (its eos where it has none: batched generation pads the
+    rows that finish first) and a start token for `generate` without a prompt (`decoder_start_token_id`: its bos)."""
+    generation_config = copy.deepcopy(decoder_generation_config)
+    eos = generation_config.eos_token_id
+    if generation_config.pad_token_id is None and eos is not None:
+        generation_config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    if generation_config.decoder_start_token_id is None:
+        generation_config.decoder_start_token_id = generation_config.bos_token_id
+    generation_config._from_model_config = False  # saved with the model as its own settings
+    return generation_config
 
 
 # ---- heads -------------------------------------------------------------------------------------------------------------
@@ -1090,7 +1258,8 @@ def task_loss(head_output: torch.Tensor, labels: torch.Tensor, problem_type: str
 
 class MMFusionHeadModel(MMFusionPreTrainedModel):
     """What every task head shares: the fused encoder as `self.model`, dropout on the fused vector, and the tower
-    accessors. A head class adds its modules in `_build_heads` and its `forward`."""
+    accessors. A head class adds its modules in `_build_heads` and its `forward`; `head_modules` are pretrained
+    modules of the head given ready-made (the generation head's `decoder`), passed on to `_build_heads`."""
 
     def __init__(
         self,
@@ -1098,15 +1267,16 @@ class MMFusionHeadModel(MMFusionPreTrainedModel):
         vision_model: PreTrainedModel | None = None,
         text_model: PreTrainedModel | None = None,
         audio_model: PreTrainedModel | None = None,
+        **head_modules: nn.Module | None,
     ):
         super().__init__(config)
         with init.no_init_weights():  # initialised once by post_init, see MMFusionModel.__init__
             self.model = MMFusionModel(config, vision_model=vision_model, text_model=text_model, audio_model=audio_model)
             self.dropout = nn.Dropout(config.classifier_dropout)
-            self._build_heads(config)
+            self._build_heads(config, **head_modules)
         self.post_init()
 
-    def _build_heads(self, config: MMFusionConfig) -> None:
+    def _build_heads(self, config: MMFusionConfig, **head_modules: nn.Module | None) -> None:
         raise NotImplementedError
 
     def get_input_embeddings(self) -> nn.Module | None:
@@ -1633,6 +1803,385 @@ class MMFusionContrastiveModel(MMFusionHeadModel):
         return total
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   num_items_in_batch: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The cross-entropy of each token of `labels` `(batch, length)` other than -100, predicted by `logits`
+    `(batch, length, vocab)` at the position before it (the shift of transformers' causal LMs), in float32: summed and
+    divided by `num_items_in_batch` (default: the number of such tokens here; a training loop passes this process's
+    share of the global count, as transformers does). Exactly zero, with the graph kept, when no token counts."""
+    shift_logits = logits[:, :-1].float()  # (batch, length - 1, vocab)
+    shift_labels = labels[:, 1:].to(logits.device)  # (batch, length - 1)
+    total = F.cross_entropy(shift_logits.flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    if num_items_in_batch is None:
+        count = (shift_labels != IGNORE_INDEX).sum().float()
+    else:
+        count = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=logits.device)
+    return total / count.clamp_min(1e-12)
+
+
+
+class MMFusionForConditionalGeneration(MMFusionHeadModel, GenerationMixin):
+    r"""
+    mm-fusion with a decoder language model: text generated from any subset of image, text and audio per sample
+    (captioning, spoken or visual question answering, dialogue), in the manner of BLIP-2 and VisionEncoderDecoderModel.
+
+    The decoder (`self.decoder`, any `AutoModelForCausalLM`) reads the fused token states of every stream a sample has
+    (the `*_last_hidden_state` rows where `*_token_mask`, each row's real tokens first), summarised by
+    `config.num_query_tokens` learned queries (`decoder_queries`) when set, and projected to its width
+    (`decoder_input_projection`), in the way `config.decoder_connection` says:
+    - "cross_attention": as the `encoder_hidden_states` of its own cross-attention layers (GPT-2, BERT or BART-style
+      decoders); a decoder without them (Llama) is refused with a `ValueError`;
+    - "prefix": as embeddings placed before the prompt's token embeddings (any causal LM: Llama, Qwen2, SmolLM, GPT-2).
+
+    `decoder_input_ids` hold, per row, [prompt tokens, target tokens, eos], padded on either side
+    (`decoder_attention_mask`); `labels` are the same ids with -100 on the prompt and the padding. The loss is the
+    cross-entropy of each target token predicted from the position before it (in prefix mode the first one from the
+    last prefix position). Each row is laid out alone (its real tokens from position 0, prefix first), so neither
+    the padding side nor the batch partners change its loss, logits or generated tokens.
+
+    `generate` runs the towers and the fusion once, then hands the decoder's own `generate` the context, as BLIP-2
+    does: greedy and beam search, sampling, the KV cache and streamers are transformers' own. It returns only the new
+    tokens.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, GPT2Config, ViTConfig
+    >>> from modeling_mm import MMFusionConfig, MMFusionForConditionalGeneration
+    >>> config = MMFusionConfig(
+    ...     vision_config=ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+    ...                             image_size=32, patch_size=8),
+    ...     text_config=BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37),
+    ...     decoder_config=GPT2Config(vocab_size=100, n_embd=48, n_layer=1, n_head=4, bos_token_id=1, eos_token_id=2),
+    ...     decoder_connection="prefix", num_query_tokens=4, fusion_hidden_size=32, fusion_num_heads=4)
+    >>> model = MMFusionForConditionalGeneration(config).eval()
+    >>> pixel_values, question = torch.randn(2, 3, 32, 32), torch.tensor([[101, 2054, 102], [101, 2129, 102]])
+    >>> out = model(pixel_values=pixel_values, input_ids=question,
+    ...             decoder_input_ids=torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]]),
+    ...             decoder_attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+    ...             labels=torch.tensor([[-100, 5, 6, 2], [-100, 7, 2, -100]]))
+    >>> tuple(out.logits.shape), out.loss.shape
+    ((2, 4, 100), torch.Size([]))
+    >>> model.generate(pixel_values=pixel_values, input_ids=question, max_new_tokens=5, min_new_tokens=5).shape
+    torch.Size([2, 5])
+    ```
+    """
+
+    def _build_heads(self, config: MMFusionConfig, decoder: PreTrainedModel | None = None) -> None:
+        if config.decoder_config is None:
+            raise ValueError("decoder_config: MMFusionForConditionalGeneration needs a decoder: the config of a causal "
+                             "LM, or from_towers(..., decoder=...)")
+        if decoder is None:
+            # dtype: as for the towers (see MMFusionModel.__init__)
+            decoder = AutoModelForCausalLM.from_config(config.decoder_config, dtype=torch.get_default_dtype())
+        # The decoder and the composite share one config object, as the towers do (attention settings, saved config)
+        config.decoder_config._attn_implementation = decoder.config._attn_implementation
+        loaded_config = decoder.config
+        for module in decoder.modules():
+            if getattr(module, "config", None) is loaded_config:
+                module.config = config.decoder_config
+        check_decoder(decoder, config.decoder_connection)
+        self.decoder = decoder
+        width = decoder.get_input_embeddings().embedding_dim
+        self.decoder_queries = MMFusionQueryBlock(config) if config.num_query_tokens else None
+        # Cross-attention layers project their context themselves and need only the widths to agree; a prefix must
+        # also land among the LM's token embeddings, which only a learned map can find.
+        if config.decoder_connection == "prefix" or width != config.fusion_hidden_size:
+            self.decoder_input_projection = nn.Linear(config.fusion_hidden_size, width)
+        else:
+            self.decoder_input_projection = nn.Identity()
+        self.generation_config = _generation_defaults(decoder.generation_config)
+
+    @classmethod
+    def from_towers(
+        cls,
+        vision: str | PreTrainedModel | None = None,
+        text: str | PreTrainedModel | None = None,
+        audio: str | PreTrainedModel | None = None,
+        *,
+        decoder: str | PreTrainedModel,
+        tower_kwargs: dict[str, Any] | None = None,
+        **config_kwargs: Any,
+    ) -> "MMFusionForConditionalGeneration":
+        """Build a generation model from pretrained towers and a pretrained decoder LM: Hub ids, local folders or
+        loaded models. The decoder is loaded by [`load_decoder`] (its `AutoModelForCausalLM` class, cross-attention
+        layers added for "cross_attention"); `tower_kwargs` (e.g. `dtype`) apply to it too. `config_kwargs` are
+        `MMFusionConfig` fields (`decoder_connection`, `num_query_tokens`, fusion sizes). The model's
+        `generation_config` starts from the decoder's (its `generation_config.json` where the checkpoint has one).
+
+        Raises `ValueError` naming `decoder` for a checkpoint that is no causal LM or, with "cross_attention", has no
+        cross-attention (before loading its weights), and naming the tower argument as [`from_towers`] does.
+        """
+        connection = config_kwargs.get("decoder_connection", cls.config_class.decoder_connection)
+        if connection not in DECODER_CONNECTIONS:
+            raise ValueError(f"decoder_connection: must be one of {DECODER_CONNECTIONS}, got {connection!r}")
+        decoder_model = load_decoder(decoder, connection, tower_kwargs or {})
+        towers = load_towers(vision, text, audio, tower_kwargs or {})
+        tower_configs = {f"{name.removesuffix('_model')}_config": tower.config for name, tower in towers.items()}
+        config = cls.config_class(**tower_configs, decoder_config=decoder_model.config, **config_kwargs)
+        return cls(config, **towers, decoder=decoder_model)
+
+    # ---- the decoder's vocabulary ------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.decoder.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.decoder.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.decoder.set_output_embeddings(value)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resize the decoder's vocabulary (input and output embeddings, tied again where they were) and
+        `config.decoder_config.vocab_size`; the text tower's vocabulary is its own."""
+        return self.decoder.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    # ---- the context the decoder reads -------------------------------------------------------------------------------
+
+    def get_decoder_context(self, **model_inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the decoder reads from the fused encoder: its states `(batch, context_tokens, decoder_hidden_size)`
+        (the `encoder_hidden_states` of cross-attention, or the prefix embeddings) and their bool mask
+        `(batch, context_tokens)`, each row's real tokens first. `model_inputs` as [`MMFusionModel.forward`] takes
+        them. Give the pair back as `encoder_outputs` (to `forward` or `generate`) to skip the encoder."""
+        states, mask, _ = self._context(model_inputs)
+        return states, mask
+
+    def _context(self, model_inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, MMFusionModelOutput]:
+        fusion_output = self.model(**model_inputs, return_dict=True)
+        streams = [m for m in self.model.modalities if getattr(fusion_output, f"{m}_last_hidden_state") is not None]
+        states = torch.cat([getattr(fusion_output, f"{m}_last_hidden_state") for m in streams], dim=1)
+        mask = torch.cat([getattr(fusion_output, f"{m}_token_mask") for m in streams], dim=1)  # (batch, tokens)
+        # each row's real tokens first, then no column that no row uses: a row's context is its own
+        mask, states = _real_first(mask, states, trim=not self.config.static_shapes)
+        if self.decoder_queries is not None:
+            states, mask = self.decoder_queries(states, mask)  # (batch, num_query_tokens, fusion_hidden)
+        states = self.decoder_input_projection(states)  # (batch, context_tokens, decoder_hidden)
+        if self.training and torch.is_grad_enabled():
+            # The fused vector carries the base model's zero-valued anchor of the weights this batch leaves out (a
+            # modality no row has); the decoder reads token states, not that vector, so the anchor is added here (DDP).
+            states = states + fusion_output.pooler_output.sum() * 0.0
+        return states, mask, fusion_output
+
+    def _checked_encoder_outputs(self, encoder_outputs: Any, model_inputs: dict[str, Any],
+                                 batch_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        given = sorted(name for name in FUSION_INPUT_NAMES if model_inputs.get(name) is not None)
+        if given:
+            raise ValueError(f"encoder_outputs and {', '.join(given)}: give one of them, not both")
+        width = self.get_input_embeddings().embedding_dim
+        if not (isinstance(encoder_outputs, (tuple, list)) and len(encoder_outputs) == 2):
+            raise ValueError("encoder_outputs: expected (context_states, context_mask) as get_decoder_context returns")
+        states, mask = encoder_outputs
+        if states.dim() != 3 or states.shape[-1] != width or tuple(mask.shape) != tuple(states.shape[:2]):
+            raise ValueError(f"encoder_outputs: expected states (batch, tokens, {width}) and mask (batch, tokens); got "
+                             f"{tuple(states.shape)} and {tuple(mask.shape)}")
+        if batch_size is not None and states.shape[0] != batch_size:
+            raise ValueError(f"encoder_outputs: {states.shape[0]} rows for {batch_size} rows of decoder_input_ids")
+        return states, mask.bool()
+
+    def _new_cross_attention_cache(self) -> EncoderDecoderCache:
+        # transformers' generate builds a self-attention-only DynamicCache for a decoder-only model; BERT-style
+        # cross-attention layers need the encoder-decoder pair (GPT-2 wraps one itself, BERT does not). Without a
+        # config the layers are made as they are used: a BART config's layer count is its encoder's.
+        return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+    # ---- forward -----------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        encoder_outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        num_items_in_batch: torch.Tensor | float | None = None,
+        return_dict: bool | None = None,
+        **model_inputs: Any,
+    ) -> MMFusionConditionalGenerationOutput | tuple:
+        r"""
+        decoder_input_ids (`(batch, length)`): per row [prompt tokens, target tokens, eos], padded on either side.
+        decoder_attention_mask (`(batch, length)`, *optional*): 1 for real tokens, 0 for padding (default: all real).
+        labels (`(batch, length)`, *optional*): `decoder_input_ids` with -100 where no loss is wanted (prompt,
+            padding); shifted inside, as in transformers' causal LMs. Padding never counts, whatever its label.
+        encoder_outputs (`(context_states, context_mask)`, *optional*): what [`get_decoder_context`] returned, instead
+            of the fusion inputs (e.g. to score several targets for one input).
+        cache (`Cache`, *optional*; `past_key_values` is accepted too): a cache holding earlier positions. When it is
+            not empty, `decoder_input_ids` are the tokens after the cached ones, used in the layout given, with
+            `decoder_attention_mask` covering every cached position (the prefix's too) and the new ones; positions
+            follow the cache length, so rows must be unpadded (batched decoding goes through `generate`).
+        use_cache (`bool`, *optional*): return the decoder's cache (default False: training needs none).
+        num_items_in_batch (*optional*): what the summed loss is divided by instead of this batch's count of target
+            tokens (transformers' convention for gradient accumulation and DDP).
+        model_inputs: what [`MMFusionModel.forward`] takes (`input_ids`, `pixel_values`, `input_values`, their masks,
+            `has_*`, `tower_states`, `output_attentions`, `output_hidden_states`), passed to the fused encoder.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cache = cache if cache is not None else model_inputs.pop("past_key_values", None)
+        if decoder_input_ids is None:
+            raise ValueError("decoder_input_ids: required (per row [prompt tokens, target tokens, eos]); "
+                             "use generate() to produce text")
+        prefix = self.config.decoder_connection == "prefix"
+        cached = cache.get_seq_length() if cache is not None else 0
+        continuing = cached > 0
+        batch_size, length = decoder_input_ids.shape
+        if decoder_attention_mask is None:
+            decoder_attention_mask = decoder_input_ids.new_ones(batch_size, cached + length)
+        if tuple(decoder_attention_mask.shape) != (batch_size, cached + length):
+            raise ValueError(f"decoder_attention_mask: expected {(batch_size, cached + length)} ({cached} cached and "
+                             f"{length} new positions), got {tuple(decoder_attention_mask.shape)}")
+        if labels is not None and tuple(labels.shape) != (batch_size, length):
+            raise ValueError(f"labels: expected the shape of decoder_input_ids {(batch_size, length)}, "
+                             f"got {tuple(labels.shape)}")
+        fusion_output = context_states = context_mask = None
+        if encoder_outputs is not None:
+            context_states, context_mask = self._checked_encoder_outputs(encoder_outputs, model_inputs,
+                                                                         decoder_input_ids.shape[0])
+        elif not (prefix and continuing):  # a prefix already in the cache is not computed again
+            context_states, context_mask, fusion_output = self._context(model_inputs)
+            if context_states.shape[0] != decoder_input_ids.shape[0]:
+                raise ValueError(f"decoder_input_ids: {decoder_input_ids.shape[0]} rows for {context_states.shape[0]} "
+                                 "rows of fusion inputs")
+
+        decoder_kwargs: dict[str, Any] = {"use_cache": bool(use_cache), "return_dict": True}
+        if not prefix:
+            decoder_kwargs.update(encoder_hidden_states=context_states, encoder_attention_mask=context_mask.long())
+        if use_cache:
+            decoder_kwargs["cache"] = cache if cache is not None or prefix else self._new_cross_attention_cache()
+        embed = self.get_input_embeddings()
+        if continuing:
+            inputs = {"inputs_embeds": embed(decoder_input_ids)} if prefix else {"input_ids": decoder_input_ids}
+            decoder_output = self.decoder(**inputs, attention_mask=decoder_attention_mask, **decoder_kwargs)
+            scores = logits = decoder_output.logits
+            targets, cache = labels, decoder_output.cache
+        else:
+            mask, targets = decoder_attention_mask, labels
+            if prefix:
+                sequence = torch.cat([context_states, embed(decoder_input_ids)], dim=1)  # (batch, all, width)
+                mask = torch.cat([context_mask.to(mask.dtype), mask], dim=1)
+                if targets is not None:
+                    targets = torch.cat([targets.new_full(context_mask.shape, IGNORE_INDEX), targets], dim=1)
+            else:
+                sequence = decoder_input_ids
+            # Each row's real tokens (its prefix first) from position 0, padding last: the decoder's default positions
+            # are then each row's own, whatever the padding side and the batch partners.
+            order = _real_first_order(mask)
+            mask, targets = _reorder(mask, order), _reorder(targets, order)
+            inputs = {"inputs_embeds" if prefix else "input_ids": _reorder(sequence, order)}
+            decoder_output = self.decoder(**inputs, attention_mask=mask, **decoder_kwargs)
+            scores, cache = decoder_output.logits, decoder_output.cache  # (batch, context + length, vocab), that layout
+            # back to the caller's layout, prefix positions dropped
+            logits = _reorder(scores, order.argsort(dim=1))[:, -decoder_input_ids.shape[1]:]
+            if targets is not None:
+                targets = targets.masked_fill(mask == 0, IGNORE_INDEX)
+        loss = causal_lm_loss(scores, targets, num_items_in_batch) if labels is not None else None
+        output = MMFusionConditionalGenerationOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
+                                                     context_states=context_states, context_mask=context_mask,
+                                                     fusion_output=fusion_output)
+        return output if return_dict else output.to_tuple()
+
+    # ---- generate ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        encoder_outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> torch.LongTensor | ModelOutput:
+        r"""
+        Generate text for each row. The towers and the fusion run once; the decoder's `generate` (transformers'
+        `GenerationMixin`) then decodes with the context as `encoder_hidden_states` (cross_attention, expanded for
+        beams by transformers) or as the start of `inputs_embeds` (prefix).
+
+        decoder_input_ids (`(batch, length)`, *optional*): the prompt of each row, what its training
+            `decoder_input_ids` begin with (e.g. [bos, question tokens]); padded on either side
+            (`decoder_attention_mask`), re-laid out to the left padding that batched decoding needs. Default: one
+            `generation_config.decoder_start_token_id` (the decoder's bos) per row; none in prefix mode when there is
+            no such token. Cross-attention decoding needs at least one prompt token per row.
+        encoder_outputs (*optional*): what [`get_decoder_context`] returned, instead of the fusion inputs.
+        generation_config (`GenerationConfig`, *optional*): default `self.generation_config` (saved with the model).
+        kwargs: the fusion inputs, by the names [`MMFusionModel.forward`] takes (`pixel_values`, `input_ids`,
+            `input_values`, their masks, `has_*`, `tower_states`), and anything transformers' `generate` takes
+            (`max_new_tokens`, `num_beams`, `do_sample`, `streamer`, `use_cache`, `return_dict_in_generate`, ...).
+
+        Decoders whose forward takes no `position_ids` (the BART family) decode only rows of equal length together.
+        In prefix mode the decoder is given embeddings, not ids, so logits processors that read the prompt
+        (`repetition_penalty`, `no_repeat_ngram_size`) see the new tokens only (transformers says so when it applies).
+
+        Returns: the new tokens only, `(batch * num_return_sequences, new_tokens)` in batch order (a row's sequences
+        next to each other), `pad_token_id` after a row's eos; with `return_dict_in_generate=True`, transformers'
+        output whose `sequences` are those new tokens. In prefix mode transformers always decodes with the KV cache
+        (it needs it to feed `inputs_embeds` once); `use_cache=False` applies to cross-attention decoding.
+        """
+        fusion_inputs = {name: kwargs.pop(name) for name in FUSION_INPUT_NAMES if name in kwargs}
+        if generation_config is None:
+            generation_config = self.generation_config
+        generation_config = copy.deepcopy(generation_config)
+        decoder_kwargs = generation_config.update(**kwargs)  # generation settings in; what is left goes to generate
+        if encoder_outputs is not None:
+            context_states, context_mask = self._checked_encoder_outputs(encoder_outputs, fusion_inputs, None)
+        else:
+            context_states, context_mask, _ = self._context(fusion_inputs)
+        prompt, prompt_mask = self._prompt(decoder_input_ids, decoder_attention_mask, context_states, generation_config)
+        if self.config.decoder_connection == "prefix":
+            sequence = torch.cat([context_states, self.get_input_embeddings()(prompt)], dim=1)
+            mask = torch.cat([context_mask.to(prompt_mask.dtype), prompt_mask], dim=1)
+            order = _real_last_order(mask)  # left padding: each row's prefix and prompt end where generation starts
+            inputs = {"inputs_embeds": _reorder(sequence, order), "attention_mask": _reorder(mask, order)}
+            prompt_length = 0  # transformers returns only the new tokens when given inputs_embeds alone
+        else:
+            empty = (~prompt_mask.bool().any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"decoder_attention_mask: rows {empty} have no prompt token; cross-attention decoding "
+                                 "starts from at least one (e.g. the bos token)")
+            order = _real_last_order(prompt_mask)
+            inputs = {"input_ids": _reorder(prompt, order), "attention_mask": _reorder(prompt_mask, order),
+                      "encoder_hidden_states": context_states, "encoder_attention_mask": context_mask.long()}
+            if generation_config.use_cache and decoder_kwargs.get("cache") is None:
+                inputs["cache"] = self._new_cross_attention_cache()
+            prompt_length = prompt.shape[1]
+        if not _accepts(self.decoder, "position_ids") and not bool(inputs["attention_mask"].bool().all()):
+            # transformers derives each row's positions from the mask only for decoders that take position_ids
+            raise ValueError(f"decoder_attention_mask: {type(self.decoder).__name__} takes no position_ids, so rows of "
+                             "different lengths (prompt, and prefix) would be decoded at shifted positions; generate "
+                             "rows of equal length together")
+        output = self.decoder.generate(**inputs, generation_config=generation_config, **decoder_kwargs)
+        if isinstance(output, torch.Tensor):
+            return output[:, prompt_length:]
+        output.sequences = output.sequences[:, prompt_length:]
+        return output
+
+    def _prompt(self, decoder_input_ids: torch.Tensor | None, decoder_attention_mask: torch.Tensor | None,
+                context_states: torch.Tensor, generation_config: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, device = context_states.shape[0], context_states.device
+        if decoder_input_ids is None:
+            start = generation_config.decoder_start_token_id
+            start = generation_config.bos_token_id if start is None else start
+            if start is None and self.config.decoder_connection == "cross_attention":
+                raise ValueError("decoder_input_ids: required: cross-attention decoding starts from a token, and "
+                                 "generation_config has no decoder_start_token_id or bos_token_id")
+            length, start = (0, 0) if start is None else (1, start)
+            decoder_input_ids = torch.full((batch_size, length), start, dtype=torch.long, device=device)
+        if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != batch_size:
+            raise ValueError(f"decoder_input_ids: expected ({batch_size}, length) for {batch_size} rows of fusion "
+                             f"inputs, got {tuple(decoder_input_ids.shape)}")
+        if decoder_attention_mask is None:
+            decoder_attention_mask = torch.ones_like(decoder_input_ids)
+        if tuple(decoder_attention_mask.shape) != tuple(decoder_input_ids.shape):
+            raise ValueError(f"decoder_attention_mask: expected the shape of decoder_input_ids "
+                             f"{tuple(decoder_input_ids.shape)}, got {tuple(decoder_attention_mask.shape)}")
+        return decoder_input_ids.to(device), decoder_attention_mask.to(device)
+
+
 __all__ = [
     "MMFusionPreTrainedModel",
     "MMFusionModel",
@@ -1641,6 +2190,9 @@ __all__ = [
     "MMFusionContrastiveModel",
     "MMFusionContrastiveOutput",
     "MMFusionSimilarity",
+    "MMFusionForConditionalGeneration",
+    "MMFusionConditionalGenerationOutput",
+    "MMFusionQueryBlock",
     "MMFusionModelOutput",
     "MMFusionMultiTaskOutput",
     "MMFusionSequenceClassifierOutput",
