@@ -313,6 +313,30 @@ class MMFusionProcessor(ProcessorMixin):
             data = {key: value.numpy() for key, value in data.items()}
         return BatchFeature(data)
 
+    def decoder_inputs(
+        self,
+        prompt: list[str | list[dict[str, str]] | None],
+        target: list[str] | None = None,
+        decoder_padding_side: str | None = None,
+        max_prompt_length: int | None = None,
+        max_target_length: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Only the decoder's part of `__call__` (`decoder_input_ids`, `decoder_attention_mask`, and `labels` with
+        `target`), for one prompt per sample: for batches whose towers' outputs come from elsewhere (mm-train's cache
+        of frozen towers). The same checks and layout as `__call__`."""
+        self._check_decoder_call(prompt, target, modality_given=True)
+        if decoder_padding_side is None:
+            decoder_padding_side = "right" if target is not None else "left"
+        if decoder_padding_side not in ("right", "left"):
+            raise ValueError(f"decoder_padding_side: expected 'right' or 'left'; got {decoder_padding_side!r}")
+        max_prompt_length = self.max_prompt_length if max_prompt_length is None else max_prompt_length
+        max_target_length = self.max_target_length if max_target_length is None else max_target_length
+        _check_optional_length("max_prompt_length", max_prompt_length)
+        _check_optional_length("max_target_length", max_target_length)
+        prompts = _check_prompts(prompt, len(prompt))
+        targets = None if target is None else _check_targets(target, len(prompt))
+        return self._encode_decoder(prompts, targets, decoder_padding_side, max_prompt_length, max_target_length)
+
     def _check_decoder_call(self, prompt: Any, target: Any, modality_given: bool) -> None:
         if self.decoder_tokenizer is None:
             field = "prompt" if prompt is not None else "target"

@@ -313,3 +313,47 @@ def contrastive_model_dir(tmp_path_factory, vit_dir, bert_dir, wav2vec2_dir) -> 
     model.save_pretrained(folder)
     MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir, audio=wav2vec2_dir).save_pretrained(folder)
     return folder
+
+
+# ---- a saved generation model (model + processor with a decoder tokenizer), for the layers above the model ---------
+
+DECODER_SPECIAL_TOKENS = dict(bos_token_id=2, eos_token_id=3, pad_token_id=0)  # [CLS], [SEP], [PAD] of VOCAB
+
+
+def tiny_gpt2_decoder_config(**overrides):
+    from transformers import GPT2Config
+
+    kwargs = dict(vocab_size=len(VOCAB), n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, **DECODER_SPECIAL_TOKENS)
+    return GPT2Config(**{**kwargs, **overrides})
+
+
+@pytest.fixture(scope="session")
+def gpt2_decoder_dir(towers_dir) -> str:
+    """A tiny random-init GPT-2 LM over the test vocabulary (its tokenizer is the BERT test tokenizer, as the built-in
+    sample's decoder uses the text tower's), saved like a Hub checkpoint."""
+    from transformers import GPT2LMHeadModel
+
+    def build(folder):
+        GPT2LMHeadModel(tiny_gpt2_decoder_config()).save_pretrained(folder)
+        _save_tokenizer(folder)
+
+    return _build_once(towers_dir / "gpt2", build)
+
+
+@pytest.fixture(scope="session")
+def generation_model_dir(tmp_path_factory, vit_dir, bert_dir, wav2vec2_dir, gpt2_decoder_dir) -> Path:
+    """A tiny random-init `MMFusionForConditionalGeneration` (ViT + BERT + wav2vec2 towers, a GPT-2 decoder by
+    cross-attention) and its processor with the decoder's tokenizer, saved once per session."""
+    from modeling_mm import MMFusionForConditionalGeneration
+    from processors import MMFusionProcessor
+
+    folder = tmp_path_factory.mktemp("generation_model") / "model"
+    torch.manual_seed(0)
+    model = MMFusionForConditionalGeneration.from_towers(vision=vit_dir, text=bert_dir, audio=wav2vec2_dir,
+                                                         decoder=gpt2_decoder_dir, decoder_connection="cross_attention",
+                                                         **FUSION_KWARGS)
+    model.save_pretrained(folder)
+    MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir, audio=wav2vec2_dir,
+                                  decoder=gpt2_decoder_dir).save_pretrained(folder)
+    return folder

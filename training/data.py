@@ -42,8 +42,9 @@ SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validatio
 
 # what mm-train can train: a head on the fused vector (classification, regression, multi-label, several tasks), or
 # a joint embedding space of the modalities (MMFusionContrastiveModel; rows need no label)
-TASK_FAMILIES = ("classification", "contrastive")
+TASK_FAMILIES = ("classification", "contrastive", "generation")
 CONTRASTIVE = "contrastive"
+GENERATION = "generation"
 
 
 @dataclass
@@ -74,9 +75,18 @@ class DataSettings:
                 "may lack some tasks' targets: they are masked out of those tasks' losses."})
     task: str = field(default="classification", metadata={
         "help": "What to train: classification (a head on the fused vector for the label column or --tasks: "
-                "single-label, multi-label, regression, several tasks) or contrastive (a joint embedding space, "
+                "single-label, multi-label, regression, several tasks), contrastive (a joint embedding space, "
                 "MMFusionContrastiveModel: no label column; each row needs at least two of text, image and audio, "
-                "and the row's modalities are pulled together against the batch's other rows)."})
+                "and the row's modalities are pulled together against the batch's other rows) or generation (text "
+                "from a decoder LM conditioned on the fused inputs, MMFusionForConditionalGeneration: --target_column "
+                "and optionally --prompt_column)."})
+    target_column: str | None = field(default=None, metadata={
+        "help": "generation: the column of the text to generate (an answer, a caption); required with --task "
+                "generation."})
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "generation: the column of each row's prompt or question (may be empty per row). A cell holding a JSON "
+                "list of {role, content} messages is a dialogue history, rendered by the decoder tokenizer's chat "
+                "template."})
     positive_columns: list[str] | None = field(default=None, metadata={
         "help": "contrastive: rows equal in all of these columns are the same item (positives of each other) in the "
                 "retrieval metrics of validation and the test report, e.g. 'colour shape pitch'. Rows with the same "
@@ -348,7 +358,12 @@ def prepare_splits(settings: DataSettings, seed: int) -> tuple[datasets.DatasetD
     elif "test" in table:
         splits["test"] = table["test"]
     splits = {name: _undecoded(split, settings) for name, split in splits.items()}
-    if settings.task == CONTRASTIVE:  # a joint embedding has no targets
+    if settings.task in (CONTRASTIVE, GENERATION):  # no heads: pairs of modalities, or texts to generate
+        for column in [settings.target_column, settings.prompt_column] if settings.task == GENERATION else []:
+            if column is not None and column not in splits["train"].column_names:
+                name = "target_column" if column == settings.target_column else "prompt_column"
+                raise ValueError(f"{name}: {column!r} is not a column of the training data (it has "
+                                 f"{', '.join(splits['train'].column_names)})")
         return datasets.DatasetDict(splits), []
     return datasets.DatasetDict(splits), resolve_tasks(splits["train"], task_specs(settings))
 
@@ -377,6 +392,25 @@ def _text(value: Any) -> str | None:
     return None if value is None or (isinstance(value, str) and not value.strip()) else str(value)
 
 
+def prompt_of(cell: Any) -> str | list[dict[str, str]] | None:
+    """A prompt cell as the processor takes it: None when empty, a dialogue history (a list of {role, content}
+    messages, from a JSON/Parquet list or a CSV cell holding JSON) or the text itself. One definition for mm-train,
+    mm-eval and the demo."""
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+        return None
+    if isinstance(cell, (list, tuple)):
+        return [dict(message) for message in cell]
+    text = str(cell)
+    if text.lstrip().startswith("[{"):
+        try:
+            messages = json.loads(text)
+        except ValueError:
+            return text
+        if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+            return messages
+    return text if text.strip() else None
+
+
 class MMFusionCollator:
     """Turns a list of rows into a model batch with the processor. Picklable, so it runs in DataLoader workers.
 
@@ -392,7 +426,8 @@ class MMFusionCollator:
         self.processor = processor
         self.settings = settings
         self.contrastive = settings.task == CONTRASTIVE
-        if self.contrastive:
+        self.generation = settings.task == GENERATION
+        if self.contrastive or self.generation:
             tasks = []
         elif all(isinstance(task, str) for task in tasks):
             tasks = [{"name": "label", "column": settings.label_column, "problem_type": PROBLEM_TYPES[0],
@@ -434,16 +469,21 @@ class MMFusionCollator:
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         inputs = self.inputs(rows)
+        if self.generation:  # the decoder's prompt and target come with the towers' inputs, from one processor call
+            inputs.update(self.generation_inputs(rows))
         if self.only is None:
             batch = dict(self.processor(**inputs))
         else:
             batch = {}
-            present = [i for i in range(len(rows)) if any(values[i] is not None for values in inputs.values())]
+            towers = {key: values for key, values in inputs.items() if key in ("text", "images", "audio")}
+            present = [i for i in range(len(rows)) if any(values[i] is not None for values in towers.values())]
             if present:
-                part = self.processor(**{key: [values[i] for i in present] for key, values in inputs.items()})
+                part = self.processor(**{key: [values[i] for i in present] for key, values in towers.items()})
                 for key, value in part.items():
                     batch[key] = value.new_zeros((len(rows), *value.shape[1:])).index_put_(
                         (torch.tensor(present),), value)
+            if self.generation:  # every row has a target, also those whose towers are all cached
+                batch.update(self.processor.decoder_inputs(inputs["prompt"], inputs["target"]))
         if self.contrastive:
             if self.only is None:
                 self._check_pairs(inputs, len(rows))
@@ -453,6 +493,17 @@ class MMFusionCollator:
         targets = self.targets(rows)
         batch["labels"] = targets if self.multi_task else targets[self.tasks[0]["name"]]
         return batch
+
+    def generation_inputs(self, rows: Sequence[dict[str, Any]]) -> dict[str, list]:
+        """The processor's `prompt` and `target` of `rows` (`prompt_of` each prompt cell). A row without a target is a
+        `ValueError` naming the target column."""
+        s = self.settings
+        targets = [_text(row.get(s.target_column)) for row in rows]
+        for index, target in enumerate(targets):
+            if target is None:
+                raise ValueError(f"{s.target_column}: row {index} has no target text")
+        prompts = [prompt_of(row.get(s.prompt_column)) if s.prompt_column else None for row in rows]
+        return {"prompt": prompts, "target": targets}
 
     def _check_pairs(self, inputs: dict[str, list], count: int) -> None:
         """A contrastive row needs two modalities: with one it has nothing to be pulled towards."""

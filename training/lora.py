@@ -41,13 +41,19 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 import modeling_mm  # noqa: F401  (registers the Auto classes, so merged folders get auto_map and code files)
-from modeling_mm import MMFusionContrastiveModel, MMFusionForMultiTask, MMFusionForSequenceClassification, MMFusionModel
+from modeling_mm import (
+    MMFusionContrastiveModel,
+    MMFusionForConditionalGeneration,
+    MMFusionForMultiTask,
+    MMFusionForSequenceClassification,
+    MMFusionModel,
+)
 from modeling_mm.configuration_mm import MODALITIES
 from modeling_mm.modeling_mm import load_tower
 
 # the classes a saved folder's `architectures` may name
 SAVED_CLASSES = {cls.__name__: cls for cls in (MMFusionModel, MMFusionForSequenceClassification, MMFusionForMultiTask,
-                                                MMFusionContrastiveModel)}
+                                                MMFusionContrastiveModel, MMFusionForConditionalGeneration)}
 
 TOWER_MODES = ("lora", "full", "frozen")
 

@@ -17,6 +17,11 @@ Next to the label, each row carries the targets of a multi-task recipe (`MULTITA
     caption_colours  text    multi-label classification: the colours the caption names, "|"-joined ("red|grey")
     label            all     single-label classification (match/mismatch), the task named `match`
 
+For generation, each row also has a `question` (one of `QUESTIONS`: the shape's colour and kind need the image, the
+tone's pitch the audio, whether the caption matches all three, and "describe what you see and hear." asks for the
+`description`), its `answer` ("red", "a circle", "deep", "no", or the description), what it `needs`, and the
+`description` of what the row really shows ("a red circle and a deep tone", whatever the caption says).
+
 The `aligned` variant (`generate_sample(..., variant="aligned")`, in its own folder `sample-aligned`; what
 `mm-train --sample retrieval` trains on) is a joint-embedding data set: every caption describes its row, and each
 shape makes its own sound (circle: a deep tone, square: a mellow one, 380-520 Hz, triangle: a shrill one), as a
@@ -55,7 +60,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when the generator's output changes, so that cached samples of an older version are regenerated.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 COMPLETE_MARKER = "COMPLETE.json"
 SPLITS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 LABELS = ("match", "mismatch")
@@ -93,8 +98,20 @@ BACKGROUND_CAPTION_TEMPLATES = (
 # Share of each split's captions that name the background: exact (not drawn per row), so a small sample has some too.
 BACKGROUND_CAPTION_FRACTION = 0.3
 CAPTION_COLOURS_SEPARATOR = "|"
+# Generation (`mm-train --sample generation`): each row also carries one question about it and its answer, and a
+# description of what its image and tone really show. The questions need different modalities: colour and shape the
+# image, the tone the audio, whether the caption matches all three; "describe" asks for the description.
+QUESTIONS = {
+    "colour": ("what colour is the shape?", "image"),
+    "shape": ("what shape is it?", "image"),
+    "pitch": ("is the tone deep or shrill?", "audio"),
+    "match": ("does the caption match?", "all"),
+    "describe": ("describe what you see and hear.", "all"),
+}
+DESCRIPTION_TEMPLATE = "a {colour} {shape} and a {pitch} tone"
 COLUMNS = ("text", "image", "audio", "label", "colour", "shape", "pitch", "pitch_hz", "caption_colour",
-           "caption_shape", "caption_pitch", "caption_colours", "mismatch")
+           "caption_shape", "caption_pitch", "caption_colours", "mismatch", "question", "answer", "question_kind",
+           "needs", "description")
 # The multi-task recipe on this sample: shape from the image, pitch_hz from the audio, caption_colours from the
 # text, and match (the `label` column) from all three.
 MULTITASK_TASKS = [
@@ -255,7 +272,23 @@ def _make_rows(parameters: dict) -> dict[str, list[dict]]:
             })
             index += 1
         splits[split] = split_rows
+    _add_questions(splits, np.random.default_rng([parameters["seed"], 2]))
     return splits
+
+
+def _add_questions(splits: dict[str, list[dict]], rng: np.random.Generator) -> None:
+    """Give each row one question (the kinds balanced within each split), its answer, and the description of what
+    the row shows. Drawn from a generator of their own, so that every other column is what it was before they
+    existed."""
+    for split_rows in splits.values():
+        kinds = _balanced(tuple(QUESTIONS), len(split_rows), rng)
+        for row, kind in zip(split_rows, kinds):
+            description = DESCRIPTION_TEMPLATE.format(colour=row["colour"], shape=row["shape"],
+                                                      pitch=PITCH_WORDS[row["pitch"]])
+            answers = {"colour": row["colour"], "shape": f"a {row['shape']}", "pitch": PITCH_WORDS[row["pitch"]],
+                       "match": "yes" if row["label"] == "match" else "no", "describe": description}
+            row.update(question=QUESTIONS[kind][0], answer=answers[kind], question_kind=kind,
+                       needs=QUESTIONS[kind][1], description=description)
 
 
 # ---- the media -----------------------------------------------------------------------------------------------------
