@@ -1125,7 +1125,7 @@ def _is_pooling_head_weight(key: str) -> bool:
     return any(part in POOLING_HEAD_MODULES for part in key.split(".")[:-1])
 
 
-def _is_cross_attention_name(name: str) -> bool:
+def is_cross_attention_name(name: str) -> bool:
     # what transformers' decoders call the layers `add_cross_attention` adds: `crossattention` (BERT family, GPT-2),
     # `ln_cross_attn` (GPT-2), `encoder_attn` (BART family, TrOCR)
     return any("cross" in part or part.startswith("encoder_attn") for part in name.split("."))
@@ -1136,7 +1136,7 @@ def check_decoder(decoder: PreTrainedModel, connection: str) -> None:
     "cross_attention" needs a forward that takes `encoder_hidden_states` and cross-attention layers that were really
     built; "prefix" needs `inputs_embeds` and no cross-attention layers (they would receive no gradient)."""
     name = type(decoder).__name__
-    has_cross_attention = any(_is_cross_attention_name(n) for n, _ in decoder.named_modules())
+    has_cross_attention = any(is_cross_attention_name(n) for n, _ in decoder.named_modules())
     if connection == "cross_attention":
         if not _accepts(decoder, "encoder_hidden_states"):
             raise ValueError(f"decoder: {name} has no cross-attention; use decoder_connection='prefix'")
@@ -1171,7 +1171,7 @@ def load_decoder(source: str | PreTrainedModel, connection: str, load_kwargs: di
     if connection == "cross_attention" and not _accepts(model_class, "encoder_hidden_states"):
         raise ValueError(f"decoder: {model_class.__name__} has no cross-attention; use decoder_connection='prefix'")
     decoder, loading_info = model_class.from_pretrained(source, config=config, output_loading_info=True, **load_kwargs)
-    new = sorted(key for key in loading_info["missing_keys"] if _is_cross_attention_name(key))
+    new = sorted(key for key in loading_info["missing_keys"] if is_cross_attention_name(key))
     if new:
         logger.info(f"decoder: checkpoint {source!r} has no cross-attention layers; their {len(new)} weights are newly "
                     "initialised and train with the fusion")

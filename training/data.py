@@ -484,6 +484,8 @@ class MMFusionCollator:
                         (torch.tensor(present),), value)
             if self.generation:  # every row has a target, also those whose towers are all cached
                 batch.update(self.processor.decoder_inputs(inputs["prompt"], inputs["target"]))
+        if self.generation:  # the processor made the decoder's inputs and labels
+            return batch
         if self.contrastive:
             if self.only is None:
                 self._check_pairs(inputs, len(rows))

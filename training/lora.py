@@ -39,6 +39,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 import modeling_mm  # noqa: F401  (registers the Auto classes, so merged folders get auto_map and code files)
 from modeling_mm import (
@@ -49,7 +50,7 @@ from modeling_mm import (
     MMFusionModel,
 )
 from modeling_mm.configuration_mm import MODALITIES
-from modeling_mm.modeling_mm import load_tower
+from modeling_mm.modeling_mm import is_cross_attention_name, load_decoder, load_tower
 
 # the classes a saved folder's `architectures` may name
 SAVED_CLASSES = {cls.__name__: cls for cls in (MMFusionModel, MMFusionForSequenceClassification, MMFusionForMultiTask,
@@ -91,6 +92,23 @@ LORA_PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The same for decoder LMs (`--task generation`): the query and value projections, as peft's own defaults for these
+# architectures. GPT-2's fused c_attn is a transformers Conv1D, which peft adapts with fan_in_fan_out.
+_DECODER_QUERY_VALUE = ("self_attn.q_proj", "self_attn.v_proj")
+DECODER_LORA_PRESETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("attn.c_attn",),
+    "llama": _DECODER_QUERY_VALUE,
+    "mistral": _DECODER_QUERY_VALUE,
+    "qwen2": _DECODER_QUERY_VALUE,
+    "qwen3": _DECODER_QUERY_VALUE,
+    "gemma": _DECODER_QUERY_VALUE,
+    "phi3": ("self_attn.qkv_proj",),
+    "bart": _DECODER_QUERY_VALUE,
+    "bert": ("attention.self.query", "attention.self.value"),
+    "roberta": ("attention.self.query", "attention.self.value"),
+}
+
+
 @dataclass
 class LoraSettings:
     vision_mode: str = field(default="lora", metadata={
@@ -107,9 +125,15 @@ class LoraSettings:
         "help": "Module-name suffixes to adapt in the text tower instead of its preset, e.g. 'query value'."})
     audio_lora_targets: list[str] | None = field(default=None, metadata={
         "help": "Module-name suffixes to adapt in the audio tower instead of its preset."})
+    decoder_mode: str = field(default="lora", metadata={
+        "help": "--task generation: how the decoder LM trains: lora (presets: GPT-2 c_attn, Llama-family "
+                "q_proj/v_proj, BERT query/value), full, or frozen. The fusion and the decoder's input projection "
+                "(and queries) always train."})
+    decoder_lora_targets: list[str] | None = field(default=None, metadata={
+        "help": "Module-name suffixes to adapt in the decoder instead of its type's preset."})
 
     def __post_init__(self):
-        for modality in MODALITIES:
+        for modality in (*MODALITIES, "decoder"):
             mode = getattr(self, f"{modality}_mode")
             if mode not in TOWER_MODES:
                 raise ValueError(f"{modality}_mode: {mode!r} is not one of {TOWER_MODES}")
@@ -155,7 +179,50 @@ def lora_target_modules(model: PreTrainedModel, settings: LoraSettings) -> list[
             module = model.get_submodule(name)
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"{argument}: {name} is a {type(module).__name__}; LoRA targets must be nn.Linear")
+    decoder = _decoder(model)
+    if decoder is not None and settings.decoder_mode == "lora":
+        decoder_name = _module_names(model)[id(decoder)]
+        hits = [name for name in names if name.startswith(decoder_name + ".")]
+        if not hits:
+            raise ValueError(f"decoder_lora_targets: {list(_decoder_targets(decoder, settings))} match no module of "
+                             f"{decoder_name} ({decoder.config.model_type}); give module-name suffixes of its "
+                             "nn.Linear (or GPT-2 Conv1D) layers")
+        for name in hits:
+            module = model.get_submodule(name)
+            if not isinstance(module, (nn.Linear, Conv1D)):
+                raise ValueError(f"decoder_lora_targets: {name} is a {type(module).__name__}; LoRA targets must be "
+                                 "nn.Linear (or GPT-2's Conv1D)")
     return names
+
+
+def _decoder(model: nn.Module) -> PreTrainedModel | None:
+    """The decoder LM of a generation model (`MMFusionForConditionalGeneration.decoder`), else None."""
+    decoder = getattr(model, "decoder", None)
+    return decoder if isinstance(decoder, PreTrainedModel) else None
+
+
+def _cross_attention_modules(decoder: PreTrainedModel, prefix: str) -> list[str]:
+    """The names (under `prefix`) of the outermost modules of `decoder` that `add_cross_attention` added (GPT-2's
+    `crossattention` and `ln_cross_attn`, BERT's `crossattention`, BART's `encoder_attn`): a causal LM checkpoint has
+    no weights for them, so they train in full whatever `decoder_mode` says."""
+    found: list[str] = []
+    for name, _ in decoder.named_modules():
+        if name and is_cross_attention_name(name.rsplit(".", 1)[-1]) and not any(
+            name.startswith(outer + ".") for outer in found
+        ):
+            found.append(name)
+    return [f"{prefix}.{name}" for name in found]
+
+
+def _decoder_targets(decoder: PreTrainedModel, settings: LoraSettings) -> tuple[str, ...]:
+    if settings.decoder_lora_targets:
+        return tuple(settings.decoder_lora_targets)
+    model_type = decoder.config.model_type
+    if model_type not in DECODER_LORA_PRESETS:
+        raise ValueError(f"decoder_lora_targets: no LoRA preset for decoder type {model_type!r} (presets: "
+                         f"{sorted(DECODER_LORA_PRESETS)}); give the module-name suffixes to adapt, or set "
+                         "decoder_mode to full or frozen")
+    return DECODER_LORA_PRESETS[model_type]
 
 
 def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel | PeftModel:
@@ -169,10 +236,14 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedMode
     base = _fusion_model(model)
     for modality in base.modalities:
         base.get_tower(modality).requires_grad_(settings.mode(modality) != "frozen")
+    decoder = _decoder(model)
+    if decoder is not None:
+        decoder.requires_grad_(settings.decoder_mode != "frozen")
     trained_in_full = _trained_in_full(model, settings)
     for name in trained_in_full:
         model.get_submodule(name).requires_grad_(True)
-    if not any(settings.mode(m) == "lora" for m in base.modalities):
+    decoder_lora = decoder is not None and settings.decoder_mode == "lora"
+    if not any(settings.mode(m) == "lora" for m in base.modalities) and not decoder_lora:
         return model
     lora_target_modules(model, settings)  # raises for targets that are missing or not nn.Linear
     config = LoraConfig(
@@ -220,6 +291,11 @@ def _target_pattern(model: PreTrainedModel, settings: LoraSettings) -> str | Non
             continue
         suffixes = "|".join(re.escape(suffix) for suffix in _tower_targets(base, modality, settings))
         branches.append(rf"{re.escape(names[id(base.get_tower(modality))])}\.(?:.*\.)?(?:{suffixes})")
+    decoder = _decoder(model)
+    if decoder is not None and settings.decoder_mode == "lora":
+        suffixes = "|".join(re.escape(suffix) for suffix in _decoder_targets(decoder, settings))
+        # anchored at the decoder's own path: BERT's LM head holds a Linear named `decoder` too
+        branches.append(rf"{re.escape(names[id(decoder)])}\.(?:.*\.)?(?:{suffixes})")
     return "|".join(f"(?:{branch})" for branch in branches) or None
 
 
@@ -229,10 +305,17 @@ def _trained_in_full(model: PreTrainedModel, settings: LoraSettings) -> list[str
     base = _fusion_model(model)
     names = _module_names(model)
     towers = {id(base.get_tower(m)): m for m in base.modalities}
+    decoder = _decoder(model)
     result = []
     for parent in (base, model) if model is not base else (base,):
         for child in parent.children():
             if child is base:
+                continue
+            if child is decoder:
+                if settings.decoder_mode == "full":
+                    result.append(names[id(child)])
+                else:  # its cross-attention layers are new (the LM was trained without them): they train in full
+                    result += _cross_attention_modules(decoder, names[id(child)])
                 continue
             modality = towers.get(id(child))
             if modality is None or settings.mode(modality) == "full":
@@ -294,12 +377,15 @@ def save_trained_model(model: PreTrainedModel | PeftModel, output_dir: str | os.
     base = model.get_base_model()
     config = copy.deepcopy(base.config)
     if not base.name_or_path:
-        for modality in config.modalities:
-            tower_config = config.tower_config(modality)
-            if not tower_config._name_or_path:
-                raise ValueError(f"merge: an adapter needs a base model to load onto, but the {modality} tower was "
-                                 "not loaded from a checkpoint, so the base cannot be rebuilt; use merge=True")
-            tower_config._name_or_path = _absolute_if_local(tower_config._name_or_path)
+        parts = {modality: config.tower_config(modality) for modality in config.modalities}
+        if getattr(config, "decoder_config", None) is not None:
+            parts["decoder"] = config.decoder_config
+        for part, part_config in parts.items():
+            if not part_config._name_or_path:
+                raise ValueError(f"merge: an adapter needs a base model to load onto, but the {part} "
+                                 f"{'tower ' if part != 'decoder' else ''}was not loaded from a checkpoint, so the base "
+                                 "cannot be rebuilt; use merge=True")
+            part_config._name_or_path = _absolute_if_local(part_config._name_or_path)
     config.architectures = [type(base).__name__]
     peft_config = model.peft_config[model.active_adapter]
     peft_config.base_model_name_or_path = _absolute_if_local(base.name_or_path) or None
@@ -329,5 +415,7 @@ def load_trained_model(path: str | os.PathLike) -> PreTrainedModel | PeftModel:
         base = model_class.from_pretrained(base_path, config=config, ignore_mismatched_sizes=True)
     else:
         towers = {f"{m}_model": load_tower(m, config.tower_config(m)._name_or_path, {}) for m in config.modalities}
+        if getattr(config, "decoder_config", None) is not None:  # the decoder LM, from its own checkpoint too
+            towers["decoder"] = load_decoder(config.decoder_config._name_or_path, config.decoder_connection, {})
         base = model_class(config, **towers)
     return PeftModel.from_pretrained(base, path).eval()

@@ -400,6 +400,26 @@ def save_sample_towers(folder: Path, image_size: int = 32) -> None:
         Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True).save_pretrained(audio)
 
 
+def save_sample_decoder(folder: Path, tokenizer_source: str | os.PathLike, width: int = 128) -> None:
+    """A small random-init GPT-2 decoder LM over the tokenizer at `tokenizer_source` (the text tower's: no pretrained
+    decoder ships offline), saved like a Hub checkpoint with that tokenizer; the tokenizer's [CLS]/[SEP]/[PAD] (or
+    bos/eos/pad) are its special tokens. Idempotent."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    if (folder / "config.json").exists():
+        return
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=width, n_layer=2, n_head=4, n_positions=256,
+                        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=None, help="Folder to write (default: the cache, see default_sample_dir).")

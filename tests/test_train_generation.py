@@ -1,0 +1,162 @@
+"""mm-train --task generation (#17): questions and answers from table columns, a decoder by cross-attention or as a
+prefix, LoRA presets on the decoder, the frozen-tower cache, exact resume and two processes against one; the
+adapter, the merged folder and trust_remote_code give the same greedy generations (acceptance 5)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from conftest import WITHOUT_PROJECT
+from test_train import train_args
+from test_train_tasks import run_training
+from training.sample_data import generate_sample
+from training.train import main
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    # 128 training rows = 16 batches of 8; tones of 0.25 s keep the tiny wav2vec2 fast
+    return generate_sample(tmp_path_factory.mktemp("sample") / "sample", rows=160, audio_seconds=0.25)
+
+
+@pytest.fixture
+def args(sample, vit_dir, bert_dir, wav2vec2_dir, gpt2_decoder_dir):
+    def make(output_dir, **overrides) -> list[str]:
+        settings = {"task": "generation", "decoder": gpt2_decoder_dir, "target_column": "answer",
+                    "prompt_column": "question", "text_mode": "frozen", "vision_mode": "frozen",
+                    "audio_mode": "frozen", "decoder_mode": "lora", **overrides}
+        flags = train_args(sample, output_dir, vit_dir, bert_dir, wav2vec2_dir, **settings)
+        for key, value in overrides.items():  # None: the flag is not given at all
+            if value is None:
+                index = flags.index(f"--{key}")
+                del flags[index:index + 2]
+        return flags
+
+    return make
+
+
+def greedy(model, processor, sample: Path, rows: int = 6) -> list[str]:
+    """The model's greedy answers to the first test rows' questions, with every modality."""
+    table = datasets.load_dataset("csv", data_files=str(sample / "test.csv"))["train"].select(range(rows))
+    batch = processor(text=list(table["text"]), images=[str(sample / p) for p in table["image"]],
+                      audio=[str(sample / p) for p in table["audio"]], prompt=list(table["question"]))
+    with torch.no_grad():
+        return processor.batch_decode(model.generate(**batch, max_new_tokens=6))
+
+
+@pytest.mark.parametrize("connection", ["cross_attention", "prefix"])
+def test_generation_training_writes_a_model_that_answers_and_reports_its_validation(tmp_path, args, connection):
+    from modeling_mm import MMFusionForConditionalGeneration
+
+    assert main(args(tmp_path / "run", decoder_connection=connection, num_query_tokens=4 if connection == "prefix"
+                     else 0)) == 0
+    metrics = json.loads((tmp_path / "run" / "model" / "metrics.json").read_text())
+    assert metrics["metric_for_best_model"] == "loss"
+    for split in ("validation", "test"):
+        assert metrics[split]["samples"] == 16 and 0 < metrics[split]["loss"] < 20
+        assert 0 <= metrics[split]["token_accuracy"] <= 1
+    model = MMFusionForConditionalGeneration.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.decoder_connection == connection
+    assert (tmp_path / "run" / "model" / "generation_config.json").exists()
+    assert (tmp_path / "run" / "model" / "decoder_tokenizer").is_dir()
+
+
+def test_generation_flags_are_checked_before_training(tmp_path, args, capsys):
+    assert main(args(tmp_path / "a", target_column=None)) == 2
+    assert "target_column: --task generation needs" in capsys.readouterr().err
+    assert main(args(tmp_path / "b", decoder=None)) == 2
+    assert "decoder: --task generation needs a decoder LM" in capsys.readouterr().err
+    assert main(args(tmp_path / "c", target_column="nowhere")) == 2
+    assert "target_column: 'nowhere' is not a column of the training data" in capsys.readouterr().err
+    assert main(args(tmp_path / "d", task="classification")) == 2
+    assert "target_column, prompt_column: only for --task generation" in capsys.readouterr().err
+    assert main(args(tmp_path / "e", metric_for_best_model="bleu")) == 2
+    assert "metric_for_best_model: 'bleu' is not a validation metric" in capsys.readouterr().err
+
+
+def test_rows_without_a_target_are_reported_and_skipped(tmp_path, args, sample):
+    from test_train_tasks import table
+
+    def drop(row, index):
+        if index in (2, 9):
+            row["answer"] = None
+    train_csv = table(sample, "train", tmp_path / "data", drop)
+    assert main(args(tmp_path / "run", train_data=train_csv, max_steps=2)) == 0
+    metrics = json.loads((tmp_path / "run" / "model" / "metrics.json").read_text())
+    assert [bad["row"] for bad in metrics["bad_rows"]["train"]] == [2, 9]
+    assert "answer: row 0 has no target text" in metrics["bad_rows"]["train"][0]["reason"]
+
+
+def test_generation_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tmp_path, args):
+    from safetensors.torch import load_file
+
+    common = dict(max_steps=6, save_steps=3, save_total_limit=3, modality_dropout=0.2)
+    assert main(args(tmp_path / "whole", **common)) == 0
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "checkpoint-3", tmp_path / "cut" / "checkpoints" / "checkpoint-3")
+    assert main(args(tmp_path / "cut", resume_from_checkpoint="latest", **common)) == 0
+    whole = json.loads((tmp_path / "whole" / "model" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "cut" / "model" / "metrics.json").read_text())
+    assert whole["losses"] == resumed["losses"]
+    a = load_file(tmp_path / "whole" / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, args):
+    """2 processes x 4 rows against 1 x 8: each process divides its summed token loss by the global target-token
+    count over the number of processes, so rows of different answer lengths weigh as in one batch."""
+    deterministic = dict(max_steps=4, modality_dropout=0.0, fusion_dropout=0.0, save_steps=2, eval_steps=2)
+    run_training(args(tmp_path / "one", per_device_batch_size=8, **deterministic))
+    double = run_training(args(tmp_path / "two", per_device_batch_size=4, **deterministic), processes=2)
+    assert double.stderr.count("distributed type: MULTI_CPU") == 1
+    one = json.loads((tmp_path / "one" / "model" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "model" / "metrics.json").read_text())
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    for (_, a), (_, b) in zip(one["losses"], two["losses"]):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one["losses"], two["losses"])
+    for key in ("loss", "token_accuracy"):
+        assert abs(one["test"][key] - two["test"][key]) <= 1e-4, key
+
+
+def test_adapter_merged_and_remote_code_folders_give_the_same_greedy_generations(tmp_path, args, sample):
+    """LoRA on the GPT-2 decoder (c_attn) and the text tower: the adapter folder, the merged folder of the same run
+    and the merged folder loaded by trust_remote_code where the project cannot be imported answer alike."""
+    from processors import MMFusionProcessor
+    from training.lora import load_trained_model
+
+    common = dict(max_steps=4, learning_rate=5e-3, text_mode="lora")
+    assert main(args(tmp_path / "adapter", merge_lora="false", **common)) == 0
+    assert main(args(tmp_path / "merged", **common)) == 0
+    adapter_dir, merged_dir = tmp_path / "adapter" / "model", tmp_path / "merged" / "model"
+    assert (adapter_dir / "adapter_config.json").exists()
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert "c_attn" in adapter_config["target_modules"]
+    processor = MMFusionProcessor.from_pretrained(merged_dir)
+    merged_answers = greedy(load_trained_model(merged_dir), processor, sample)
+    assert greedy(load_trained_model(adapter_dir), processor, sample) == merged_answers
+    script = WITHOUT_PROJECT + textwrap.dedent(f"""
+        import json, torch
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(merged_dir)!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({str(merged_dir)!r}, trust_remote_code=True)
+        rows = {json.dumps([str(sample)])}[0]
+        import csv
+        table = list(csv.DictReader(open(rows + "/test.csv")))[:6]
+        batch = processor(text=[r["text"] for r in table], images=[rows + "/" + r["image"] for r in table],
+                          audio=[rows + "/" + r["audio"] for r in table], prompt=[r["question"] for r in table])
+        with torch.no_grad():
+            print(json.dumps(processor.batch_decode(model.generate(**batch, max_new_tokens=6))))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == merged_answers
