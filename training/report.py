@@ -5,6 +5,8 @@ also take the targets and predictions, which the report does not hold).
 
 A classifier's report is one task's section at the top level; a multi-task model's holds one section per task under
 "tasks". `report_sections` gives either as [(task name, section)], and everything here reads sections through it.
+A joint embedding model's report (problem_type "contrastive") and a generation model's ("generation") have sections
+of their own, rendered by `_contrastive_markdown` and `_generation_markdown`.
 
     >>> from training.report import render_markdown, report_sections
     >>> markdown = render_markdown(report)  # doctest: +SKIP
@@ -24,6 +26,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from modeling_mm.configuration_mm import MODALITY_NAMES
+from training.data import GENERATION
 from training.metrics import finite_or_none, label_thresholds, primary_metric
 from training.retrieval import CONTRASTIVE
 from training.scoring import MULTI_LABEL, REGRESSION, SINGLE_LABEL, SINGLE_TASK_NAME, scores
@@ -336,11 +339,105 @@ def _contrastive_markdown(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+GENERATION_METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF", "rouge_l": "ROUGE-L", "exact_match": "exact match"}
+EXAMPLE_CELL_CHARACTERS = 160  # longer prompts and generations are cut in report.md (report.json has them whole)
+
+
+def _text_cell(value: Any) -> str:
+    """A prompt, reference or generation as one table cell: a dialogue history as "role: content / ...", whitespace
+    collapsed (a newline would end the table row), cut at EXAMPLE_CELL_CHARACTERS, "(empty)" for ""."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, list):
+        value = " / ".join(f"{m.get('role')}: {m.get('content')}" if isinstance(m, dict) else str(m) for m in value)
+    text = " ".join(str(value).split())
+    if not text:
+        return "(empty)"
+    return text if len(text) <= EXAMPLE_CELL_CHARACTERS else text[:EXAMPLE_CELL_CHARACTERS - 1] + "…"
+
+
+def _generation_markdown(report: dict[str, Any]) -> list[str]:
+    """A generation model's sections: headline with intervals and the metrics' definitions, per group, the modality
+    ablation (overall, and per metric as a subset x group table), and the sample generations."""
+    names = GENERATION_METRIC_NAMES
+    level = round(100 * report["settings"]["confidence_level"])
+    lines = ["## Headline", "", f"All rows, every modality. Intervals: {level}% confidence, "
+             f"{report['headline_ci_method']}.", ""]
+    ci = report.get("headline_ci") or {}
+    lines += _table(["metric", "value", f"{level}% CI"], [[names[key], value, _interval(ci, key)]
+                                                         for key, value in report["headline"].items()])
+    lines += [f"- {names[key]}: {definition}." for key, definition in report["metric_definitions"].items()] + [""]
+    without = report["metrics"].get("rows_without_modality")
+    if without:
+        lines += [f"{without} rows have no modality: their generation is empty and counts as wrong.", ""]
+    metric_keys = list(report["headline"])
+    groups = report.get("groups")
+    if groups:
+        column = report["data"]["columns"].get("group")
+        lines += [f"## Per group (column `{column}`)", "", f"Values with their {level}% confidence interval.", ""]
+        lines += _table(["group", "rows", *[names[k] for k in metric_keys]], [
+            [group, section["samples"], *[_with_interval(section["metrics"][k], (section["ci"] or {}).get(k))
+                                          for k in metric_keys]] for group, section in groups.items()])
+    ablation = report.get("ablation")
+    if ablation:
+        lines += ["## Modality ablation", "", "The same rows generated with only some modalities (the others "
+                  "withheld through the has_* masks); a row left with no modality gets an empty generation, which "
+                  "counts as wrong.", ""]
+        lines += _table(["modalities", *[names[k] for k in metric_keys], "rows without modality"], [
+            [" + ".join(row["modalities"]), *[row[k] for k in metric_keys], row["rows_without_modality"]]
+            for row in ablation])
+        gain = report.get("fusion_gain")
+        if gain:
+            lines += [f"**Fusion gain**: {names[gain['metric']]} with all modalities "
+                      f"({' + '.join(gain['all_modalities'])}) {gain['all_modalities_value']:.4f} vs the best single "
+                      f"modality ({gain['best_single_modality']}) {gain['best_single_modality_value']:.4f}: "
+                      f"**{gain['gain']:+.4f}**.", ""]
+        if groups and all(section.get("ablation") for section in groups.values()):
+            for key in metric_keys:
+                lines += [f"### Per group and modality subset: {names[key]}", ""]
+                lines += _table(["modalities \\ group", *groups], [
+                    [" + ".join(row["modalities"]), *[section["ablation"][i][key] for section in groups.values()]]
+                    for i, row in enumerate(ablation)])
+    examples = report.get("examples")
+    if examples:
+        lines += ["## Sample generations", "", "With every modality; `report.json` has each example's generations "
+                  "under the other modality subsets, `predictions.jsonl` every row's.", ""]
+        lines += _table(["row", "group", "prompt", "reference", "generation", "exact match"], [
+            [example["row"], example["group"], _text_cell(example["prompt"]), _text_cell(example["reference"]),
+             _text_cell(example["prediction"]), "yes" if example["exact_match"] else "no"] for example in examples])
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: the tables a person reads, per task (headline with CIs, per class or label, confusion matrix or
     regression plots, ablation and fusion gain, robustness, calibration, interpretability), then the model's
     parameters, efficiency and cross-attention, with links to the plots. A joint embedding model's report has
-    retrieval and zero-shot sections instead of the tasks."""
+    retrieval and zero-shot sections instead of the tasks, a generation model's its metrics, ablation and sample
+    generations."""
+    if report.get("problem_type") == GENERATION:
+        data, model = report["data"], report["model"]
+        columns, decoding = data["columns"], report["decoding"]
+        line = (f"Data: `{data['source']}`, split `{data['split']}`, {data['rows']} rows "
+                f"({len(data.get('skipped_rows', []))} skipped, {data.get('rows_without_target', 0)} without a "
+                f"reference). Generation model ({' + '.join(model['modalities'])} -> a "
+                f"{model['decoder']['model_type']} decoder by {model['decoder_connection'].replace('_', '-')}). "
+                f"References: column `{columns['target']}`"
+                + (f"; prompts: column `{columns['prompt']}`" if columns.get("prompt") else "; no prompts")
+                + (f"; groups: column `{columns['group']}`" if columns.get("group") else "")
+                + f". Decoding: {decoding['strategy']}, at most {decoding['max_new_tokens']} new tokens. "
+                f"Seed {report['seed']}.")
+        lines = [f"# Evaluation of `{model['path']}`", "", line, ""]
+        lines += _generation_markdown(report)
+        lines += _parameters_markdown(report)
+        efficiency = report.get("efficiency")
+        if efficiency:
+            lines += ["## Efficiency", "", f"On `{efficiency['device']}`: {efficiency['what']}; throughput: "
+                      f"{efficiency['generation']['what']} (batch {efficiency['generation']['batch_size']}).", ""]
+            lines += _table(["measure", "value"], [
+                ["latency p50, one row (ms)", efficiency["latency_batch_1_ms"]["p50"]],
+                ["latency p95, one row (ms)", efficiency["latency_batch_1_ms"]["p95"]],
+                ["generations per second", efficiency["generation"]["generations_per_second"]]])
+        return "\n".join(lines + _closing_markdown(report))
     if report.get("problem_type") == CONTRASTIVE:
         data = report["data"]
         rows_with = ", ".join(f"{count} with {modality}" for modality, count in data["rows_with"].items())
@@ -538,6 +635,43 @@ def _contrastive_model_index(report: dict[str, Any], dataset_name: str, dataset_
     return results
 
 
+# a generation model's metrics in the model-index: the metric ids of the Hub's `evaluate` metrics (rougeL: the key
+# its rouge metric gives ROUGE-L under)
+GENERATION_METRIC_IDS = {"exact_match": ("exact_match", "Exact match"), "bleu": ("bleu", "BLEU"),
+                         "chrf": ("chrf", "chrF"), "rouge_l": ("rougeL", "ROUGE-L")}
+
+
+def generation_task_type(modalities: Sequence[str], prompted: bool) -> str:
+    """The Hub task id of a generation model's model-index entries, from what the evaluation was: "visual-question-
+    answering" for a model that reads images evaluated with prompts (questions), "image-to-text" for one evaluated
+    without prompts (captioning), "audio-text-to-text" for a model that reads audio and no images (as mm-publish's
+    pipeline tag), else "text-generation". The first two are the Hub's tasks with VQA and captioning leaderboards;
+    mm-publish's pipeline tag of an image model ("image-text-to-text") says what the pipeline takes instead."""
+    if "image" in modalities:
+        return "visual-question-answering" if prompted else "image-to-text"
+    return "audio-text-to-text" if "audio" in modalities else "text-generation"
+
+
+def _generation_model_index(report: dict[str, Any], dataset_name: str, dataset_type: str) -> list:
+    """A generation model's model-index: its headline metrics over all rows (exact match, BLEU and chrF on
+    sacrebleu's 0-100 scale, ROUGE-L) under `generation_task_type`."""
+    from huggingface_hub import EvalResult
+
+    modalities = report["model"]["modalities"]
+    columns = report["data"]["columns"]
+    task_type = generation_task_type(modalities, bool(columns.get("prompt")))
+    results = []
+    for key, (metric_type, metric_name) in GENERATION_METRIC_IDS.items():
+        value = report["headline"].get(key)
+        if value is None:
+            continue
+        results.append(EvalResult(
+            task_type=task_type, task_name=f"Multimodal generation ({' + '.join(modalities)}): {columns['target']}",
+            dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=report["data"]["split"],
+            metric_type=metric_type, metric_name=metric_name, metric_value=round(float(value), 4)))
+    return results
+
+
 def model_index_results(report: dict[str, Any], dataset_name: str, dataset_type: str) -> list:
     """The headline metrics of `report` as `huggingface_hub.EvalResult`s for a model card's model-index: one per
     task and headline metric (`report_sections`); for a joint embedding model, its retrieval and zero-shot metrics
@@ -547,11 +681,14 @@ def model_index_results(report: dict[str, Any], dataset_name: str, dataset_type:
     when the model reads text (transformers' sequence-classification heads use it), else "image-classification" or
     "audio-classification", with task_name naming the modalities. Metric types are the Hub's metric ids
     ("accuracy", "f1" with its average in metric_args, "mse", "mae", "r_squared", ...). A multi-task model's
-    metric names carry the task's name ("pitch_hz/rmse") and its task names the task."""
+    metric names carry the task's name ("pitch_hz/rmse") and its task names the task. A generation model's entries
+    are its exact match, BLEU, chrF and ROUGE-L under `generation_task_type` (`_generation_model_index`)."""
     from huggingface_hub import EvalResult
 
     if report.get("problem_type") == CONTRASTIVE:
         return _contrastive_model_index(report, dataset_name, dataset_type)
+    if report.get("problem_type") == GENERATION:
+        return _generation_model_index(report, dataset_name, dataset_type)
     modalities = report["model"]["modalities"]
     task_type = ("text-classification" if "text" in modalities else
                  "image-classification" if "image" in modalities else "audio-classification")
