@@ -30,10 +30,12 @@ from .modeling_mm import (
 )
 from .pipeline_mm import (
     FEATURE_EXTRACTION_TASK,
+    GENERATION_TASK,
     PIPELINE_TASK,
     ZERO_SHOT_TASK,
     MMFusionClassificationPipeline,
     MMFusionFeatureExtractionPipeline,
+    MMFusionTextGenerationPipeline,
     MMFusionZeroShotClassificationPipeline,
 )
 
@@ -56,6 +58,9 @@ PIPELINE_REGISTRY.register_pipeline(ZERO_SHOT_TASK, pipeline_class=MMFusionZeroS
                                     pt_model=AutoModel, type="multimodal")
 PIPELINE_REGISTRY.register_pipeline(FEATURE_EXTRACTION_TASK, pipeline_class=MMFusionFeatureExtractionPipeline,
                                     pt_model=AutoModel, type="multimodal")
+# a generation checkpoint loads through AutoModel as MMFusionForConditionalGeneration (by its architectures)
+PIPELINE_REGISTRY.register_pipeline(GENERATION_TASK, pipeline_class=MMFusionTextGenerationPipeline,
+                                    pt_model=AutoModel, type="multimodal")
 
 __all__ = [
     "MMFusionConfig",
@@ -74,4 +79,5 @@ __all__ = [
     "MMFusionClassificationPipeline",
     "MMFusionZeroShotClassificationPipeline",
     "MMFusionFeatureExtractionPipeline",
+    "MMFusionTextGenerationPipeline",
 ]

@@ -5,7 +5,10 @@
 - `mm-fusion-zero-shot-classification`: an image or an audio clip scored against label texts by a joint embedding
   model (`MMFusionContrastiveModel`), as transformers' zero-shot image and audio classification pipelines do;
 - `mm-fusion-feature-extraction`: the joint embedding of each modality of a sample (and, on request, of the sample's
-  modalities fused).
+  modalities fused);
+- `mm-fusion-text-generation`: text generated from any subset of text, image and audio, with an optional prompt or
+  dialogue history, by a generation model (`MMFusionForConditionalGeneration`): captioning, question answering,
+  dialogue.
 
 This file travels to the Hub with a model (`config.json` names its pipelines under `custom_pipelines`), so it imports
 only numpy, PIL, torch and transformers, and relatively only `configuration_mm.py`, which travels too; the processor
@@ -14,29 +17,68 @@ and the model it drives come from the same repo.
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Pipeline
+from transformers import GenerationConfig, GenerationMixin, Pipeline
 
 from .configuration_mm import MODALITY_NAMES
 
 PIPELINE_TASK = "mm-fusion-classification"
 ZERO_SHOT_TASK = "mm-fusion-zero-shot-classification"
 FEATURE_EXTRACTION_TASK = "mm-fusion-feature-extraction"
+GENERATION_TASK = "mm-fusion-text-generation"
 SAMPLE_KEYS = ("text", "image", "audio", "sampling_rate")
 DEFAULT_THRESHOLD = 0.5
 """A multi-label task's tag is given when its probability is at least its threshold: this one, unless the task in
 `config.tasks` carries its own (`"thresholds"`: {label: value} or one value per label, e.g. tuned on validation)."""
+DEFAULT_MAX_NEW_TOKENS = 64
+"""The generation pipeline's length limit where neither the call nor the model's `generation_config` sets
+`max_new_tokens` or `max_length` (transformers' global `max_length=20` would count the prompt too)."""
 DEFAULT_HYPOTHESIS_TEMPLATES = {"vision": "a photo of {}", "audio": "the sound of {}"}
 """How zero-shot classification turns a label into the text it compares with, per modality classified (CLIP's and
 CLAP's prompt styles); `hypothesis_template=` replaces it."""
 
 
-class MMFusionClassificationPipeline(Pipeline):
+class MMFusionPipeline(Pipeline):
+    """What every mm-fusion pipeline shares: it loads only the model's `MMFusionProcessor` (which holds the tokenizer,
+    image processor, feature extractor and, for a generation model, the decoder tokenizer, and batches any mix of
+    present and missing modalities), runs a call's samples `batch_size` at a time as model batches, and refuses a
+    parameter it does not know naming it."""
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def _call_in_model_batches(self, samples: list[Any], single: bool, kwargs: dict[str, Any]) -> Any:
+        """Run `samples` through the pipeline `batch_size` at a time (the call's, else the pipeline's, else 1) and
+        return the results in order, the one result for a `single` sample."""
+        batch_size = kwargs.pop("batch_size", None)
+        if batch_size is None:
+            batch_size = self._batch_size or 1
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int; got {batch_size!r}")
+        # Each item handed to the base class is one model batch: the processor batches any mix of present and
+        # missing modalities itself, which transformers' generic padding collator cannot.
+        batches = [samples[start : start + batch_size] for start in range(0, len(samples), batch_size)]
+        results = Pipeline.__call__(self, batches, batch_size=1, **kwargs)
+        flat = [result for batch in results for result in batch]
+        return flat[0] if single else flat
+
+    def _refuse_unknown(self, unknown: dict[str, Any], parameters: str) -> None:
+        if unknown:
+            raise ValueError(f"{', '.join(sorted(unknown))}: not a parameter of {type(self).__name__} "
+                             f"(parameters: {parameters})")
+
+
+class MMFusionClassificationPipeline(MMFusionPipeline):
     r"""
     Classifies samples that have any subset of text, an image and audio with an mm-fusion
     `*ForSequenceClassification` model and its `MMFusionProcessor`. Returns, like transformers' image- and
@@ -74,12 +116,6 @@ class MMFusionClassificationPipeline(Pipeline):
     ```
     """
 
-    _load_processor = True
-    _load_tokenizer = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_video_processor = False
-
     def __call__(
         self,
         inputs: dict[str, Any] | list[dict[str, Any]] | None = None,
@@ -94,13 +130,11 @@ class MMFusionClassificationPipeline(Pipeline):
         answers per sample, see the class). Raises `ValueError` naming the argument for an unknown key, a sample with
         no modality, or keyword lists of different lengths."""
         samples, single = _as_samples(inputs, text, image, audio)
-        return _call_in_model_batches(self, samples, single, kwargs)
+        return self._call_in_model_batches(samples, single, kwargs)
 
     def _sanitize_parameters(self, top_k: Any = "", function_to_apply: str | None = None, sampling_rate=None,
                              **unknown: Any):
-        if unknown:
-            raise ValueError(f"{', '.join(sorted(unknown))}: not a parameter of {type(self).__name__} "
-                             f"(parameters: top_k, function_to_apply, sampling_rate, batch_size)")
+        self._refuse_unknown(unknown, "top_k, function_to_apply, sampling_rate, batch_size")
         preprocess, postprocess = {}, {}
         if sampling_rate is not None:
             preprocess["sampling_rate"] = sampling_rate
@@ -190,7 +224,7 @@ def _task_answers(task: dict[str, Any], logits: np.ndarray, top_k: int | None) -
     return [float(row[0]) if len(row) == 1 else [float(value) for value in row] for row in logits]
 
 
-class MMFusionZeroShotClassificationPipeline(Pipeline):
+class MMFusionZeroShotClassificationPipeline(MMFusionPipeline):
     r"""
     Zero-shot classification of an image or an audio clip with an mm-fusion joint embedding model
     (`MMFusionContrastiveModel`) and its `MMFusionProcessor`, as transformers' zero-shot image and audio classification
@@ -223,12 +257,6 @@ class MMFusionZeroShotClassificationPipeline(Pipeline):
     ```
     """
 
-    _load_processor = True
-    _load_tokenizer = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_video_processor = False
-
     def __init__(self, model: Any, *args: Any, **kwargs: Any):
         _check_joint_embedding_model(model, "zero-shot classification")
         if "text" not in model.config.modalities:
@@ -252,7 +280,7 @@ class MMFusionZeroShotClassificationPipeline(Pipeline):
         if "candidate_labels" not in kwargs and "candidate_labels" not in self._preprocess_params:
             raise ValueError("candidate_labels: give the labels to choose from, e.g. candidate_labels=['cat', 'dog']")
         samples = [{"modality": modality, "item": item} for item in items]
-        return _call_in_model_batches(self, samples, single, kwargs)
+        return self._call_in_model_batches(samples, single, kwargs)
 
     def _items(self, inputs: Any, image: Any, audio: Any) -> tuple[str, list[Any], bool]:
         """The modality classified ("vision" or "audio"), the items, and whether it was a single item."""
@@ -285,9 +313,7 @@ class MMFusionZeroShotClassificationPipeline(Pipeline):
 
     def _sanitize_parameters(self, candidate_labels: Any = None, hypothesis_template: Any = None,
                              sampling_rate: int | None = None, **unknown: Any):
-        if unknown:
-            raise ValueError(f"{', '.join(sorted(unknown))}: not a parameter of {type(self).__name__} "
-                             f"(parameters: candidate_labels, hypothesis_template, sampling_rate, batch_size)")
+        self._refuse_unknown(unknown, "candidate_labels, hypothesis_template, sampling_rate, batch_size")
         preprocess = {}
         if candidate_labels is not None:
             preprocess["candidate_labels"] = _checked_labels(candidate_labels)
@@ -324,7 +350,7 @@ class MMFusionZeroShotClassificationPipeline(Pipeline):
         return [_ranked(row, labels, None) for row in model_outputs["scores"].numpy()]
 
 
-class MMFusionFeatureExtractionPipeline(Pipeline):
+class MMFusionFeatureExtractionPipeline(MMFusionPipeline):
     r"""
     Joint embeddings of samples with an mm-fusion joint embedding model (`MMFusionContrastiveModel`) and its
     `MMFusionProcessor`: for each sample, the embedding of each modality it has, each computed from that modality
@@ -352,12 +378,6 @@ class MMFusionFeatureExtractionPipeline(Pipeline):
     ```
     """
 
-    _load_processor = True
-    _load_tokenizer = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_video_processor = False
-
     def __init__(self, model: Any, *args: Any, **kwargs: Any):
         _check_joint_embedding_model(model, "feature extraction")
         super().__init__(model, *args, **kwargs)
@@ -375,20 +395,12 @@ class MMFusionFeatureExtractionPipeline(Pipeline):
         for one sample, a list of dicts for a batch. Raises `ValueError` naming the argument for an unknown key, a
         sample with no modality, a modality the model has no tower for, or keyword lists of different lengths."""
         samples, single = _as_samples(inputs, text, image, audio)
-        towers = self.model.config.modalities
-        for index, sample in enumerate(samples):
-            for modality in ("vision", "text", "audio"):
-                user = MODALITY_NAMES[modality].user
-                if sample.get(user) is not None and modality not in towers:
-                    raise ValueError(f"inputs[{index}].{user}: this model has no {user} tower (it has "
-                                     f"{_tower_names(self.model)})")
-        return _call_in_model_batches(self, samples, single, kwargs)
+        _check_towers(self.model, samples)
+        return self._call_in_model_batches(samples, single, kwargs)
 
     def _sanitize_parameters(self, normalize: bool | None = None, return_fused: bool | None = None,
                              return_tensors: bool | None = None, sampling_rate: int | None = None, **unknown: Any):
-        if unknown:
-            raise ValueError(f"{', '.join(sorted(unknown))}: not a parameter of {type(self).__name__} "
-                             f"(parameters: normalize, return_fused, return_tensors, sampling_rate, batch_size)")
+        self._refuse_unknown(unknown, "normalize, return_fused, return_tensors, sampling_rate, batch_size")
         for name, value in (("normalize", normalize), ("return_fused", return_fused),
                             ("return_tensors", return_tensors)):
             if value is not None and not isinstance(value, bool):
@@ -434,8 +446,175 @@ class MMFusionFeatureExtractionPipeline(Pipeline):
         return results
 
 
-def _as_samples(inputs: Any, text: Any, image: Any, audio: Any) -> tuple[list[dict[str, Any]], bool]:
-    """The call's samples as dicts, and whether it was a single sample."""
+class MMFusionTextGenerationPipeline(MMFusionPipeline):
+    r"""
+    Text generated from samples that have any subset of text, an image and audio by an mm-fusion generation model
+    (`MMFusionForConditionalGeneration`, a decoder LM conditioned on the fused inputs) and its `MMFusionProcessor`
+    (with the decoder's tokenizer): a caption or a description without a prompt, an answer with a question as the
+    prompt, the assistant's next turn with a dialogue history as the prompt. Returns, like transformers'
+    text-generation and image-text-to-text pipelines, a list of `{"generated_text": str}` per sample (one entry, or
+    `num_return_sequences`), only the new text: what `model.generate(**processor(..., prompt=...))` returns, decoded
+    by `processor.batch_decode`.
+
+    Inputs as for the `mm-fusion-classification` pipeline: `text=` a str (read by the text tower, not continued);
+    `image=` a path, bytes, a PIL image or an (H, W, C) array; `audio=` a path, bytes, an array with `sampling_rate=`,
+    Gradio's `(sampling_rate, array)` or a `datasets` Audio dict; a batch is a list of dicts with those keys (and a
+    per-sample `"prompt"`), or lists given to the keywords. Every sample needs at least one of text, image and audio.
+
+    `prompt=` (optional) starts the decoder's text, as in training: a str (e.g. "Question: what colour? Answer:"),
+    or a dialogue history, a list of `{"role", "content"}` messages (roles system, user, assistant; not ending with an
+    assistant message), rendered by the decoder tokenizer's chat template with its generation prompt. One prompt (a
+    str or a history) serves every sample of the call; a list of them (`None` for none) gives one per sample. Each
+    row starts with the decoder's start token, prompt or not, so a sample's text does not depend on its batch
+    partners.
+
+    Parameters (at construction or per call): whatever `generate()` takes (`max_new_tokens`, `num_beams`, `do_sample`,
+    `temperature`, `top_p`, `num_return_sequences`, `repetition_penalty`, `streamer`, `generation_config`, ...; or
+    as a dict `generate_kwargs=`), on top of the model's `generation_config` (saved with it), with one default of
+    the pipeline's, `max_new_tokens=DEFAULT_MAX_NEW_TOKENS`, only where neither sets a length; `skip_special_tokens`
+    (default True) and `sampling_rate` (of bare audio arrays).
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> generator = pipeline("mm-fusion-text-generation", model="ORG/NAME", trust_remote_code=True)  # doctest: +SKIP
+    >>> generator(image="circle.png", audio="tone.wav")  # doctest: +SKIP
+    [{'generated_text': 'a red circle with a high tone.'}]
+    >>> generator(image=["circle.png", "square.png"], prompt="Question: what colour? Answer:",
+    ...           num_beams=3)  # doctest: +SKIP
+    [[{'generated_text': ' red'}], [{'generated_text': ' blue'}]]
+    >>> history = [{"role": "user", "content": "what shape is it?"}, {"role": "assistant", "content": "a star"},
+    ...            {"role": "user", "content": "and its colour?"}]
+    >>> generator(image="star.png", prompt=history, max_new_tokens=10)  # doctest: +SKIP
+    [{'generated_text': ' yellow'}]
+    ```
+    """
+
+    _pipeline_calls_generate = True
+    _default_generation_config = GenerationConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+
+    def __init__(self, model: Any, *args: Any, **kwargs: Any):
+        # by what the pipeline calls rather than by class: through trust_remote_code the class is the repo's own copy
+        if getattr(model.config, "decoder_config", None) is None or not hasattr(model, "get_decoder_context"):
+            raise ValueError(f"model: text generation needs an mm-fusion generation model "
+                             f"(MMFusionForConditionalGeneration, what mm-train --task generation trains); got "
+                             f"{type(model).__name__}")
+        super().__init__(model, *args, **kwargs)
+        if getattr(self.processor, "decoder_tokenizer", None) is None:
+            raise ValueError("processor: text generation needs the model's MMFusionProcessor with its "
+                             f"decoder_tokenizer (saved with the model); got {type(self.processor).__name__}")
+        # generate() arguments given at construction that are not generation-config fields (a streamer, stopping
+        # criteria) serve every call too, as the fields do (the base class keeps those in `_generate_kwargs`)
+        self._generate_kwargs.update(self._forward_params.pop("generate_kwargs", {}))
+
+    def __call__(
+        self,
+        inputs: dict[str, Any] | list[dict[str, Any]] | None = None,
+        *,
+        text: str | list[str | None] | None = None,
+        image: Any = None,
+        audio: Any = None,
+        prompt: str | list[dict[str, str]] | list[str | list[dict[str, str]] | None] | None = None,
+        **kwargs: Any,
+    ) -> list[dict[str, str]] | list[list[dict[str, str]]]:
+        """Generate for one sample (`text=`, `image=`, `audio=` or a dict) or a list of them, each with its prompt
+        (`prompt=` or a sample's `"prompt"`). Returns a list of `{"generated_text"}` for one sample, a list of such
+        lists for a batch. Raises `ValueError` naming the argument for: no text, image or audio (a prompt alone
+        conditions nothing), an unknown key or parameter, a modality the model has no tower for, keyword lists of
+        different lengths, and a prompt that is not a str, a dialogue history or one of them per sample (or a
+        message without a role or content, an unknown role, a history ending with the assistant)."""
+        if inputs is None and text is None and image is None and audio is None:
+            raise ValueError("text, image, audio: give at least one of them; the text is generated from the fused "
+                             "inputs" + (" (a prompt alone conditions on nothing)" if prompt is not None else ""))
+        if _is_history(inputs) and all("role" in message for message in inputs):
+            raise ValueError("inputs: this is a dialogue history, which is a prompt: pass it as prompt=, with the "
+                             "text, image or audio it is about")
+        samples, single = _as_samples(inputs, text, image, audio, keys=(*SAMPLE_KEYS, "prompt"))
+        if prompt is not None:
+            samples = _with_prompt(samples, prompt)
+        _check_towers(self.model, samples)
+        # every prompt checked (and its length) before any media is decoded, indexed by sample over the whole call
+        self.processor.decoder_inputs([sample.get("prompt") for sample in samples])
+        return self._call_in_model_batches(samples, single, kwargs)
+
+    def _sanitize_parameters(self, sampling_rate: int | None = None, skip_special_tokens: bool | None = None,
+                             generate_kwargs: dict[str, Any] | None = None, **parameters: Any):
+        if generate_kwargs is not None:
+            if not isinstance(generate_kwargs, dict):
+                raise ValueError(f"generate_kwargs: expected a dict; got {type(generate_kwargs).__name__}")
+            twice = sorted(set(generate_kwargs) & set(parameters))
+            if twice:
+                raise ValueError(f"generate_kwargs, {', '.join(twice)}: given twice; give each once")
+            parameters = {**generate_kwargs, **parameters}
+        self._refuse_unknown({name: value for name, value in parameters.items() if name not in _GENERATE_PARAMETERS},
+                             "sampling_rate, skip_special_tokens, batch_size, and what generate() takes: "
+                             "max_new_tokens, num_beams, do_sample, num_return_sequences, ...")
+        if skip_special_tokens is not None and not isinstance(skip_special_tokens, bool):
+            raise ValueError(f"skip_special_tokens: expected True or False; got {skip_special_tokens!r}")
+        preprocess = {} if sampling_rate is None else {"sampling_rate": sampling_rate}
+        forward = {"generate_kwargs": parameters} if parameters else {}
+        postprocess = {} if skip_special_tokens is None else {"skip_special_tokens": skip_special_tokens}
+        return preprocess, forward, postprocess
+
+    def preprocess(self, samples: list[dict[str, Any]], sampling_rate: int | None = None) -> dict[str, torch.Tensor]:
+        # `prompt` always, so that every row starts as in training ([start] prompt tokens), left-padded for generate
+        return _process_samples(self.processor, samples, sampling_rate,
+                                prompt=[sample.get("prompt") for sample in samples])
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor],
+                 generate_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {}, return_dict_in_generate=False)
+        if self._get_set_generation_params(generate_kwargs).get("stop_strings") is not None:
+            generate_kwargs["tokenizer"] = self.processor.decoder_tokenizer  # generate() finds the strings through it
+        sequences = self.model.generate(**_in_dtype(model_inputs, self.model.dtype), **generate_kwargs)
+        return {"sequences": sequences, "batch_size": len(model_inputs["has_text"])}
+
+    def postprocess(self, model_outputs: dict[str, Any],
+                    skip_special_tokens: bool = True) -> list[list[dict[str, str]]]:
+        texts = self.processor.batch_decode(model_outputs["sequences"], skip_special_tokens=skip_special_tokens)
+        per_sample = len(texts) // model_outputs["batch_size"]  # num_return_sequences, a sample's next to each other
+        return [[{"generated_text": text} for text in texts[start : start + per_sample]]
+                for start in range(0, len(texts), per_sample)]
+
+
+# What a generation pipeline passes to generate(): the generation-config fields and generate()'s own arguments (the
+# model's inputs come from the processor)
+_GENERATE_PARAMETERS = frozenset(
+    {name for name in vars(GenerationConfig()) if not name.startswith("_")}
+    | set(inspect.signature(GenerationMixin.generate).parameters) - {"self", "inputs", "kwargs"}
+)
+
+
+def _is_history(value: Any) -> bool:
+    """A dialogue history: a non-empty list of message dicts (the processor's rule, which this file cannot import)."""
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(m, Mapping) for m in value)
+
+
+def _with_prompt(samples: list[dict[str, Any]], prompt: Any) -> list[dict[str, Any]]:
+    """`samples` with the call's `prompt=`: one prompt (a str or a dialogue history) for every sample, or a list of
+    one per sample. Raises `ValueError` naming `prompt` for another type, a list of another length, or samples that
+    carry their own."""
+    own = [index for index, sample in enumerate(samples) if sample.get("prompt") is not None]
+    if own:
+        raise ValueError(f"prompt: inputs[{own[0]}] carries its own prompt; give prompts in the samples or as "
+                         "prompt=, not both")
+    if isinstance(prompt, str) or _is_history(prompt):
+        prompts = [prompt] * len(samples)
+    elif isinstance(prompt, (list, tuple)):
+        if len(prompt) != len(samples):
+            raise ValueError(f"prompt: {len(prompt)} prompts for {len(samples)} samples; give one prompt (a str or a "
+                             "dialogue history) for all of them, or one per sample")
+        prompts = list(prompt)
+    else:
+        raise ValueError(f"prompt: expected a str, a dialogue history (a list of {{'role', 'content'}} messages) or "
+                         f"a list of one per sample; got {type(prompt).__name__}")
+    return [{**sample, "prompt": row} for sample, row in zip(samples, prompts)]
+
+
+def _as_samples(inputs: Any, text: Any, image: Any, audio: Any,
+                keys: tuple[str, ...] = SAMPLE_KEYS) -> tuple[list[dict[str, Any]], bool]:
+    """The call's samples as dicts (with `keys` at most), and whether it was a single sample."""
     keywords = {key: value for key, value in (("text", text), ("image", image), ("audio", audio)) if value is not None}
     if inputs is not None and keywords:
         raise ValueError(f"inputs: give samples either as dicts or as {'/'.join(keywords)}=, not both")
@@ -457,34 +636,30 @@ def _as_samples(inputs: Any, text: Any, image: Any, audio: Any) -> tuple[list[di
     for index, sample in enumerate(samples):
         if not isinstance(sample, dict):
             raise ValueError(f"inputs[{index}]: expected a dict with text/image/audio; got {type(sample).__name__}")
-        unknown = set(sample) - set(SAMPLE_KEYS)
+        unknown = set(sample) - set(keys)
         if unknown:
-            raise ValueError(f"inputs[{index}]: unknown keys {sorted(unknown)}; expected {list(SAMPLE_KEYS)}")
+            raise ValueError(f"inputs[{index}]: unknown keys {sorted(unknown)}; expected {list(keys)}")
         if all(sample.get(key) is None for key in ("text", "image", "audio")):
             raise ValueError(f"inputs[{index}]: the sample has no text, image or audio")
     return list(samples), single
 
 
+def _check_towers(model: Any, samples: list[dict[str, Any]]) -> None:
+    """Refuse, naming the sample, a modality the model has no tower for (before any media is decoded)."""
+    towers = model.config.modalities
+    for index, sample in enumerate(samples):
+        for modality in ("vision", "text", "audio"):
+            user = MODALITY_NAMES[modality].user
+            if sample.get(user) is not None and modality not in towers:
+                raise ValueError(f"inputs[{index}].{user}: this model has no {user} tower (it has "
+                                 f"{_tower_names(model)})")
+
+
 # ---- shared by the pipelines ----------------------------------------------------------------------------------------
 
-def _call_in_model_batches(pipe: Pipeline, samples: list[Any], single: bool, kwargs: dict[str, Any]) -> Any:
-    """Run `samples` through `pipe` `batch_size` at a time (the call's, else the pipeline's, else 1) and return the
-    results in order, the one result for a `single` sample."""
-    batch_size = kwargs.pop("batch_size", None)
-    if batch_size is None:
-        batch_size = pipe._batch_size or 1
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int; got {batch_size!r}")
-    # Each item handed to the base class is one model batch: the processor batches any mix of present and
-    # missing modalities itself, which transformers' generic padding collator cannot.
-    batches = [samples[start : start + batch_size] for start in range(0, len(samples), batch_size)]
-    results = Pipeline.__call__(pipe, batches, batch_size=1, **kwargs)
-    flat = [result for batch in results for result in batch]
-    return flat[0] if single else flat
-
-
-def _process_samples(processor: Any, samples: list[dict[str, Any]], sampling_rate: int | None) -> dict[str, Any]:
-    """The processor's batch of samples given as dicts (`SAMPLE_KEYS`)."""
+def _process_samples(processor: Any, samples: list[dict[str, Any]], sampling_rate: int | None,
+                     **decoder: Any) -> dict[str, Any]:
+    """The processor's batch of samples given as dicts (`SAMPLE_KEYS`); `decoder` (e.g. `prompt=`) passed on."""
     audio = [sample.get("audio") for sample in samples]
     rates = [sample.get("sampling_rate", sampling_rate) for sample in samples]
     batch = processor(
@@ -492,6 +667,7 @@ def _process_samples(processor: Any, samples: list[dict[str, Any]], sampling_rat
         images=[sample.get("image") for sample in samples],
         audio=audio if any(clip is not None for clip in audio) else None,
         sampling_rate=rates,
+        **decoder,
     )
     return dict(batch)
 
@@ -588,10 +764,14 @@ __all__ = [
     "MMFusionClassificationPipeline",
     "MMFusionZeroShotClassificationPipeline",
     "MMFusionFeatureExtractionPipeline",
+    "MMFusionTextGenerationPipeline",
+    "MMFusionPipeline",
     "PIPELINE_TASK",
     "ZERO_SHOT_TASK",
     "FEATURE_EXTRACTION_TASK",
+    "GENERATION_TASK",
     "DEFAULT_THRESHOLD",
+    "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_HYPOTHESIS_TEMPLATES",
     "task_thresholds",
 ]

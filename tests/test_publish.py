@@ -953,3 +953,223 @@ def test_joint_embedding_adapter_only_release_loads_onto_its_base_like_the_train
                                    atol=1e-5)
         for key, vector in own.items():
             np.testing.assert_allclose(answers["embeddings"][key], vector, atol=1e-5)
+
+
+# ---- a generation model ----------------------------------------------------------------------------------------------
+
+DECODER_FILES = {f"decoder_tokenizer/{name}" for name in ("tokenizer.json", "tokenizer_config.json",
+                                                           "chat_template.jinja")}
+GENERATION_RELEASE = TINY_RELEASE | {"generation_config.json"} | DECODER_FILES
+DECODER_ID = "mm-fusion-test/tiny-gpt2"
+# an mm-eval report.json of a generation model (training.evaluation's layout), cut down to what the card reads
+GENERATION_REPORT = {
+    "problem_type": "generation",
+    "model": {"modalities": ["image", "text", "audio"]},
+    "data": {"source": "/data/private/test.csv", "split": "test", "rows": 90,
+             "columns": {"target": "answer", "prompt": "question"}},
+    "headline": {"bleu": 41.2, "chrf": 63.5, "rouge_l": 0.71, "exact_match": 0.52},
+    "ablation": [{"modalities": ["image"], "bleu": 20.1, "chrf": 40.2, "rouge_l": 0.5, "exact_match": 0.3,
+                  "rows_without_modality": 0},
+                 {"modalities": ["image", "text", "audio"], "bleu": 41.2, "chrf": 63.5, "rouge_l": 0.71,
+                  "exact_match": 0.52, "rows_without_modality": 0}],
+    "fusion_gain": {"metric": "chrf", "all_modalities": ["image", "text", "audio"], "all_modalities_value": 63.5,
+                    "best_single_modality": "image", "best_single_modality_value": 40.2, "gain": 23.3},
+    "examples": [{"row": 3, "group": "colour", "prompt": "Question: what colour? Answer:", "reference": " red",
+                  "prediction": " red", "exact_match": 1.0},
+                 {"row": 7, "group": "dialogue", "prompt": [{"role": "user", "content": "what shape | size?"}],
+                  "reference": "a large star", "prediction": "a star", "exact_match": 0.0},
+                 {"row": 9, "group": "describe", "prompt": None, "reference": "A red circle.",
+                  "prediction": "A red\ncircle.", "exact_match": 0.0}],
+    "task_type": "image-text-to-text",
+}
+GENERATION_TRAINING_ARGS = {"data": {"train_data": "/data/private/train.csv", "target_column": "answer",
+                                     "prompt_column": "question"},
+                            "lora": {"vision_mode": "frozen", "text_mode": "frozen", "audio_mode": "frozen",
+                                     "decoder_mode": "full"}}
+CARD_QUESTION = "Question: what colour is it? Answer:"  # the card's own example prompt
+
+
+@pytest.fixture(scope="module")
+def generation_release(generation_model_dir, tmp_path_factory) -> dict:
+    """The tiny generation model with a training record, and its release (dry run) with GENERATION_REPORT and the
+    decoder's Hub id."""
+    root = tmp_path_factory.mktemp("generation")
+    model_dir = shutil.copytree(generation_model_dir, root / "model")
+    (model_dir / "training_args.json").write_text(json.dumps(GENERATION_TRAINING_ARGS))
+    (root / "report.json").write_text(json.dumps(GENERATION_REPORT))
+    assert main(["--model", str(model_dir), "--repo-id", "mm-fusion/generation", "--dry-run", "--out",
+                 str(root / "release"), "--report", str(root / "report.json"),
+                 f"--base-model=decoder={DECODER_ID}"]) == 0
+    return {"model": model_dir, "release": root / "release", "root": root}
+
+
+def test_generation_dry_run_lists_the_release_with_generation_config_and_decoder_tokenizer(
+        generation_model_dir, fake_hub, capsys, tmp_path, vit_dir, gpt2_decoder_dir):
+    from modeling_mm.pipeline_mm import GENERATION_TASK
+
+    release = tmp_path / "release"
+    assert main(["--model", str(generation_model_dir), "--repo-id", "mm-fusion/generation", "--dry-run", "--out",
+                 str(release)]) == 0
+    out = capsys.readouterr().out
+    assert not fake_hub.calls and not fake_hub.uploads
+    files = {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()}
+    assert files == GENERATION_RELEASE
+    assert all(any(fnmatch(name, pattern) for pattern in ALLOWED_FILES) for name in files)
+    for name in GENERATION_RELEASE:
+        assert re.search(rf"^  {re.escape(name)} +\d+(\.\d)? (B|kB|MB)$", out, flags=re.M), name
+    # the model folder's decoder_tokenizer/ is rebuilt in the release, not reported as left out
+    assert "left out of the model folder" not in out
+    assert "pipeline_tag: image-text-to-text" in out and "Not evaluated" in out
+
+    config_text = (release / "config.json").read_text()
+    config = json.loads(config_text)
+    assert config["auto_map"]["AutoModel"] == "modeling_mm.MMFusionForConditionalGeneration"
+    assert "AutoModelForSequenceClassification" not in config["auto_map"]
+    assert config["custom_pipelines"] == {GENERATION_TASK: {
+        "impl": "pipeline_mm.MMFusionTextGenerationPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
+    assert vit_dir not in config_text and gpt2_decoder_dir not in config_text  # local paths stay local
+    assert not config["decoder_config"].get("_name_or_path")
+    # the generation settings and the decoder tokenizer (chat template and special tokens) are the model's own
+    saved = json.loads((generation_model_dir / "generation_config.json").read_text())
+    assert json.loads((release / "generation_config.json").read_text()) == saved
+    original, published = (AutoProcessor.from_pretrained(folder).decoder_tokenizer
+                           for folder in (generation_model_dir, release))
+    assert published.chat_template == original.chat_template and published.get_vocab() == original.get_vocab()
+    assert (published.bos_token, published.eos_token, published.pad_token) == \
+        (original.bos_token, original.eos_token, original.pad_token)
+
+
+def test_generation_upload_sends_the_decoder_tokenizer_folder(generation_model_dir, fake_hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    assert main(["--model", str(generation_model_dir), "--repo-id", "mm-fusion/generation"]) == 0
+    assert set(fake_hub.uploads) == GENERATION_RELEASE
+    upload = next(kwargs for name, kwargs in fake_hub.calls if name == "upload_folder")
+    assert DECODER_FILES <= set(upload["allow_patterns"])
+
+
+def test_generation_card_names_the_task_pipeline_and_evaluation(generation_release):
+    from modeling_mm.pipeline_mm import GENERATION_TASK
+
+    card = ModelCard.load(generation_release["release"] / "README.md")
+    check_card(card)
+    data = card.data
+    assert data.pipeline_tag == "image-text-to-text" and data.library_name == "transformers"
+    assert {"mm-fusion", "text-generation", "captioning", "question-answering", "dialogue"} <= set(data.tags)
+    assert DECODER_ID in data.base_model
+    body = card.text
+    assert "A multimodal text generation model made with mm-fusion" in body
+    assert f"the decoder LM `{DECODER_ID}` (gpt2), reading the fused token states by cross-attention" in body
+    assert ("captioning (no prompt: a caption or description), question answering (a question as the prompt) and "
+            "dialogue (a dialogue history as the prompt") in body
+    assert "It was trained to write the `answer` column prompted by the `question` column" in body
+    pipelines, step_by_step = python_blocks(body)
+    assert f'pipeline("{GENERATION_TASK}", model="mm-fusion/generation", revision="main",' in pipelines
+    assert "trust_remote_code=True" in pipelines and "prompt=history" in pipelines
+    assert f'prompt="{CARD_QUESTION}"' in pipelines
+    assert "model.generate(**inputs" in step_by_step and "processor.batch_decode(new_tokens)" in step_by_step
+    assert "| decoder | `mm-fusion-test/tiny-gpt2` (gpt2)" in body and "decoder full" in body
+    # the report: its headline, ablation, fusion gain and sample generations (table cells escaped)
+    assert "On 90 rows of the `test` split of local data (`test.csv`)" in body and "| chrf | 63.5000 |" in body
+    assert "| image + text + audio | 41.2000 |" in body and "Fusion gain: chrf" in body
+    assert "### Sample generations" in body
+    assert "| Question: what colour? Answer: | red | red |" in body
+    assert r"| user: what shape \| size? | a large star | a star |" in body
+    assert "| (none) | A red circle. | A red circle. |" in body
+    assert "/data/private" not in body
+
+
+def test_generation_card_takes_the_model_index_training_report_gives_or_none(generation_release, monkeypatch,
+                                                                           tmp_path):
+    """Whatever `training.report.model_index_results` makes of a generation report goes into the card; where it
+    cannot read one (a report from before generation metrics, or a bare one), the card has no model-index."""
+    import training.report
+    from huggingface_hub import EvalResult
+
+    model_dir = generation_release["model"]
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(GENERATION_REPORT))
+    bleu = EvalResult(task_type="image-text-to-text", task_name="Multimodal text generation (image + text + audio)",
+                      dataset_type="local", dataset_name="test.csv", dataset_split="test", metric_type="bleu",
+                      metric_name="BLEU", metric_value=41.2)
+    monkeypatch.setattr(training.report, "model_index_results", lambda *args, **kwargs: [bleu])
+    card = publish.build_release(model_dir, tmp_path / "with", "mm-fusion/generation", report=report).card
+    check_card(card)
+    assert card_results(card) == {("bleu", "BLEU", 41.2, "test")}
+
+    def unreadable(report, **kwargs):
+        raise KeyError("accuracy")
+
+    monkeypatch.setattr(training.report, "model_index_results", unreadable)
+    card = publish.build_release(model_dir, tmp_path / "without", "mm-fusion/generation", report=report).card
+    check_card(card)
+    assert card.data.eval_results is None and "| bleu | 41.2000 |" in card.text
+    monkeypatch.undo()
+    # the real function: its entries, or none where it cannot read the report
+    card = publish.build_release(model_dir, tmp_path / "real", "mm-fusion/generation", report=report).card
+    check_card(card)
+    try:
+        expected = joint_results(GENERATION_REPORT)
+    except (KeyError, TypeError, ValueError):  # a training.report from before generation metrics
+        expected = set()
+    assert card_results(card) == expected
+    # a report with nothing but its data
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({key: GENERATION_REPORT[key] for key in ("model", "data")}))
+    card = publish.build_release(model_dir, tmp_path / "bare", "mm-fusion/generation", report=bare).card
+    check_card(card)
+    assert "The report has no headline metrics." in card.text and card.data.eval_results is None
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({**GENERATION_REPORT, "examples": "none"}))
+    with pytest.raises(ValueError, match="report: examples in .* is not a list of rows"):
+        publish.build_release(model_dir, tmp_path / "broken", "mm-fusion/generation", report=broken)
+
+
+def test_generation_release_runs_its_card_snippets_where_only_transformers_is_installed(
+        generation_release, generation_model_dir, tmp_path):
+    """The card's two snippets, pointed at the release, in a fresh interpreter that cannot import the project: the
+    pipeline (trust_remote_code) with no prompt, a question and a dialogue history, and generation step by step give
+    the texts the model gives in-process."""
+    from modeling_mm import MMFusionForConditionalGeneration
+    from modeling_mm.pipeline_mm import GENERATION_TASK
+
+    write_media(tmp_path)
+    result = run_without_project([f"""
+        import json
+        names = {{}}
+        for snippet in {card_snippets(generation_release["release"], "mm-fusion/generation")!r}:
+            exec(snippet, names)
+        for loaded in (names["generator"].model, names["model"], names["processor"]):
+            assert type(loaded).__module__.startswith("transformers_modules."), type(loaded).__module__
+        assert type(names["model"]).__name__ == "MMFusionForConditionalGeneration", type(names["model"]).__name__
+        with open("answers.json", "w") as file:
+            json.dump({{key: names[key] for key in ("caption", "answer", "reply", "texts", "history")}}, file)
+        loaded = [name for name in sys.modules if name.split(".")[0] in {PROJECT_PACKAGES!r}]
+        assert not loaded, loaded
+        print("OK")
+    """], tmp_path)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    image, audio = str(tmp_path / "image.png"), str(tmp_path / "audio.wav")
+    generator = pipeline(GENERATION_TASK, model=str(generation_model_dir))
+    assert answers["caption"] == generator(image=image, text="a caption", audio=audio)
+    assert answers["answer"] == generator(image=image, prompt=CARD_QUESTION, max_new_tokens=16)
+    assert answers["reply"] == generator(image=image, prompt=answers["history"], num_beams=3)
+    model = MMFusionForConditionalGeneration.from_pretrained(generation_model_dir).eval()
+    processor = AutoProcessor.from_pretrained(generation_model_dir)
+    inputs = processor(images=[image], text=["a caption"], audio=[audio], prompt=[CARD_QUESTION])
+    assert answers["texts"] == processor.batch_decode(model.generate(**inputs, max_new_tokens=16))
+
+
+def test_a_generation_model_is_published_merged_and_only_with_a_decoder_it_has(generation_model_dir, tiny, capsys,
+                                                                             tmp_path):
+    # an adapter folder of a generation model (the refusal comes before anything is loaded)
+    adapter = shutil.copytree(generation_model_dir, tmp_path / "adapter")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": None}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert main(["--model", str(adapter), "--repo-id", "mm-fusion/x", "--adapter-only", "--dry-run"]) == 2
+    assert re.search("adapter_only: .* holds a generation model, whose adapter does not yet carry every weight",
+                     capsys.readouterr().err)
+    assert main(["--model", str(tiny["merged"]), "--repo-id", "mm-fusion/x", "--dry-run",
+                 f"--base-model=decoder={DECODER_ID}"]) == 2
+    assert "base_model: decoder: the model has no decoder LM" in capsys.readouterr().err

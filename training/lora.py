@@ -391,6 +391,8 @@ def save_trained_model(model: PreTrainedModel | PeftModel, output_dir: str | os.
     peft_config.base_model_name_or_path = _absolute_if_local(base.name_or_path) or None
     model.save_pretrained(output_dir)
     config.save_pretrained(output_dir)
+    if getattr(config, "decoder_config", None) is not None:  # how the model decodes travels with the adapter too
+        base.generation_config.save_pretrained(output_dir)
     return output_dir
 
 
@@ -418,4 +420,8 @@ def load_trained_model(path: str | os.PathLike) -> PreTrainedModel | PeftModel:
         if getattr(config, "decoder_config", None) is not None:  # the decoder LM, from its own checkpoint too
             towers["decoder"] = load_decoder(config.decoder_config._name_or_path, config.decoder_connection, {})
         base = model_class(config, **towers)
+    if (path / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        base.generation_config = GenerationConfig.from_pretrained(path)
     return PeftModel.from_pretrained(base, path).eval()

@@ -11,8 +11,9 @@ The release folder is rebuilt from the model, never copied wholesale, and holds 
 `config.json` (with `auto_map` for AutoConfig, AutoModel, AutoModelForSequenceClassification and AutoProcessor, and
 `custom_pipelines` for the `mm-fusion-classification` pipeline; a multi-task model maps AutoModel to
 `MMFusionForMultiTask`, which the pipeline loads), safetensors weights (sharded above
-`--max-shard-size`) or, with `--adapter-only`, the peft adapter, the processor and tokenizer files, the flat code
-files (`configuration_mm.py`, `modeling_mm.py`, `processing_mm.py`, `media.py`, `pipeline_mm.py`) and a `README.md`
+`--max-shard-size`) or, with `--adapter-only`, the peft adapter, the processor and tokenizer files (a generation
+model's decoder tokenizer in `decoder_tokenizer/`, and its `generation_config.json`), the flat code files
+(`configuration_mm.py`, `modeling_mm.py`, `processing_mm.py`, `media.py`, `pipeline_mm.py`) and a `README.md`
 model card. Everything else in the model folder (optimizer and RNG states, pickles, checkpoints, logs, the training
 records) is left out, and the command lists what it left out. The upload names each file of the release, so nothing
 else can travel with it.
@@ -25,6 +26,17 @@ A joint embedding model (`MMFusionContrastiveModel`, `config.is_contrastive`) is
 for the `mm-fusion-zero-shot-classification` and `mm-fusion-feature-extraction` pipelines (AutoModel maps to its
 class), the pipeline tag `zero-shot-image-classification` (`feature-extraction` without an image and a text tower),
 and a card that shows both pipelines and the embeddings step by step; its report needs no classifier sections.
+
+A generation model (`MMFusionForConditionalGeneration`, `config.decoder_config`) is published with its
+`generation_config.json` and the processor's `decoder_tokenizer/` folder (the decoder LM's tokenizer and chat template),
+`custom_pipelines` for the `mm-fusion-text-generation` pipeline (AutoModel maps to its class), the pipeline tag
+`image-text-to-text` (an image tower: the Hub's tag for text generated from an image and optional text),
+`audio-text-to-text` (an audio tower, no image tower) or `text-generation` (text only), and a card that names the task
+(captioning, question answering, dialogue; what it was trained to write when the training record says), shows the
+pipeline with no prompt, a question and a dialogue history, and generation step by step, with the report's sample
+generations where it has them. `--base-model decoder=ORG/NAME` names the decoder LM's Hub id. It is published merged:
+`--adapter-only` is refused for it (an adapter does not yet carry the decoder's new cross-attention layers, see
+`_refuse_adapter_only`).
 
 Local paths stay local: a tower loaded from a local folder is named in the release only by the Hub id given with
 `--base-model MODALITY=ORG/NAME`. An adapter-only release needs those ids for every tower (or `--base-model
@@ -64,16 +76,19 @@ from transformers.utils.hub import convert_file_size_to_int
 import modeling_mm.modeling_mm
 import modeling_mm.pipeline_mm
 import processors.processing_mm
-from modeling_mm import MMFusionContrastiveModel, MMFusionForMultiTask
+from modeling_mm import MMFusionContrastiveModel, MMFusionForConditionalGeneration, MMFusionForMultiTask
 from modeling_mm.configuration_mm import MODALITY_NAMES
 from modeling_mm.pipeline_mm import (
     FEATURE_EXTRACTION_TASK,
+    GENERATION_TASK,
     PIPELINE_TASK,
     ZERO_SHOT_TASK,
     MMFusionClassificationPipeline,
     MMFusionFeatureExtractionPipeline,
+    MMFusionTextGenerationPipeline,
     MMFusionZeroShotClassificationPipeline,
 )
+from processors.processing_mm import DECODER_TOKENIZER_SUBFOLDER
 from training.lora import load_trained_model
 from training.sample_data import default_sample_dir
 
@@ -93,21 +108,14 @@ def _code_files() -> dict[str, Path]:
 
 CODE_FILES = _code_files()
 
-# What a release may hold (fnmatch patterns on file names; no subfolders). The weights are safetensors only.
-ALLOWED_FILES = (
-    "README.md",
-    "config.json",
-    "model.safetensors",
-    "model-?????-of-?????.safetensors",
-    "model.safetensors.index.json",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "processor_config.json",
-    "preprocessor_config.json",
+# A tokenizer's files, as transformers saves them (the chat template of a decoder tokenizer in chat_template.jinja)
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "vocab.txt",
     "vocab.json",
     "merges.txt",
@@ -115,6 +123,23 @@ ALLOWED_FILES = (
     "sentencepiece.bpe.model",
     "spm.model",
     "tokenizer.model",
+)
+
+# What a release may hold (fnmatch patterns on paths relative to the release; the one subfolder is a generation
+# model's decoder tokenizer). The weights are safetensors only.
+ALLOWED_FILES = (
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-?????-of-?????.safetensors",
+    "model.safetensors.index.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "processor_config.json",
+    "preprocessor_config.json",
+    *TOKENIZER_FILES,
+    *(f"{DECODER_TOKENIZER_SUBFOLDER}/{name}" for name in TOKENIZER_FILES),
     *sorted(CODE_FILES),
 )
 
@@ -141,7 +166,7 @@ _LEFT_OUT_REASONS = (
     ("evaluation/", "evaluation report (summarised in the model card)"),
 )
 
-BASE_KEYS = ("vision", "text", "audio", "model")
+BASE_KEYS = ("vision", "text", "audio", "decoder", "model")
 _DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt")
 LOCAL_SOURCE = "a local checkpoint"
 
@@ -205,13 +230,14 @@ def build_release(
     The model is loaded and saved again (so a broken folder fails here, not for the people who download it), merged
     when `model_dir` holds an adapter, unless `adapter_only` asks to publish the adapter itself. `report` is the
     `mm-eval` report.json for the card (default `<model_dir>/evaluation/report.json` when it exists; without one the
-    card says the model was not evaluated). `base_models` maps "vision"/"text"/"audio" to the Hub id of that tower
-    and "model" to the Hub id of an mm-fusion model it was fine-tuned from. `dataset` is the Hub id of the training
-    data for the card. `revision` is the branch the card's snippets name until an upload pins them to its commit.
+    card says the model was not evaluated). `base_models` maps "vision"/"text"/"audio" to the Hub id of that tower,
+    "decoder" to that of a generation model's decoder LM, and "model" to the Hub id of an mm-fusion model it was
+    fine-tuned from. `dataset` is the Hub id of the training data for the card. `revision` is the branch the card's
+    snippets name until an upload pins them to its commit.
 
     Raises `ValueError` naming the argument for: a folder that is not a model or has no processor, `adapter_only`
-    for a merged model or a multi-task model, an adapter whose base cannot be named by Hub ids, a bad repo id, base
-    model, shard size or report, and a non-empty `out_dir`.
+    for a merged model, a multi-task model or a generation model, an adapter whose base cannot be named by Hub ids,
+    a bad repo id, base model, shard size or report, and a non-empty `out_dir`.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_repo_id("repo_id", repo_id, namespaced=True)
@@ -235,7 +261,7 @@ def build_release(
     report_path = Path(report) if report else model_dir / "evaluation" / "report.json"
     if report is not None and not report_path.is_file():
         raise ValueError(f"report: {report_path} does not exist")
-    evaluation = read_report(report_path, joint_embedding=config.is_contrastive) if report_path.is_file() else None
+    evaluation = read_report(report_path, classifier=_is_classifier(config)) if report_path.is_file() else None
     training_args = _read_json(model_dir / "training_args.json")
     metrics = _read_json(model_dir / "metrics.json")
 
@@ -244,6 +270,8 @@ def build_release(
         names = ", ".join(task["name"] for task in config.tasks)
         raise ValueError(f"adapter_only: {model_dir} holds a multi-task model ({names}); publish it merged "
                          "(without --adapter-only)")
+    if adapter_only and _is_generation(config):
+        _refuse_adapter_only(model_dir)
     adapter_base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") \
         if is_adapter else None
     trained_from = ((training_args or {}).get("model") or {}).get("model")
@@ -288,7 +316,7 @@ def build_release(
 
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     for name in files:
-        if not any(fnmatch(name, pattern) for pattern in ALLOWED_FILES):
+        if not _allowed(name):
             raise ValueError(f"out: the release would hold {name}, which is not on the allow-list")
     left_out = _left_out(model_dir)
     if left_out:
@@ -299,18 +327,23 @@ def build_release(
 
 def resolve_base_models(config: PreTrainedConfig, given: dict[str, str], trained_from: str | None
                         ) -> dict[str, str | None]:
-    """The Hub id of each tower ("vision", "text", "audio") and of the mm-fusion model the model was fine-tuned from
-    ("model"), or None where none is known: `given` first, else the recorded source when it is a Hub id rather than a
-    local path. Raises `ValueError` for an unknown key, a modality the model has no tower for, or a bad Hub id."""
+    """The Hub id of each tower ("vision", "text", "audio"), of a generation model's decoder LM ("decoder") and of
+    the mm-fusion model the model was fine-tuned from ("model"), or None where none is known: `given` first, else the
+    recorded source when it is a Hub id rather than a local path. Raises `ValueError` for an unknown key, a modality
+    the model has no tower for, a decoder for a model without one, or a bad Hub id."""
     for key, repo_id in given.items():
         if key not in BASE_KEYS:
             raise ValueError(f"base_model: unknown key {key!r}; expected one of {BASE_KEYS}")
-        if key != "model" and key not in config.modalities:
+        if key == "decoder" and not _is_generation(config):
+            raise ValueError("base_model: decoder: the model has no decoder LM (it is not a generation model)")
+        if key not in ("model", "decoder") and key not in config.modalities:
             raise ValueError(f"base_model: {key}: the model has no {key} tower (towers: {list(config.modalities)})")
         _check_repo_id(f"base_model: {key}", repo_id)
     bases: dict[str, str | None] = {"model": given.get("model") or _hub_id(trained_from)}
     for modality in config.modalities:
         bases[modality] = given.get(modality) or _hub_id(config.tower_config(modality)._name_or_path)
+    if _is_generation(config):
+        bases["decoder"] = given.get("decoder") or _hub_id(config.decoder_config._name_or_path)
     return bases
 
 
@@ -334,8 +367,30 @@ def _save_merged(model_dir: Path, out_dir: Path, bases: dict[str, str | None], m
 
 
 def _head_class(config: PreTrainedConfig) -> type | None:
-    """The class a multi-task or joint embedding checkpoint loads as; None for the base model and a classifier."""
-    return MMFusionForMultiTask if config.tasks else MMFusionContrastiveModel if config.is_contrastive else None
+    """The class a multi-task, joint embedding or generation checkpoint loads as; None for the base model and a
+    classifier."""
+    if config.tasks:
+        return MMFusionForMultiTask
+    if config.is_contrastive:
+        return MMFusionContrastiveModel
+    return MMFusionForConditionalGeneration if _is_generation(config) else None
+
+
+def _is_generation(config: PreTrainedConfig) -> bool:
+    return getattr(config, "decoder_config", None) is not None
+
+
+def _is_classifier(config: PreTrainedConfig) -> bool:
+    """Whether the model's report is a classifier's (a single- or multi-task one), with the sections that needs."""
+    return not (config.is_contrastive or _is_generation(config))
+
+
+def _refuse_adapter_only(model_dir: Path) -> None:
+    # An adapter-only release needs its config to map AutoModel to the generation class, its generation_config and
+    # decoder tokenizer beside the adapter, and a card snippet that rebuilds the decoder from its Hub id: not written
+    # yet for generation models (mm-train's adapter folders themselves load and generate as the merged model does).
+    raise ValueError(f"adapter_only: {model_dir} holds a generation model; adapter-only releases of generation "
+                     "models are not supported yet; publish it merged (without --adapter-only)")
 
 
 def _save_adapter(model_dir: Path, out_dir: Path, config: PreTrainedConfig, bases: dict[str, str | None]) -> None:
@@ -359,9 +414,12 @@ def _save_adapter(model_dir: Path, out_dir: Path, config: PreTrainedConfig, base
 
 
 def _set_release_config(config: PreTrainedConfig, bases: dict[str, str | None]) -> None:
-    """auto_map for the processor and the pipeline entries; towers named by Hub id, never by a local path."""
+    """auto_map for the processor and the pipeline entries; towers and decoder named by Hub id, never by a local
+    path."""
     for modality in config.modalities:
         config.tower_config(modality)._name_or_path = bases[modality] or ""
+    if _is_generation(config):
+        config.decoder_config._name_or_path = bases["decoder"] or ""
     config.auto_map = {**(config.auto_map or {}), "AutoProcessor": "processing_mm.MMFusionProcessor"}
     config.custom_pipelines = release_pipelines(config)
 
@@ -370,14 +428,17 @@ def release_pipelines(config: PreTrainedConfig) -> dict[str, dict[str, Any]]:
     """The `custom_pipelines` entry of a release's config.json, which `pipeline(task, model=REPO,
     trust_remote_code=True)` reads: per task, the pipeline class in the release's `pipeline_mm.py` and the Auto class
     it loads the model with. A joint embedding model gets zero-shot classification (when it has a text tower and an
-    image or audio one) and feature extraction; any other model the classification pipeline. Each loads the model
-    through AutoModel, which maps a multi-task or contrastive checkpoint to its class, except a classifier's
-    (AutoModelForSequenceClassification)."""
+    image or audio one) and feature extraction; a generation model text generation; any other model the
+    classification pipeline. Each loads the model through AutoModel, which maps a multi-task, contrastive or
+    generation checkpoint to its class, except a classifier's (AutoModelForSequenceClassification)."""
     if config.is_contrastive:
         pipelines = {ZERO_SHOT_TASK: MMFusionZeroShotClassificationPipeline,
                      FEATURE_EXTRACTION_TASK: MMFusionFeatureExtractionPipeline}
         if _zero_shot_example(config) is None:  # zero-shot compares an image or a clip with label texts
             del pipelines[ZERO_SHOT_TASK]
+        auto_class = "AutoModel"
+    elif _is_generation(config):
+        pipelines = {GENERATION_TASK: MMFusionTextGenerationPipeline}
         auto_class = "AutoModel"
     else:
         pipelines = {PIPELINE_TASK: MMFusionClassificationPipeline}
@@ -390,8 +451,9 @@ def _left_out(model_dir: Path) -> dict[str, str]:
     left_out = {}
     for path in sorted(model_dir.iterdir()):
         name = path.name + ("/" if path.is_dir() else "")
-        if path.is_file() and any(fnmatch(path.name, pattern) for pattern in ALLOWED_FILES):
-            continue  # rebuilt in the release rather than copied
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+        if files and all(_allowed(p.relative_to(model_dir).as_posix()) for p in files):
+            continue  # rebuilt in the release rather than copied (a folder: the decoder tokenizer's)
         left_out[name] = next((reason for pattern, reason in _LEFT_OUT_REASONS if fnmatch(name, pattern)),
                               "not on the allow-list")
     return left_out
@@ -399,20 +461,21 @@ def _left_out(model_dir: Path) -> dict[str, str]:
 
 # ---- the model card ------------------------------------------------------------------------------------------------
 
-def read_report(path: str | Path, joint_embedding: bool = False) -> dict[str, Any]:
+def read_report(path: str | Path, classifier: bool = True) -> dict[str, Any]:
     """Read an `mm-eval` report.json and check the fields the card reads: `headline` (metric -> number), `data.source`,
     `data.split`, `data.rows`, `model.modalities`, `problem_type`, and `ablation` rows with a `modalities` list. A
     multi-task model's report has, instead of `headline` and `problem_type`, a `tasks` section: per task name its
     `problem_type`, `headline`, and optional `metrics` (with a multi-label task's `thresholds`) and `ablation` rows.
-    A `joint_embedding` model's report needs only `data` and `model` (its sections are retrieval's, which
-    `training.report` reads for the model-index); a `headline` it has is shown as for a classifier.
+    The report of a model that is no `classifier` (a joint embedding or a generation model) needs only `data` and
+    `model` (its sections are its own, which `training.report` reads for the model-index); a `headline` it has is
+    shown as for a classifier, with its `ablation` rows and `fusion_gain`, and a generation report's `examples`.
     Raises `ValueError` naming the file and the field."""
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"report: cannot read {path}: {error}") from None
     multi_task = "tasks" in report
-    for section in ("data", "model") if multi_task or joint_embedding else ("headline", "data", "model"):
+    for section in ("data", "model") if multi_task or not classifier else ("headline", "data", "model"):
         if not isinstance(report.get(section), dict):
             raise ValueError(f"report: {path} has no '{section}' section; is it an mm-eval report.json?")
     for field in ("source", "split", "rows"):
@@ -420,9 +483,15 @@ def read_report(path: str | Path, joint_embedding: bool = False) -> dict[str, An
             raise ValueError(f"report: data.{field} is missing in {path}")
     if not isinstance(report["model"].get("modalities"), list):
         raise ValueError(f"report: model.modalities is missing in {path}")
-    if joint_embedding and not multi_task:
+    if not classifier and not multi_task:
         if "headline" in report and not isinstance(report["headline"], dict):
             raise ValueError(f"report: headline in {path} is not a mapping of metric names to values")
+        for index, row in enumerate(report.get("ablation") or []):
+            if not isinstance(row, dict) or not isinstance(row.get("modalities"), list):
+                raise ValueError(f"report: ablation[{index}] in {path} has no 'modalities' list")
+        if "examples" in report and not (isinstance(report["examples"], list)
+                                         and all(isinstance(row, dict) for row in report["examples"])):
+            raise ValueError(f"report: examples in {path} is not a list of rows")
         return report
     sections = [(f"tasks.{name}.", section) for name, section in _task_sections(report, path)] if multi_task \
         else [("", report)]
@@ -459,10 +528,17 @@ def default_pipeline_tag(config: PreTrainedConfig) -> str:
     so the tag and the model-index task agree). A multi-task model gets the same tag: its heads are those of
     sequence classification (single-label, multi-label, regression), and the Hub has no multi-task tag. A joint
     embedding model gets `zero-shot-image-classification` when it has an image and a text tower (its zero-shot
-    pipeline's use the Hub knows), else `feature-extraction` (the Hub has no zero-shot audio tag)."""
+    pipeline's use the Hub knows), else `feature-extraction` (the Hub has no zero-shot audio tag). A generation model
+    gets the Hub's tag for text generated from what it reads: `image-text-to-text` with an image tower (an image and
+    optional text in, as BLIP-2 and LLaVA; the Hub has no tag that adds audio), else `audio-text-to-text` with an
+    audio tower, else `text-generation`."""
     if config.is_contrastive:
         has_image_and_text = {"vision", "text"} <= set(config.modalities)
         return "zero-shot-image-classification" if has_image_and_text else "feature-extraction"
+    if _is_generation(config):
+        if "vision" in config.modalities:
+            return "image-text-to-text"
+        return "audio-text-to-text" if "audio" in config.modalities else "text-generation"
     for modality in ("text", "vision", "audio"):
         if modality in config.modalities:
             return f"{MODALITY_NAMES[modality].user}-classification"
@@ -488,7 +564,8 @@ def render_card(
     tables and the modality ablation."""
     train_source = ((training_args or {}).get("data") or {}).get("train_data")
     datasets = [dataset] if dataset else [d for d in [_hub_id(train_source)] if d]
-    base_model = [bases["model"]] if bases["model"] else [bases[m] for m in config.modalities if bases[m]]
+    parts = [*config.modalities, *(["decoder"] if _is_generation(config) else [])]
+    base_model = [bases["model"]] if bases["model"] else [bases[part] for part in parts if bases[part]]
     modalities = [MODALITY_NAMES[m].user for m in config.modalities]
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
@@ -496,19 +573,21 @@ def render_card(
         library_name="peft" if adapter_only else "transformers",
         pipeline_tag=pipeline_tag,
         tags=["mm-fusion", "multimodal", *modalities, *(["multi-task"] if config.tasks else []),
-              *(["joint-embedding", "zero-shot", "retrieval"] if config.is_contrastive else []), "custom_code",
-              *(["peft", "lora"] if adapter_only else [])],
+              *(["joint-embedding", "zero-shot", "retrieval"] if config.is_contrastive else []),
+              *(["text-generation", "captioning", "question-answering", "dialogue"] if _is_generation(config)
+                else []),
+              "custom_code", *(["peft", "lora"] if adapter_only else [])],
         base_model=base_model or None,
         datasets=datasets or None,
         # no model-index rather than an empty one, where the report has no metric the Hub knows
-        eval_results=(_eval_results(report, dataset, config.is_contrastive) if report else None) or None,
+        eval_results=(_eval_results(report, dataset, _is_classifier(config)) if report else None) or None,
         # several base models read as a merge on the Hub unless the relation is stated
         base_model_relation=("adapter" if adapter_only else "finetune") if base_model else None,
     )
     sections = [
-        _summary(repo_id, config, adapter_only, bases),
+        _summary(repo_id, config, adapter_only, bases, training_args),
         _usage(repo_id, revision, config, adapter_only, bases),
-        _training_section(config, training_args, metrics),
+        _training_section(config, training_args, metrics, bases),
         _evaluation_section(report),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
@@ -543,22 +622,24 @@ def check_card(card: ModelCard) -> None:
                                  f"{result.metric_value!r}, not a finite number")
 
 
-def _eval_results(report: dict[str, Any], dataset: str | None, joint_embedding: bool = False) -> list[EvalResult]:
+def _eval_results(report: dict[str, Any], dataset: str | None, classifier: bool = True) -> list[EvalResult]:
     """The model-index results: one per task and headline metric (`training.report.model_index_results`; a
-    multi-task model's metric names carry the task's name, "intensity/mae"). For a `joint_embedding` model, whatever
-    that function gives for its report, and none where it reads a classifier's section the report does not have."""
+    multi-task model's metric names carry the task's name, "intensity/mae"). For a model that is no `classifier` (a
+    joint embedding or generation model), whatever that function gives for its report, and none where it reads a
+    section the report does not have or cannot read it."""
     # imported here: it pulls in scipy and scikit-learn, which only a card with results needs
     from training.report import model_index_results
 
     name, kind = _source_name(str(report["data"]["source"]))
     try:
         return model_index_results(report, dataset_name=dataset or name, dataset_type=dataset or kind)
-    except KeyError as error:
-        if not joint_embedding:
+    except (KeyError, TypeError, ValueError) as error:
+        if classifier:
             raise
-        # a joint embedding model's report has retrieval sections, not a classifier's (read_report checked no more)
-        logger.warning("the card has no model-index: training.report reads a section this joint embedding model's "
-                       "report does not have (%s)", error)
+        # a joint embedding or generation model's report has sections of its own, not a classifier's (read_report
+        # checked no more)
+        logger.warning("the card has no model-index: training.report cannot read this %s model's report (%r)",
+                       "joint embedding" if report.get("problem_type") == "contrastive" else "generation", error)
         return []
 
 
@@ -576,7 +657,8 @@ def _describe_task(task: dict[str, Any]) -> str:
             f"{labels})")
 
 
-def _summary(repo_id: str, config: PreTrainedConfig, adapter_only: bool, bases: dict[str, str | None]) -> str:
+def _summary(repo_id: str, config: PreTrainedConfig, adapter_only: bool, bases: dict[str, str | None],
+             training_args: dict[str, Any] | None = None) -> str:
     towers = "; ".join(
         f"{MODALITY_NAMES[m].user}: `{bases[m]}`" if bases[m] else f"{MODALITY_NAMES[m].user}: {LOCAL_SOURCE} "
         f"({config.tower_config(m).model_type})" for m in config.modalities)
@@ -590,6 +672,12 @@ def _summary(repo_id: str, config: PreTrainedConfig, adapter_only: bool, bases: 
                 f"with {loss} so that the modalities of one item land close together. Each modality of an item is "
                 "embedded alone (unit vectors), so any two can be compared: retrieval across modalities and zero-shot "
                 "classification against label texts; a sample's modalities can also be embedded fused.")
+    elif _is_generation(config):
+        what = (f"A multimodal text generation model made with mm-fusion: pretrained towers ({towers}) joined by "
+                f"{fusion}, and {_describe_decoder(config, bases)}, which writes text conditioned on the fused "
+                "inputs. It serves captioning (no prompt: a caption or description), question answering (a question "
+                "as the prompt) and dialogue (a dialogue history as the prompt; the assistant's next turn is "
+                f"generated). {_trained_to_write(training_args)}")
     elif config.tasks:
         heads = "; ".join(_describe_task(task) for task in config.tasks)
         what = (f"A multimodal multi-task model made with mm-fusion: pretrained towers ({towers}) joined by {fusion} "
@@ -605,6 +693,31 @@ def _summary(repo_id: str, config: PreTrainedConfig, adapter_only: bool, bases: 
         text += (f"\n\nThis repository holds a peft LoRA adapter, with the fusion layers, the head and any tower "
                  f"trained in full saved alongside it. It loads onto {base}, as shown below.")
     return text
+
+
+def _describe_decoder(config: PreTrainedConfig, bases: dict[str, str | None]) -> str:
+    """A generation model's decoder for the card: "the decoder LM `gpt2` (gpt2), reading the fused token states by
+    cross-attention"."""
+    decoder = config.decoder_config
+    source = f"`{bases['decoder']}` ({decoder.model_type})" if bases.get("decoder") else \
+        f"{LOCAL_SOURCE} ({decoder.model_type})"
+    reads = "the fused token states" if not config.num_query_tokens else \
+        f"{config.num_query_tokens} learned queries over the fused token states"
+    how = "by cross-attention" if config.decoder_connection == "cross_attention" else \
+        "as a prefix before the prompt's token embeddings"
+    return f"the decoder LM {source}, reading {reads} {how}"
+
+
+def _trained_to_write(training_args: dict[str, Any] | None) -> str:
+    """What a generation model was trained to write, from its training record (mm-train's data settings)."""
+    data = (training_args or {}).get("data") or {}
+    target, prompt = data.get("target_column"), data.get("prompt_column")
+    if not target:
+        return "What it was trained to write was not recorded with it."
+    if not prompt:
+        return f"It was trained to write the `{target}` column without a prompt (captioning)."
+    return (f"It was trained to write the `{target}` column prompted by the `{prompt}` column (question answering; "
+            "dialogue where a prompt cell holds a history).")
 
 
 def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: bool,
@@ -659,6 +772,8 @@ def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: 
         return _multi_task_usage(repo_id, revision, config, pipe_call, call)
     if config.is_contrastive:
         return _joint_embedding_usage(repo_id, revision, config, pipe_call)
+    if _is_generation(config):
+        return _generation_usage(repo_id, revision, config, pipe_call, call)
     return (
         "## Usage\n\nWith only `transformers` installed (the model code comes from this repository, hence "
         "`trust_remote_code=True`; the revision pins the exact files):\n\n"
@@ -674,6 +789,39 @@ def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: 
         "                                                           trust_remote_code=True)\n"
         f"inputs = processor({call})\n"
         "labels = [model.config.id2label[i] for i in model(**inputs).logits.argmax(-1).tolist()]\n```"
+    )
+
+
+def _generation_usage(repo_id: str, revision: str, config: PreTrainedConfig, pipe_call: str, call: str) -> str:
+    """The usage snippets of a generation model: the pipeline without a prompt, with a question and with a dialogue
+    history, then generation step by step."""
+    # the question and the history are about the one item the model reads first: an image, else a clip, else a text
+    item = next(example for modality, example in (("vision", 'image="image.png"'), ("audio", 'audio="audio.wav"'),
+                                                  ("text", 'text="a caption"')) if modality in config.modalities)
+    return (
+        "## Usage\n\nWith only `transformers` installed (the model code comes from this repository, hence "
+        "`trust_remote_code=True`; the revision pins the exact files). The pipeline returns only the new text, a list "
+        "of `{'generated_text': ...}` per sample; `generate()`'s parameters pass through (`max_new_tokens`, "
+        "`num_beams`, `do_sample`, ...), on top of the model's `generation_config`. A prompt is a string or a dialogue "
+        "history:\n\n"
+        "```python\nfrom transformers import pipeline\n\n"
+        f'generator = pipeline("{GENERATION_TASK}", model="{repo_id}", revision="{revision}",\n'
+        "                     trust_remote_code=True)\n"
+        f"caption = generator({pipe_call})  # any subset; paths, PIL images, arrays\n"
+        "# [{'generated_text': ...}]\n"
+        f'answer = generator({item}, prompt="Question: what colour is it? Answer:", max_new_tokens=16)\n'
+        'history = [{"role": "user", "content": "What shape is it?"}, {"role": "assistant", "content": "A circle."},\n'
+        '           {"role": "user", "content": "And its colour?"}]\n'
+        f"reply = generator({item}, prompt=history, num_beams=3)  # the assistant's next turn\n```\n\n"
+        "Or step by step (the processor left-pads the prompts for `generate()`, which returns only the new "
+        "tokens):\n\n"
+        "```python\nfrom transformers import AutoModel, AutoProcessor\n\n"
+        f'processor = AutoProcessor.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)\n'
+        f'model = AutoModel.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)\n'
+        "# a batch: one prompt per sample (None for none)\n"
+        f'inputs = processor({call},\n                   prompt=["Question: what colour is it? Answer:"])\n'
+        "new_tokens = model.generate(**inputs, max_new_tokens=16)\n"
+        "texts = processor.batch_decode(new_tokens)\n```"
     )
 
 
@@ -799,9 +947,11 @@ def _multi_task_usage(repo_id: str, revision: str, config: PreTrainedConfig, pip
 
 
 def _training_section(config: PreTrainedConfig, training_args: dict[str, Any] | None,
-                      metrics: dict[str, Any] | None) -> str:
+                      metrics: dict[str, Any] | None, bases: dict[str, str | None] | None = None) -> str:
     rows = [("fusion", f"{config.fusion_num_layers} layers, width {config.fusion_hidden_size}, "
                        f"{config.fusion_num_heads} heads, pooling {config.fusion_pooling}")]
+    if _is_generation(config):
+        rows.append(("decoder", _describe_decoder(config, bases or {}).removeprefix("the decoder LM ")))
     if not training_args:
         return "## Training\n\n" + _table(("setting", "value"), rows) + \
             "\n\nThe training settings were not recorded with this model."
@@ -810,6 +960,8 @@ def _training_section(config: PreTrainedConfig, training_args: dict[str, Any] | 
     rows.append(("training data", _public_source(str(data.get("train_data"))) if data.get("train_data")
                  else "the built-in mm-fusion sample"))
     modes = ", ".join(f"{MODALITY_NAMES[m].user} {lora.get(f'{m}_mode')}" for m in config.modalities)
+    if _is_generation(config) and lora.get("decoder_mode"):
+        modes += f", decoder {lora['decoder_mode']}"
     rows.append(("towers", modes))
     if any(lora.get(f"{m}_mode") == "lora" for m in config.modalities):
         rows.append(("LoRA", f"r={lora.get('lora_r')}, alpha={lora.get('lora_alpha')}, "
@@ -838,9 +990,9 @@ def _evaluation_section(report: dict[str, Any] | None) -> str:
     intro = (f"## Evaluation\n\nOn {data['rows']} rows of the `{data['split']}` split of "
              f"{_public_source(str(data['source']))}")
     if "tasks" not in report and "headline" not in report:  # a joint embedding model's report may lack one
-        return f"{intro}. The report has no headline metrics."
+        return f"{intro}. The report has no headline metrics." + _examples_text(report)
     if "tasks" not in report:
-        return f"{intro}:\n\n" + _section_results(report, "###", thresholds=False)
+        return f"{intro}:\n\n" + _section_results(report, "###", thresholds=False) + _examples_text(report)
     parts = [f"{intro}, per task:"]
     for name, section in _task_sections(report):
         parts.append(f"### {name} ({_PROBLEM_TYPE_NAMES.get(section['problem_type'], section['problem_type'])})\n\n"
@@ -867,6 +1019,27 @@ def _section_results(section: dict[str, Any], heading: str, thresholds: bool) ->
                  f"vs the best single modality ({gain['best_single_modality']}) "
                  f"{_format(gain.get('best_single_modality_value'))}: {gain['gain']:+.4f}.")
     return text
+
+
+CARD_EXAMPLES = 5
+"""Sample generations a generation model's card shows from its report's `examples` (the first ones)."""
+
+
+def _examples_text(report: dict[str, Any]) -> str:
+    """A generation report's first `examples` as a table of prompt, reference and generation ("" without any)."""
+    examples = [row for row in report.get("examples") or [] if "prediction" in row][:CARD_EXAMPLES]
+    if not examples:
+        return ""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, list):  # a dialogue history
+            value = " / ".join(f"{m.get('role')}: {m.get('content')}" for m in value if isinstance(m, dict))
+        text = "" if value is None else str(value)
+        return text.replace("|", "\\|").replace("\n", " ").strip() or "(none)"
+
+    rows = [(cell(row.get("prompt")), cell(row.get("reference")), cell(row.get("prediction"))) for row in examples]
+    return ("\n\n### Sample generations\n\nThe first rows of the report's examples, with every modality given:\n\n"
+            + _table(("prompt", "reference", "generated"), rows))
 
 
 def _ablation_text(section: dict[str, Any], heading: str) -> str:
@@ -955,6 +1128,11 @@ def _public_source(source: str) -> str:
                                                                                                      f"`{name}`")
 
 
+def _allowed(name: str) -> bool:
+    """Whether a path relative to the release is on the allow-list."""
+    return any(fnmatch(name, pattern) for pattern in ALLOWED_FILES)
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -987,7 +1165,8 @@ def _human_size(size: int) -> str:
 def _base_model_argument(value: str) -> tuple[str, str]:
     key, separator, repo_id = value.partition("=")
     if not separator:
-        raise argparse.ArgumentTypeError(f"expected MODALITY=ORG/NAME (vision, text, audio or model), got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected MODALITY=ORG/NAME (vision, text, audio, decoder or model), "
+                                         f"got {value!r}")
     return key.strip(), repo_id.strip()
 
 
@@ -1009,9 +1188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          "when it exists.")
     parser.add_argument("--base-model", action="append", type=_base_model_argument, default=[],
                         metavar="MODALITY=ORG/NAME",
-                        help="The Hub id of a tower (vision, text, audio), or of the mm-fusion model it was "
-                             "fine-tuned from (model=ORG/NAME), where the model folder records a local path. "
-                             "Repeat for several.")
+                        help="The Hub id of a tower (vision, text, audio), of a generation model's decoder LM "
+                             "(decoder=ORG/NAME), or of the mm-fusion model it was fine-tuned from (model=ORG/NAME), "
+                             "where the model folder records a local path. Repeat for several.")
     parser.add_argument("--dataset", help="The Hub id of the training data set, for the card's metadata.")
     parser.add_argument("--license", default="apache-2.0", help="The license id for the card (default apache-2.0; "
                                                                 "mind the towers' licenses).")
