@@ -1,9 +1,10 @@
-"""`mm-demo`: a Gradio web app for any mm-fusion classifier, multi-task model or joint embedding model.
+"""`mm-demo`: a Gradio web app for any mm-fusion classifier, multi-task, joint embedding or generation model.
 
     mm-demo                                         # the README's sample model (outputs/sample/model)
     mm-demo --model outputs/my-run/model            # a folder written by mm-train (merged model or peft adapter)
     mm-demo --model user/repo --trust_remote_code   # a Hub model that carries its own code
     mm-demo --model outputs/clip/model --index outputs/clip/index   # a joint embedding model: search an index
+    mm-demo --model outputs/vqa/model               # a generation model: chat about an image and a sound
     python demo/app.py ...                          # the same, from a checkout without installing
 
 The page shows one input per modality the model has (image: upload, webcam, clipboard; text; audio: upload,
@@ -21,6 +22,13 @@ audio clip (upload or microphone); the answer is the top-k items of an index (`m
 without one, an index of the examples folder's rows built on start), those whose embeddings of the ticked modalities
 are nearest to the query's: a gallery of their images captioned "score · text", audio players, the texts with their
 scores, and a table (rank, score, modality, id, text). The results' media are served from copies in the upload folder.
+
+A generation model (mm-train --task generation) has a Chat tab instead. What the answers are about, the fusion's
+inputs, sits in a Conditioning panel: an image, an audio clip (upload or microphone) and a context text (e.g. a
+caption), of the inputs the model has, at least one. An image or clip attached to a chat message replaces the panel's
+and stays there for the following turns until replaced or cleared. The conversation is the decoder's prompt: the
+earlier turns and the latest message as a dialogue history, the oldest turns left out when it outgrows the decoder.
+The answer streams into the chat; max new tokens and sampling (temperature) are set beside it.
 
 Requests are queued (bounded, with a concurrency limit) and run in batches; each request of a batch is decoded and
 checked on its own (`processors.media` limits), so a bad file gives that request a readable error and leaves the
@@ -48,6 +56,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +72,7 @@ import torch
 
 import gradio as gr
 from gradio.utils import get_upload_folder
+from transformers import StoppingCriteria, StoppingCriteriaList
 from modeling_mm.configuration_mm import MODALITY_NAMES
 from modeling_mm.pipeline_mm import DEFAULT_THRESHOLD, task_thresholds
 from processors.media import MediaLimits, load_audio, load_image
@@ -86,7 +96,7 @@ IMAGE_INPUT_HEIGHT = 300
 OUTPUT_DECIMALS = 4
 """A regression output is shown rounded to this many decimals."""
 NO_TAGS = "no tag reaches its threshold"
-PAGE_CSS = "#mm-image img, #mm-search-image img { object-fit: contain; }"
+PAGE_CSS = "#mm-image img, #mm-search-image img, #mm-chat-image img { object-fit: contain; }"
 """Gradio shows an image with `object-fit: scale-down`, which never enlarges: a 32-pixel sample image stayed a
 32-pixel thumbnail in the input. `contain` scales it to the input's height (larger images still shrink to fit).
 Passed to `launch()` (Gradio 6 takes CSS there only); a host that launches `demo` itself passes `css=PAGE_CSS`."""
@@ -96,14 +106,16 @@ Passed to `launch()` (Gradio 6 takes CSS there only); a host that launches `demo
 
 
 def load_model(model_path: str, trust_remote_code: bool = False, device: str | None = None):
-    """Load an mm-fusion model with task heads (a classifier, or a multi-task model) or a joint embedding model
-    (`MMFusionContrastiveModel`, `config.is_contrastive`) and its processor for inference: `model_path` is a folder
+    """Load an mm-fusion model with task heads (a classifier, or a multi-task model), a joint embedding model
+    (`MMFusionContrastiveModel`, `config.is_contrastive`) or a generation model (`MMFusionForConditionalGeneration`,
+    `config.decoder_config`) and its processor for inference: `model_path` is a folder
     written by mm-train (a merged model, or a peft adapter folder, which is merged here) or a Hub id. The model goes
     to `device` (default: CUDA when available, else CPU), in eval mode, in bf16 on a GPU that supports it.
 
     `trust_remote_code` runs the code a Hub model carries (its `auto_map`); without it the classes come from this
     package. Returns `(model, processor)`. Raises `ValueError` for a missing folder, a model that is not mm-fusion,
-    and a model with neither task heads nor embedding projections.
+    a model with neither task heads nor embedding projections nor a decoder, and a generation model whose processor
+    has no decoder tokenizer.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoProcessor
 
@@ -117,13 +129,15 @@ def load_model(model_path: str, trust_remote_code: bool = False, device: str | N
     if getattr(config, "model_type", None) != "mm_fusion":
         raise ValueError(f"model: {model_path!r} is a {config.model_type!r} model, not an mm-fusion model")
     is_contrastive = bool(getattr(config, "is_contrastive", False))
+    is_generation = is_generation_config(config)
     if (Path(model_path) / "adapter_config.json").exists():
         from training.lora import load_trained_model
 
         model = load_trained_model(model_path).merge_and_unload()
-    elif getattr(config, "tasks", None) or is_contrastive:
-        # a multi-task or contrastive folder's auto_map names its class under AutoModel, but this package registers
-        # AutoModel for several classes, and transformers prefers a registered class to remote code: name the class
+    elif getattr(config, "tasks", None) or is_contrastive or is_generation:
+        # a multi-task, contrastive or generation folder's auto_map names its class under AutoModel, but this package
+        # registers AutoModel for several classes, and transformers prefers a registered class to remote code: name
+        # the class
         if trust_remote_code:
             from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -132,12 +146,20 @@ def load_model(model_path: str, trust_remote_code: bool = False, device: str | N
         else:
             import modeling_mm
 
-            model_class = modeling_mm.MMFusionContrastiveModel if is_contrastive else modeling_mm.MMFusionForMultiTask
+            model_class = (modeling_mm.MMFusionForConditionalGeneration if is_generation else
+                           modeling_mm.MMFusionContrastiveModel if is_contrastive else modeling_mm.MMFusionForMultiTask)
             model = model_class.from_pretrained(model_path)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    if is_contrastive:
+    if is_generation:
+        if not hasattr(model, "decoder"):
+            raise ValueError(f"model: {model_path!r} has a decoder_config but loaded as {type(model).__name__}, "
+                             "without a decoder")
+        if getattr(processor, "decoder_tokenizer", None) is None:
+            raise ValueError(f"model: {model_path!r} is a generation model but its processor has no decoder_tokenizer "
+                             "to write its prompts and read its answers")
+    elif is_contrastive:
         contrastive_model(model)  # refuses a model without the embedding projections
     else:
         if getattr(config, "tasks", None) and not hasattr(classifier(model), "heads"):
@@ -147,6 +169,11 @@ def load_model(model_path: str, trust_remote_code: bool = False, device: str | N
     # Loading straight into bf16 can leave composite towers in float32 (DESIGN.md); casting after loading cannot
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     return model.to(device=device, dtype=dtype).eval(), processor
+
+
+def is_generation_config(config) -> bool:
+    """Whether `config` is a generation model's (`MMFusionForConditionalGeneration`): it has a decoder LM's config."""
+    return getattr(config, "decoder_config", None) is not None
 
 
 def decision_thresholds(model, report_path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
@@ -344,6 +371,10 @@ def describe_model(model_path: str, config) -> tuple[str, str]:
         inputs = ", ".join(INPUT_NAMES[m] for m in config.modalities)
         if getattr(config, "is_contrastive", False):
             text = f"An mm-fusion joint embedding model that embeds {inputs} into one space, each on its own."
+        elif is_generation_config(config):
+            decoder = config.decoder_config.model_type
+            text = (f"An mm-fusion generation model: a {decoder} decoder answers in words about the {inputs} it is "
+                    "given, fused with cross-attention.")
         else:
             kind = (f"multi-task model ({', '.join(task['name'] for task in config.tasks)})"
                     if getattr(config, "tasks", None) else "classifier")
@@ -423,8 +454,9 @@ def build_demo(
 ) -> gr.Blocks:
     """Build the page for the mm-fusion classifier at `model_path` (see `load_model`), with its queue set up; for a
     joint embedding model, its Search tab (`build_search_demo`) over the `EmbeddingIndex` saved at `index_path`,
-    else over one built now from the examples folder's rows, else with a note on how to build one. `index_path` with
-    a model that is not a joint embedding model is a `ValueError`.
+    else over one built now from the examples folder's rows, else with a note on how to build one; for a generation
+    model, its Chat tab (`build_chat_demo`). `index_path` with a model that is not a joint embedding model is a
+    `ValueError`.
 
     `examples_dir` holds `examples.csv` (see `load_examples`); by default the model folder's `examples/`.
     Requests run in batches of up to `max_batch_size`, `concurrency_limit` batches at a time, with at most
@@ -452,6 +484,9 @@ def build_demo(
     if index_path:
         raise ValueError(f"index: {model_path!r} is not a joint embedding model, so it has no index to search "
                          "(--index needs a model trained with mm-train --task contrastive)")
+    if is_generation_config(config):
+        return build_chat_demo(model_path, model, processor, concurrency_limit=concurrency_limit,
+                               max_queue_size=max_queue_size, delete_cache=delete_cache, limits=limits)
     modalities = tuple(m for m in ("vision", "text", "audio") if m in config.modalities)
     sampling_rate = processor.feature_extractor.sampling_rate if processor.feature_extractor is not None else 16_000
     tasks = tasks_of(model)
@@ -942,6 +977,504 @@ def _search_tab(search, modalities: tuple[str, ...], index, concurrency_limit: i
                          api_name="search", preprocess=False, concurrency_limit=concurrency_limit)
     event.then(_show_search_error, error, None, api_visibility="private", show_progress="hidden",
                concurrency_limit=None)
+
+
+# ---- chat: the page of a generation model ----------------------------------------------------------------------------
+# A generation model (`config.decoder_config`, MMFusionForConditionalGeneration) answers in words: its page is a Chat
+# tab. The two things an answer depends on are kept apart on the page, as they are in the model: the Conditioning
+# panel holds the fusion's inputs (an image, an audio clip, a context text), what the answer is about; the chat holds
+# the conversation, which is the decoder's prompt (a dialogue history ending with the user's latest message).
+
+DEFAULT_MAX_NEW_TOKENS = 64
+"""The max-new-tokens slider's start, unless the model's generation_config sets `max_new_tokens`."""
+MAX_NEW_TOKENS = 512
+"""The slider's top, lowered for a decoder with fewer positions."""
+DEFAULT_TEMPERATURE = 1.0
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 2.0
+PENDING_ANSWER = "…"
+"""The answer's bubble before its first words arrive."""
+EMPTY_ANSWER = "(the model answered with no text)"
+"""Shown for an answer whose tokens are all special tokens, so the turn does not look lost; the dialogue keeps ""."""
+_NO_TOKEN_LIMIT = 1_000_000
+"""A tokenizer `model_max_length` above this means "not set" (transformers' default is a huge integer)."""
+
+
+@dataclass
+class ChatTurn:
+    """One exchange of a conversation: the user's message, the model's answer, and the files attached to that message
+    (upload-folder paths; shown in the chat, and from then on the conditioning, until replaced)."""
+
+    question: str
+    answer: str
+    image: str | None = None
+    audio: str | None = None
+
+
+@dataclass
+class ChatRequest:
+    """One chat message, checked: the question (None when the message only attaches files), the conditioning the
+    answer is about, decoded (`sample`), and the files the message attached ({"image"/"audio": upload-folder path}),
+    which replace the panel's."""
+
+    question: str | None
+    sample: Sample
+    attached: dict[str, str]
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Stops generation once any of `events` is set: the page's stop button, or a request that went away (which
+    frees the model instead of decoding to max_new_tokens for nobody)."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        stop = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def conditioning_names(modalities: tuple[str, ...]) -> str:
+    """The conditioning inputs a model takes, as the page names them: "an image, an audio clip or a context text"."""
+    names = {"vision": "an image", "audio": "an audio clip", "text": "a context text"}
+    parts = [names[m] for m in ("vision", "audio", "text") if m in modalities]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def decoder_positions(model) -> int | None:
+    """How many positions the decoder LM has (prompt, prefix and new tokens together), or None where its config does
+    not say (`max_position_embeddings`, GPT-2's `n_positions`)."""
+    config = model.config.decoder_config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _max_new_tokens_limit(model) -> int:
+    positions = decoder_positions(model)
+    # at least the start token and one token of the message must fit beside the answer
+    return max(1, min(MAX_NEW_TOKENS, positions - 2)) if positions else MAX_NEW_TOKENS
+
+
+def _attachments(files: Any, modalities: tuple[str, ...], upload_folder: str) -> dict[str, str]:
+    """The files attached to a chat message, by input ("image", "audio"), as upload-folder paths: at most one of each,
+    and only of an input the model has. Raises `ValueError` naming the file otherwise."""
+    import mimetypes
+
+    if files is None:
+        return {}
+    if not isinstance(files, (list, tuple)):
+        raise ValueError(f"message: expected a list of attached files; got {type(files).__name__}")
+    found: dict[str, str] = {}
+    for index, file in enumerate(files):
+        path = _uploaded_path(file, f"attachment {index + 1}", upload_folder)
+        name = (file.get("orig_name") if isinstance(file, dict) else None) or Path(path).name
+        mime = ((file.get("mime_type") if isinstance(file, dict) else None) or mimetypes.guess_type(name)[0]
+                or mimetypes.guess_type(path)[0] or "")
+        kind = mime.split("/")[0]
+        if kind not in ("image", "audio"):
+            raise ValueError(f"attachment {name!r}: not an image or an audio clip ({mime or 'unknown type'})")
+        if ("vision" if kind == "image" else "audio") not in modalities:
+            raise ValueError(f"attachment {name!r}: this model reads no {kind}; it is conditioned on "
+                             f"{conditioning_names(modalities)}")
+        if kind in found:
+            raise ValueError(f"attachments: more than one {kind}; attach one (it replaces the conversation's {kind})")
+        found[kind] = path
+    return found
+
+
+def chat_request(
+    message: Any, image: Any = None, audio: Any = None, context: str | None = None, *,
+    modalities: tuple[str, ...], upload_folder: str, sampling_rate: int = 16_000, limits: MediaLimits = MediaLimits(),
+) -> ChatRequest:
+    """Check one chat message against the conditioning panel: `message` is the MultimodalTextbox's value
+    (`{"text": str, "files": [file]}`, or a plain string), `image` and `audio` the panel's files (Gradio file dicts
+    or upload-folder paths) and `context` its text. Attached files replace the panel's of their kind.
+
+    Raises `ValueError`, naming the input and the limit, for: a message with neither text nor files, text over
+    `MAX_TEXT_CHARACTERS`, a file that is not an upload or not an image/audio clip the model reads, no conditioning
+    input at all, and anything `decode_sample` refuses (a corrupt or oversized file, a too-long clip or context).
+    """
+    if isinstance(message, str):
+        message = {"text": message, "files": []}
+    if not isinstance(message, dict):
+        raise ValueError(f"message: expected text and files; got {type(message).__name__}")
+    question = _chat_text(message.get("text"), "message")
+    question = question.strip() if question else None  # the decoder's user turn, without the box's stray newlines
+    context = _chat_text(context, "context text")
+    attached = _attachments(message.get("files"), modalities, upload_folder)
+    if question is None and not attached:
+        raise ValueError("message: write a question or an instruction (attach an image or audio clip to change what "
+                         "the answers are about)")
+    image_path = attached.get("image") or _uploaded_path(image, "image", upload_folder)
+    audio_path = attached.get("audio") or _uploaded_path(audio, "audio", upload_folder)
+    if image_path is None and audio_path is None and context is None:
+        raise ValueError(f"no conditioning input: the answers are about {conditioning_names(modalities)}; attach "
+                         "or add one under Conditioning (the message is the question, not what it is about)")
+    # the panel only shows the inputs the model has: anything else a request names is not read
+    sample = decode_sample(image=image_path if "vision" in modalities else None,
+                           text=context if "text" in modalities else None,
+                           audio=audio_path if "audio" in modalities else None,
+                           sampling_rate=sampling_rate, limits=limits)
+    return ChatRequest(question, sample, attached)
+
+
+def _chat_text(text: Any, name: str) -> str | None:
+    """A chat text field's value, checked: None when empty or blank; a `ValueError` naming the field (as the page
+    does) for a non-string, text over `MAX_TEXT_CHARACTERS` or text that is not valid Unicode."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ValueError(f"{name}: expected a string; got {type(text).__name__}")
+    if not text.strip():
+        return None
+    if len(text) > MAX_TEXT_CHARACTERS:
+        raise ValueError(f"{name}: {len(text)} characters is more than {MAX_TEXT_CHARACTERS}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name}: not valid Unicode at position {err.start}") from None
+    return text
+
+
+def _prompt_length(processor, dialogue: list[dict[str, str]]) -> int | None:
+    """The decoder prompt's length for `dialogue` (start token and chat template included), or None when it is longer
+    than the decoder tokenizer's `model_max_length` (the processor refuses it)."""
+    try:
+        return int(processor.decoder_inputs([dialogue])["decoder_attention_mask"].sum())
+    except ValueError:
+        return None
+
+
+def fit_dialogue(processor, dialogue: list[dict[str, str]], limit: int) -> tuple[list[dict[str, str]], int]:
+    """The latest part of `dialogue` (user and assistant messages in turn, ending with a user message) whose prompt
+    fits in `limit` decoder tokens: the oldest turns are left out, whole, first. Returns the kept messages and how
+    many turns were left out. Raises `ValueError` when the latest message alone does not fit."""
+    limit = min(limit, _token_limit(processor))
+    for start in range(0, len(dialogue), 2):
+        length = _prompt_length(processor, dialogue[start:])
+        if length is not None and length <= limit:
+            return dialogue[start:], start // 2
+    length = _prompt_length(processor, dialogue[-1:])
+    size = f"{length} tokens" if length is not None else "too many tokens"
+    raise ValueError(f"message: {size} with the chat template, more than the {limit} the decoder can read beside the "
+                     "answer; shorten it (or lower max new tokens)")
+
+
+def _token_limit(processor) -> int:
+    limit = processor.decoder_tokenizer.model_max_length
+    return limit if limit <= _NO_TOKEN_LIMIT else _NO_TOKEN_LIMIT
+
+
+def _max_new_tokens(value: Any, limit: int) -> int:
+    """The max-new-tokens slider's value, checked: a whole number from 1 to `limit`."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_new_tokens: expected a whole number from 1 to {limit}; got {value!r}") from None
+    if number != value or not 1 <= number <= limit:
+        raise ValueError(f"max_new_tokens: expected a whole number from 1 to {limit}; got {value!r}")
+    return number
+
+
+def _temperature(value: Any) -> float:
+    """The temperature slider's value, checked: a number from `MIN_TEMPERATURE` to `MAX_TEMPERATURE`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not MIN_TEMPERATURE <= number <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature: expected a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}; got {value!r}")
+    return number
+
+
+def dialogue_of(turns: list[ChatTurn], question: str) -> list[dict[str, str]]:
+    """The decoder's prompt for `question` after `turns`: a dialogue history, as `MMFusionProcessor` takes it."""
+    messages = []
+    for turn in turns:
+        messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
+    return [*messages, {"role": "user", "content": question}]
+
+
+def chat_messages(turns: list[ChatTurn], pending: ChatTurn | None = None) -> list[dict[str, Any]]:
+    """The chatbot's value for `turns` (and the turn being answered): per turn the attached files, the message and
+    the answer, in Gradio's messages format. Text goes as `{"type": "text"}` content, which Gradio shows as it is
+    (a plain string would be dedented and stripped)."""
+    messages: list[dict[str, Any]] = []
+    for turn in [*turns, *([pending] if pending else [])]:
+        for path in (turn.image, turn.audio):
+            if path:
+                messages.append({"role": "user", "content": {"path": path}})
+        messages.append({"role": "user", "content": {"type": "text", "text": turn.question}})
+        answer = turn.answer or (PENDING_ANSWER if turn is pending else EMPTY_ANSWER)
+        messages.append({"role": "assistant", "content": {"type": "text", "text": answer}})
+    return messages
+
+
+def conditioning_line(sample: Sample) -> str:
+    """What an answer was conditioned on, as the status line says it: "image + audio + context text"."""
+    given = [name for name, value in (("image", sample.image), ("audio", sample.audio), ("context text", sample.text))
+             if value is not None]
+    return " + ".join(given)
+
+
+def stream_answer(model, processor, sample: Sample, dialogue: list[dict[str, str]], *, max_new_tokens: int,
+                  do_sample: bool = False, temperature: float = DEFAULT_TEMPERATURE, sampling_rate: int = 16_000,
+                  stop: threading.Event | None = None):
+    """Generate the answer to `dialogue` (ending with the user's message) about `sample`, streaming: yields the
+    answer's text so far as it grows (transformers' `TextIteratorStreamer`, generation on its own thread), and
+    returns, as the generator's value, `(answer, new_token_count, turns_left_out)`, the answer being the processor's
+    `batch_decode` of the generated tokens (what the model gives in-process).
+
+    The oldest turns are left out where the prompt would not fit beside `max_new_tokens` (`fit_dialogue`). Setting
+    `stop` ends generation where it is (the answer is what it got to); closing the generator ends it too and waits
+    for the thread. Raises what `fit_dialogue` and the model raise.
+    """
+    from transformers import TextIteratorStreamer
+
+    batch = processor(text=sample.text, images=sample.image, audio=sample.audio, sampling_rate=sampling_rate)
+    fusion_inputs = {key: value.to(model.device, dtype=model.dtype) if value.is_floating_point()
+                     else value.to(model.device) for key, value in batch.items()}
+    with torch.no_grad():
+        # the towers and the fusion once, here: in prefix mode their tokens take decoder positions too
+        context = model.get_decoder_context(**fusion_inputs)
+    positions = decoder_positions(model)
+    prefix_length = context[0].shape[1] if model.config.decoder_connection == "prefix" else 0
+    limit = positions - max_new_tokens - prefix_length if positions else _NO_TOKEN_LIMIT
+    if limit < 2:
+        raise ValueError(f"max_new_tokens: {max_new_tokens} leaves no room for the message among the decoder's "
+                         f"{positions} positions; choose fewer")
+    kept, left_out = fit_dialogue(processor, dialogue, limit)
+    prompt = {key: value.to(model.device) for key, value in processor.decoder_inputs([kept]).items()}
+    settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+    if do_sample:
+        settings["temperature"] = temperature
+    stop, closed = stop or threading.Event(), threading.Event()
+    streamer = TextIteratorStreamer(processor.decoder_tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: dict[str, Any] = {}
+
+    def generate() -> None:
+        try:
+            result["ids"] = model.generate(encoder_outputs=context, **prompt, **settings, streamer=streamer,
+                                           stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop, closed)]))
+        except Exception as error:  # raised again on the request's thread, where the page's error handling is
+            result["error"] = error
+            streamer.end()  # else the loop below waits for text that never comes
+
+    thread = threading.Thread(target=generate, name="mm-demo-generate", daemon=True)
+    thread.start()
+    try:
+        text = ""
+        for piece in streamer:
+            if piece:
+                text += piece
+                yield text
+    finally:
+        closed.set()
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    ids = result["ids"]
+    new_tokens = int((ids[0] != processor.decoder_tokenizer.pad_token_id).sum()) if ids.numel() else 0
+    return processor.batch_decode(ids)[0], new_tokens, left_out
+
+
+def build_chat_demo(
+    model_path: str,
+    model,
+    processor,
+    *,
+    concurrency_limit: int = 1,
+    max_queue_size: int = 64,
+    delete_cache: tuple[int, int] = (600, 3600),
+    limits: MediaLimits = MediaLimits(),
+) -> gr.Blocks:
+    """Build the page of a generation model: a header and a Chat tab.
+
+    The Conditioning panel holds what the answers are about, the fusion's inputs of the model: an image (upload,
+    webcam, clipboard), an audio clip (upload, microphone) and a context text, at least one. The chat's message box
+    takes the question and, optionally, an image and/or audio clip (upload, microphone), which replace the panel's
+    and stay for the following turns. Each answer is generated for the dialogue so far (earlier messages and answers,
+    then the new message; the oldest turns left out when it would not fit the decoder) and streams into the chat;
+    max new tokens and sampling with a temperature are set in the Generation settings (greedy by default). A status
+    line says, per turn, what the answer was conditioned on. No conditioning, an empty message, a file the decoder
+    refuses or that is not an upload, and a too-long input give a readable error in the page and change nothing.
+    The message box's stop button ends the answer where it is (it stays in the conversation as far as it got).
+    "New conversation" empties the chat and keeps the conditioning. The returned Blocks also carries `model` and
+    `processor`.
+    """
+    modalities = tuple(m for m in ("vision", "text", "audio") if m in model.config.modalities)
+    sampling_rate = processor.feature_extractor.sampling_rate if processor.feature_extractor is not None else 16_000
+    name, description = describe_model(model_path, model.config)
+    upload_folder = os.path.realpath(get_upload_folder())
+    token_limit = _max_new_tokens_limit(model)
+    configured = getattr(model.generation_config, "max_new_tokens", None)
+    default_tokens = min(configured or DEFAULT_MAX_NEW_TOKENS, token_limit)
+
+    # the chat event's outputs, by name; a page without an image or audio input has no such output
+    output_names = ["chatbot", "turns", "message", *(kind for m, kind in (("vision", "image"), ("audio", "audio"))
+                                                    if m in modalities), "status", "error"]
+
+    stops: dict[str, threading.Event] = {}  # per page session, the answer being generated: what its stop button ends
+
+    def stop_answer(request: gr.Request) -> None:
+        """The stop button: ends the session's answer where it is."""
+        stop = stops.get(request.session_hash)
+        if stop is not None:
+            stop.set()
+
+    def chat(message: Any, image: Any = None, audio: Any = None, context: str | None = None,
+             turns: list[ChatTurn] | None = None, max_new_tokens: Any = DEFAULT_MAX_NEW_TOKENS,
+             sample: bool = False, temperature: Any = DEFAULT_TEMPERATURE, request: gr.Request | None = None):
+        """One chat message; yields the outputs (`output_names`) as the answer grows, `gr.skip()` for those it has
+        not set. A modality the model lacks stays None."""
+        turns = list(turns or [])
+        shown: dict[str, Any] = {}
+
+        def outputs(**values: Any) -> tuple:
+            # Gradio sends each yield after the first as a diff against the one before, and diffs a gr.skip() after
+            # a value as a change of that value (the page's image became {"__type__": "update", "url": ...}): once
+            # set, an output repeats its value, which diffs to nothing
+            shown.update(values)
+            return tuple(shown.get(name, gr.skip()) for name in output_names)
+
+        try:
+            asked = chat_request(message, image, audio, context, modalities=modalities, upload_folder=upload_folder,
+                                 sampling_rate=sampling_rate, limits=limits)
+            settings = {"max_new_tokens": _max_new_tokens(max_new_tokens, token_limit), "do_sample": bool(sample)}
+            if sample:
+                settings["temperature"] = _temperature(temperature)
+        except Exception as error:
+            # the message stays in its box, to be fixed; the conversation and the panel are as they were
+            yield outputs(error=_error_message(error))
+            return
+        if asked.question is None:  # files only: they become the conditioning, and nothing is asked yet
+            status = f"Now about: {conditioning_line(asked.sample)}. Ask your question."
+            yield outputs(message=None, **asked.attached, status=status, error="")
+            return
+        number = len(turns) + 1
+        pending = ChatTurn(asked.question, "", asked.attached.get("image"), asked.attached.get("audio"))
+        about = conditioning_line(asked.sample)
+        start = time.perf_counter()
+        yield outputs(chatbot=chat_messages(turns, pending), message=None, **asked.attached,
+                      status=f"Turn {number} · answering about {about} …", error="")
+        stop = threading.Event()
+        session = request.session_hash if request is not None else None
+        if session:
+            stops[session] = stop
+        answers = stream_answer(model, processor, asked.sample, dialogue_of(turns, asked.question),
+                                sampling_rate=sampling_rate, stop=stop, **settings)
+        try:
+            while True:
+                pending.answer = next(answers)
+                yield outputs(chatbot=chat_messages(turns, pending))
+        except StopIteration as done:
+            answer, new_tokens, left_out = done.value
+        except Exception as error:
+            # the conversation as it was, and the question back in its box to send again
+            yield outputs(chatbot=chat_messages(turns), message={"text": asked.question, "files": []}, status="",
+                          error=_error_message(error))
+            return
+        finally:
+            answers.close()  # a request that went away stops the generation thread too
+            if session and stops.get(session) is stop:
+                del stops[session]
+        pending.answer = answer
+        turns.append(pending)
+        verb = "stopped" if stop.is_set() else "answered"
+        status = (f"Turn {number} · {verb} about {about} · {new_tokens} new token{'s' if new_tokens != 1 else ''} "
+                  f"in {(time.perf_counter() - start) * 1000:.0f} ms")
+        if left_out:
+            status += (f" · the {left_out} oldest turn{'s were' if left_out != 1 else ' was'} left out of the prompt "
+                       "(the decoder reads a limited number of tokens)")
+        yield outputs(chatbot=chat_messages(turns), turns=turns, status=status, error="")
+
+    with gr.Blocks(title=f"{name} · mm-demo", analytics_enabled=False, delete_cache=delete_cache) as demo:
+        gr.Markdown(
+            f"# {_escape_markdown(name)}\n\n{_escape_markdown(description)}\n\n"
+            f"**What the answers are about:** {conditioning_names(modalities)}, under *Conditioning* (at least one; "
+            "an image or audio clip attached to a message replaces it there).  \n"
+            "**What they answer:** your latest message, after the conversation so far.",
+            elem_id="mm-header",
+        )
+        with gr.Tabs():
+            with gr.Tab("Chat", elem_id="mm-chat-tab"):
+                _chat_tab(chat, stop_answer, output_names, modalities, default_tokens, token_limit,
+                          concurrency_limit)
+    demo.queue(max_size=max_queue_size, default_concurrency_limit=concurrency_limit)
+    demo.examples_dir = None
+    demo.model, demo.processor = model, processor
+    return demo
+
+
+def _chat_tab(chat, stop_answer, output_names: list[str], modalities: tuple[str, ...], default_tokens: int,
+              token_limit: int, concurrency_limit: int) -> None:
+    """The Chat tab's components and events, inside the page's Blocks."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown("### Conditioning\nWhat the answers are about: the model reads these with every message. "
+                        "They stay for the following turns until you replace or clear them.")
+            panel = {}  # keyed by chat's parameter names, which the API shows
+            if "vision" in modalities:
+                panel["image"] = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
+                                          height=IMAGE_INPUT_HEIGHT, elem_id="mm-chat-image")
+            if "audio" in modalities:
+                panel["audio"] = gr.Audio(label="Audio", type="filepath", sources=["upload", "microphone"],
+                                          elem_id="mm-chat-audio")
+            if "text" in modalities:
+                panel["context"] = gr.Textbox(
+                    label="Context text", lines=2, max_length=MAX_TEXT_CHARACTERS, elem_id="mm-chat-context",
+                    info="Read with the image and audio, e.g. a caption; not the question (that goes in the chat)")
+            with gr.Accordion("Generation", open=True):
+                max_new_tokens = gr.Slider(1, token_limit, value=default_tokens, step=1, label="Max new tokens",
+                                           elem_id="mm-chat-max-new-tokens")
+                sample = gr.Checkbox(False, label="Sample (off: greedy, the most likely token each step)",
+                                     elem_id="mm-chat-sample")
+                temperature = gr.Slider(MIN_TEMPERATURE, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
+                                        label="Temperature (when sampling)", interactive=False,
+                                        elem_id="mm-chat-temperature")
+        with gr.Column(scale=2):
+            chatbot = gr.Chatbot(label="Conversation", height=420, render_markdown=False, buttons=["copy"],
+                                 feedback_options=None, elem_id="mm-chat")
+            attachable = [kind for m, kind in (("vision", "image"), ("audio", "audio")) if m in modalities]
+            message = gr.MultimodalTextbox(
+                label="Message", file_count="multiple", file_types=attachable or None,
+                sources=["upload", "microphone"] if "audio" in modalities else ["upload"],
+                placeholder="Ask about the conditioning" + (f"; attach {' or '.join(attachable)} to replace it"
+                                                            if attachable else ""),
+                stop_btn=True, max_plain_text_length=MAX_TEXT_CHARACTERS, elem_id="mm-chat-message",
+            )
+            status = gr.Markdown(elem_id="mm-chat-status")
+            error = gr.Markdown(elem_id="mm-chat-error")
+            new_conversation = gr.Button("New conversation", elem_id="mm-chat-clear")
+    turns = gr.State([])
+    # preprocess=False: Gradio's own preprocessing would open images with PIL, without our limits; chat decodes the
+    # files itself, from the upload folder only
+    event = message.submit(
+        chat, inputs_kwargs={"message": message, **panel, "turns": turns, "max_new_tokens": max_new_tokens,
+                             "sample": sample, "temperature": temperature},
+        outputs=[{"chatbot": chatbot, "turns": turns, "message": message, "status": status, "error": error,
+                  **panel}[name] for name in output_names],
+        api_name="chat", preprocess=False, concurrency_limit=concurrency_limit, show_progress="minimal",
+        show_progress_on=[chatbot],  # a timer over the status and error lines would hide what they say
+    )
+    event.then(_show_chat_error, error, None, api_visibility="private", show_progress="hidden",
+               concurrency_limit=None)
+    # not `cancels`: the answer ends where it is and stays in the conversation (a cancelled event keeps no turn)
+    message.stop(stop_answer, None, None, api_visibility="private", queue=False, show_progress="hidden")
+    sample.change(lambda on: gr.update(interactive=bool(on)), sample, temperature, api_visibility="private",
+                  queue=False, show_progress="hidden")
+    reset = (lambda: ([], [], "", ""))
+    new_conversation.click(reset, None, [chatbot, turns, status, error], api_visibility="private", queue=False,
+                           show_progress="hidden")
+    chatbot.clear(reset, None, [chatbot, turns, status, error], api_visibility="private", queue=False,
+                  show_progress="hidden")
+
+
+def _show_chat_error(message: str) -> None:
+    """`_show_error` for the Chat tab: the alert's title says what could not be done."""
+    _show_error(message, title="Could not answer")
 
 
 # ---- the command line ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """mm-demo (`demo/app.py`): the page in a real browser, the API, load, a soak, file-access safety, the UI of a
-model with two modalities, a multi-task model's page, and a joint embedding model's Search tab.
+model with two modalities, a multi-task model's page, a joint embedding model's Search tab, and a generation model's
+Chat tab.
 
 The sample model's server is started once per module through `main()` in a subprocess (the way `mm-demo` runs), on
 127.0.0.1 and a free port, with its own temporary folder under the test's; it is stopped with SIGTERM and must then
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import http.client
 import io
 import itertools
@@ -1068,6 +1070,381 @@ def test_a_joint_embedding_model_without_an_index_indexes_its_examples_or_says_h
 
     with pytest.raises(ValueError, match="^index: .* is not a joint embedding model"):
         build_demo(str(vision_text_model_dir), index_path="any-index")
+
+
+# ---- 9. a generation model: the Chat tab -----------------------------------------------------------------------------
+
+CHAT_QUESTIONS = ("what is it?", "and the tone?")
+CHAT_MAX_NEW_TOKENS = 10  # short answers: two turns stay within the tiny decoder's 64-token prompt
+CHAT_CANDIDATE_ROWS = 8
+CHAT_OUTPUTS = ("chatbot", "turns", "message", "image", "audio", "status", "error")  # the chat event's, in order
+DECODER_STEP_SECONDS = 0.05  # the browser test slows each decoding step so that the page renders the partial answers
+SKIPPED = {"__type__": "update"}  # gr.skip(): the output keeps its value
+CHAT_TEXTAREA = "#mm-chat-message textarea"
+CHAT_STATUS, CHAT_ERROR = "#mm-chat-status [data-testid=markdown]", "#mm-chat-error [data-testid=markdown]"
+
+
+@dataclass
+class ChatCase:
+    """A test row's image and audio clip, and the model's own greedy answers to CHAT_QUESTIONS about them: the first
+    to the first question alone, the second to the second question after the first exchange."""
+
+    image: str
+    audio: str
+    answers: tuple[str, str]
+
+
+@pytest.fixture(scope="module")
+def own_generation(generation_model_dir):
+    """The generation model and processor as a user loads them, to compare the page's answers with."""
+    from transformers import AutoProcessor
+
+    from modeling_mm import MMFusionForConditionalGeneration
+
+    return (MMFusionForConditionalGeneration.from_pretrained(generation_model_dir).eval(),
+            AutoProcessor.from_pretrained(generation_model_dir))
+
+
+def own_answer(own_generation, dialogue: list[dict], image: str | None = None, audio: str | None = None,
+               max_new_tokens: int = CHAT_MAX_NEW_TOKENS) -> str:
+    """The model's own greedy answer to `dialogue` about `image` and `audio`: processor, generate, batch_decode."""
+    model, processor = own_generation
+    batch = processor(images=image, audio=audio, prompt=[dialogue])
+    return processor.batch_decode(model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False))[0]
+
+
+def dialogue(*texts: str) -> list[dict]:
+    """User and assistant messages in turn, starting with the user's."""
+    return [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(texts)]
+
+
+@pytest.fixture(scope="module")
+def chat_case(own_generation, test_rows) -> ChatCase:
+    """The first test row about whose image and audio the untrained model's first answer changes without the clip,
+    so that a page that lost the clip shows another answer; its second answer must change without the first
+    exchange, so that a page that lost the history does too."""
+    first, second = CHAT_QUESTIONS
+    for row in test_rows[:CHAT_CANDIDATE_ROWS]:
+        answer = own_answer(own_generation, dialogue(first), row["image"], row["audio"])
+        if answer and answer != own_answer(own_generation, dialogue(first), row["image"]):
+            break
+    else:
+        pytest.fail(f"no row among the first {CHAT_CANDIDATE_ROWS} has an answer that depends on its audio clip")
+    follow_up = own_answer(own_generation, dialogue(first, answer, second), row["image"], row["audio"])
+    assert follow_up != own_answer(own_generation, dialogue(second), row["image"], row["audio"]), \
+        "the fixture model answers the second question alike with and without the history: pick other questions"
+    return ChatCase(row["image"], row["audio"], (answer, follow_up))
+
+
+def chat_fn(demo: gr.Blocks):
+    return next(fn.fn for fn in demo.fns.values() if fn.api_name == "chat")
+
+
+def chat_steps(demo: gr.Blocks, message, image=None, audio=None, context: str = "", turns=None,
+               max_new_tokens=CHAT_MAX_NEW_TOKENS, sample: bool = False, temperature=1.0) -> list[dict]:
+    """Every value the chat function yields for one message, by output name."""
+    return [dict(zip(CHAT_OUTPUTS, values)) for values in chat_fn(demo)(
+        message, image, audio, context, turns or [], max_new_tokens, sample, temperature)]
+
+
+def texts_of(chatbot: list[dict]) -> list[tuple[str, str]]:
+    """(role, text) of a chatbot value's text messages, in order."""
+    return [(m["role"], m["content"]["text"]) for m in chatbot if m["content"].get("type") == "text"]
+
+
+def uploaded(folder: Path, *paths: str) -> list[str]:
+    """Copies of `paths` in the upload folder, as Gradio keeps a page's uploads."""
+    folder.mkdir(exist_ok=True)
+    return [str(shutil.copy(path, folder / Path(path).name)) for path in paths]
+
+
+def test_a_generation_model_gets_a_chat_page_with_a_conditioning_panel(generation_model_dir):
+    """A generation model's page is one Chat tab: a Conditioning panel (image, audio, context text), generation
+    settings, the chat and its message box (upload and microphone); none of the classifier's or the search's
+    components; the /chat endpoint takes the message and the panel's inputs."""
+    from modeling_mm import MMFusionForConditionalGeneration
+
+    demo = build_demo(str(generation_model_dir))
+    assert isinstance(demo.model, MMFusionForConditionalGeneration) and not demo.model.training
+    components = {c.elem_id: c for c in demo.blocks.values() if getattr(c, "elem_id", None)}
+    assert isinstance(components["mm-chat"], gr.Chatbot)
+    message = components["mm-chat-message"]
+    assert isinstance(message, gr.MultimodalTextbox) and message.sources == ["upload", "microphone"]
+    assert message.file_types == ["image", "audio"]
+    assert isinstance(components["mm-chat-image"], gr.Image) and isinstance(components["mm-chat-audio"], gr.Audio)
+    assert components["mm-chat-context"].label == "Context text"
+    assert components["mm-chat-max-new-tokens"].maximum == 126  # the tiny GPT-2's 128 positions, less two
+    assert not {"mm-submit", "mm-search-submit"} & set(components)
+    assert "an image, an audio clip or a context text, under *Conditioning*" in components["mm-header"].value
+    parameters = demo.get_api_info()["named_endpoints"]["/chat"]["parameters"]
+    assert [p["parameter_name"] for p in parameters] == ["message", "image", "audio", "context", "max_new_tokens",
+                                                         "sample", "temperature"]
+
+
+def test_the_chat_streams_each_answer_and_sends_the_conversation_as_the_dialogue(
+        generation_model_dir, chat_case, gradio_upload_folder):
+    """The chat function, called as the page calls it: the first message attaches the image and the clip, which the
+    panel takes; the answer grows over several yields, each a prefix of the last, which is the model's own answer.
+    The second message attaches nothing: the panel's files condition it, and the first exchange is its history."""
+    demo = build_demo(str(generation_model_dir))
+    image, audio = uploaded(gradio_upload_folder, chat_case.image, chat_case.audio)
+    first, second = CHAT_QUESTIONS
+    steps = chat_steps(demo, {"text": f"  {first}\n", "files": [{"path": image}, {"path": audio}]})
+    assert len(steps) > 2, steps[-1]["error"]
+    start, *streamed, done = steps
+    assert (start["image"], start["audio"], start["message"]) == (image, audio, None)  # the panel holds them now
+    assert texts_of(start["chatbot"]) == [("user", first), ("assistant", "…")]
+    assert start["status"] == "Turn 1 · answering about image + audio …" and start["error"] == ""
+    partials = [texts_of(step["chatbot"])[-1][1] for step in streamed]
+    assert len(partials) >= 3 and all(step["turns"] is SKIPPED or step["turns"] == SKIPPED for step in streamed)
+    assert all(later.startswith(earlier.strip()) for earlier, later in zip(partials, partials[1:]))
+    assert texts_of(done["chatbot"]) == [("user", first), ("assistant", chat_case.answers[0])]
+    assert [m["content"]["path"] for m in done["chatbot"] if "path" in m["content"]] == [image, audio]
+    assert done["status"].startswith("Turn 1 · answered about image + audio · ") and done["error"] == ""
+    (turn,) = done["turns"]
+    assert (turn.question, turn.answer) == (first, chat_case.answers[0])
+
+    *_, done = chat_steps(demo, {"text": second, "files": []}, {"path": image}, {"path": audio},
+                          turns=done["turns"])
+    assert texts_of(done["chatbot"]) == [("user", first), ("assistant", chat_case.answers[0]), ("user", second),
+                                         ("assistant", chat_case.answers[1])]
+    assert done["status"].startswith("Turn 2 · answered about image + audio")
+
+
+def test_the_oldest_turns_are_left_out_when_the_conversation_outgrows_the_decoder(
+        generation_model_dir, own_generation, chat_case, gradio_upload_folder):
+    """The prompt keeps the latest whole turns that fit beside the answer (the tiny decoder's tokenizer reads 64
+    tokens); the page says how many it left out, and answers as the model does with the turns kept. A message that
+    cannot fit alone is refused with its length, the conversation as it was and the message back in its box."""
+    from demo.app import fit_dialogue
+
+    processor = own_generation[1]
+    long_answer = " ".join(["the red circle"] * 8)
+    messages = dialogue("what is it?", long_answer, "what colour?", long_answer, "and the tone?")
+    length = {start: int(processor.decoder_inputs([messages[start:]])["decoder_attention_mask"].sum())
+              for start in (2, 4)}
+    assert fit_dialogue(processor, messages, length[2]) == (messages[2:], 1)
+    assert fit_dialogue(processor, messages, length[4]) == (messages[4:], 2)
+    with pytest.raises(ValueError, match=f"^message: {length[4]} tokens .* more than the {length[4] - 1} "):
+        fit_dialogue(processor, messages, length[4] - 1)
+
+    from demo.app import ChatTurn
+
+    demo = build_demo(str(generation_model_dir))
+    image, audio = uploaded(gradio_upload_folder, chat_case.image, chat_case.audio)
+    turns = [ChatTurn(messages[0]["content"], long_answer), ChatTurn(messages[2]["content"], long_answer)]
+    *_, done = chat_steps(demo, "and the tone?", {"path": image}, {"path": audio}, turns=turns)
+    assert "the 1 oldest turn was left out of the prompt" in done["status"] and done["error"] == ""
+    assert done["turns"][-1].answer == own_answer(own_generation, messages[2:], image, audio)
+
+    # 125 new tokens leave 3 of the decoder's 128 positions for the prompt
+    *_, refused = chat_steps(demo, "and the tone?", {"path": image}, {"path": audio}, turns=turns, max_new_tokens=125)
+    assert refused["error"].startswith("message: ") and "more than the 3 the decoder can read" in refused["error"]
+    assert texts_of(refused["chatbot"]) == texts_of(done["chatbot"])[:4]
+    assert refused["message"] == {"text": "and the tone?", "files": []} and refused["turns"] == SKIPPED
+
+
+def slow_decoder(demo: gr.Blocks, monkeypatch) -> None:
+    """Each decoding step of the page's model takes DECODER_STEP_SECONDS longer, so that an answer takes a while."""
+    step = demo.model.decoder.forward
+
+    @functools.wraps(step)  # transformers' generate reads the decoder's forward signature
+    def slow_step(*args, **kwargs):
+        time.sleep(DECODER_STEP_SECONDS)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(demo.model.decoder, "forward", slow_step)
+
+
+def test_the_stop_button_ends_the_answer_where_it_is_and_keeps_it_in_the_conversation(
+        generation_model_dir, own_generation, chat_case, gradio_upload_folder, monkeypatch):
+    """Stopping during the first words: the answer ends there, as the start of the model's own answer, and is the
+    turn's answer in the conversation; the status says it was stopped. Another session's stop changes nothing."""
+    demo = build_demo(str(generation_model_dir))
+    slow_decoder(demo, monkeypatch)
+    image, audio = uploaded(gradio_upload_folder, chat_case.image, chat_case.audio)
+    stop = next(fn.fn for fn in demo.fns.values() if fn.fn is not None and fn.fn.__name__ == "stop_answer")
+    session = gr.Request(session_hash="page")
+    steps = chat_fn(demo)("what is it?", {"path": image}, {"path": audio}, "", [], 100, False, 1.0, session)
+    next(steps), next(steps)  # the question shown, then the first words
+    stop(gr.Request(session_hash="another page"))
+    stop(session)
+    done = dict(zip(CHAT_OUTPUTS, list(steps)[-1]))
+    full = own_answer(own_generation, dialogue("what is it?"), chat_case.image, chat_case.audio, max_new_tokens=100)
+    (turn,) = done["turns"]
+    assert turn.answer and full.startswith(turn.answer) and len(turn.answer) < len(full) / 2, (turn.answer, full)
+    assert texts_of(done["chatbot"])[-1] == ("assistant", turn.answer)
+    assert done["status"].startswith("Turn 1 · stopped about image + audio") and done["error"] == ""
+
+
+def _bad_chat_request(files: dict[str, str]) -> list[tuple[dict, str]]:
+    image, audio, corrupt, notes, outside = (files[k] for k in ("image", "audio", "corrupt", "notes", "outside"))
+    return [
+        (dict(message="what is it?"), "no conditioning input: the answers are about an image, an audio clip or a "
+                                      "context text"),
+        (dict(message="what is it?", context="   "), "no conditioning input"),
+        (dict(message={"text": "  ", "files": []}, image={"path": image}), "message: write a question"),
+        (dict(message={"text": "what is it?", "files": [{"path": corrupt}]}), "image:"),
+        (dict(message={"text": "what is it?", "files": [{"path": notes}]}),
+         "attachment 'notes.txt': not an image or an audio clip (text/plain)"),
+        (dict(message={"text": "what is it?", "files": [{"path": image}, {"path": image}]}),
+         "attachments: more than one image"),
+        (dict(message={"text": "what is it?", "files": [{"path": outside}]}),
+         "attachment 1: not a file uploaded to this server"),
+        (dict(message="what is it?", image={"path": outside}), "image: not a file uploaded to this server"),
+        (dict(message="x" * 10_001, audio={"path": audio}), "message: 10001 characters is more than 10000"),
+        (dict(message="what is it?", context="x" * 10_001), "context text: 10001 characters is more than 10000"),
+        (dict(message="what is it?", audio={"path": audio}, max_new_tokens=0), "max\\_new\\_tokens:"),
+        (dict(message="what is it?", audio={"path": audio}, max_new_tokens=127), "max\\_new\\_tokens:"),
+        (dict(message="what is it?", audio={"path": audio}, sample=True, temperature=0), "temperature:"),
+    ]
+
+
+def test_a_bad_chat_message_gets_a_readable_error_and_changes_nothing(generation_model_dir, test_rows,
+                                                                      gradio_upload_folder):
+    """No conditioning, an empty message, a corrupt or non-media attachment, two images, a file that was not
+    uploaded, too-long text and settings out of range: the error output says what is wrong (no traceback), every
+    other output keeps its value (the message stays in its box, to be fixed)."""
+    demo = build_demo(str(generation_model_dir))
+    image, audio = uploaded(gradio_upload_folder, test_rows[0]["image"], test_rows[0]["audio"])
+    corrupt = gradio_upload_folder / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 64)
+    notes = gradio_upload_folder / "notes.txt"
+    notes.write_text("just text\n")
+    files = {"image": image, "audio": audio, "corrupt": str(corrupt), "notes": str(notes),
+             "outside": test_rows[0]["image"]}
+    for given, message in _bad_chat_request(files):
+        (step,) = chat_steps(demo, **given)
+        assert step["error"].startswith(message) and "Traceback" not in step["error"], (given, step["error"])
+        assert all(step[name] == SKIPPED for name in CHAT_OUTPUTS if name != "error"), given
+
+
+def test_a_message_with_files_only_changes_what_the_answers_are_about(generation_model_dir, test_rows,
+                                                                      gradio_upload_folder):
+    """Attachments without a question go to the panel and nothing is asked; a generation model's folder also loads
+    with its own code (--trust_remote_code) and answers as the package's class does."""
+    demo = build_demo(str(generation_model_dir))
+    image, audio = uploaded(gradio_upload_folder, test_rows[0]["image"], test_rows[0]["audio"])
+    (step,) = chat_steps(demo, {"text": "", "files": [{"path": audio}]}, {"path": image})
+    assert step["audio"] == audio and step["image"] == SKIPPED and step["chatbot"] == SKIPPED
+    assert step["status"] == "Now about: image + audio. Ask your question." and step["error"] == ""
+
+    remote = build_demo(str(generation_model_dir), trust_remote_code=True)
+    assert type(remote.model).__module__.startswith("transformers_modules.")
+    answers = [chat_steps(page, "what is it?", {"path": image}, {"path": audio})[-1]["turns"][-1].answer
+               for page in (demo, remote)]
+    assert answers[0] == answers[1]
+
+
+def test_the_app_file_serves_a_generation_model_named_by_the_environment(generation_model_dir, monkeypatch):
+    """As a Space (the app loaded as a file) a generation model's page is its Chat tab."""
+    import importlib.util
+
+    monkeypatch.setenv("MM_FUSION_MODEL", str(generation_model_dir))
+    spec = importlib.util.spec_from_file_location("space_chat_app", REPO_ROOT / "demo" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "space_chat_app", module)  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    assert "/chat" in module.demo.get_api_info()["named_endpoints"]
+
+
+# Every text of the last answer's bubble the page draws, recorded as it changes
+RECORD_ANSWERS_JS = """() => {
+    window.mmAnswers = [];
+    const chat = document.querySelector('#mm-chat');
+    new MutationObserver(() => {
+        const answers = chat.querySelectorAll('[data-testid=bot]');
+        if (answers.length) window.mmAnswers.push(answers[answers.length - 1].innerText);
+    }).observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def chat_texts(page, role: str) -> list[str]:
+    """The page's text messages of `role` ("user", "bot"), in order (a user's attached files are not text)."""
+    messages = page.locator(f"#mm-chat [data-testid={role}]")
+    return [messages.nth(i).inner_text() for i in range(messages.count())
+            if "a component of type" not in (messages.nth(i).get_attribute("aria-label") or "")]
+
+
+def send(page, text: str, files: list[str] = ()) -> None:
+    """Type `text` in the message box, attach `files` (waiting until their uploads show) and send it."""
+    import playwright.sync_api as playwright_api
+
+    if files:
+        page.locator("#mm-chat-message input[type=file]").set_input_files(list(files))
+        playwright_api.expect(page.locator("#mm-chat-message [aria-label='File thumbnail']")).to_have_count(len(files))
+    page.locator(CHAT_TEXTAREA).fill(text)
+    page.locator(CHAT_TEXTAREA).press("Enter")
+
+
+@pytest.mark.timeout(300)
+def test_browser_chat_streams_answers_about_the_uploads_and_keeps_the_conversation(
+        generation_model_dir, own_generation, chat_case, tmp_path, monkeypatch):
+    """Chromium sends a question with no image, audio or context: the page shows the readable error. Then it attaches
+    the sample's image and WAV to the question: the answer streams into the chat (the page draws partial answers),
+    and is the model's own greedy answer for the same inputs; the panel now holds both files. A second question,
+    with nothing attached, is answered as the model answers the two-turn history about the same files, below the
+    first exchange. "New conversation" empties the chat and keeps the conditioning: the stop button then ends a long
+    answer about the same files where it is, as the start of the model's own answer."""
+    import playwright.sync_api as playwright_api
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is not installed: apt-get install chromium chromium-driver"
+    first, second = CHAT_QUESTIONS
+    demo = build_demo(str(generation_model_dir))
+    slow_decoder(demo, monkeypatch)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        with demo_page(demo.local_url, tmp_path, ready=CHAT_TEXTAREA) as page:
+            send(page, first)
+            page.wait_for_function(f"(document.querySelector('{CHAT_ERROR}') || {{innerText: ''}}).innerText.trim()")
+            error = page.locator(CHAT_ERROR).inner_text()
+            assert error.startswith("no conditioning input") and "Traceback" not in error
+            assert "no conditioning input" in page.locator("[data-testid=toast-body]").first.inner_text()
+            assert chat_texts(page, "user") == [] and page.locator(CHAT_TEXTAREA).input_value() == first
+
+            tokens = page.locator("#mm-chat-max-new-tokens input[type=number]")
+            tokens.fill(str(CHAT_MAX_NEW_TOKENS))
+            tokens.press("Tab")
+            playwright_api.expect(page.locator("#mm-chat-max-new-tokens input[type=range]")).to_have_value(
+                str(CHAT_MAX_NEW_TOKENS))
+            page.evaluate(RECORD_ANSWERS_JS)
+            send(page, first, [chat_case.image, chat_case.audio])
+            playwright_api.expect(page.locator(CHAT_STATUS)).to_contain_text("Turn 1 · answered about image + audio")
+            assert chat_texts(page, "user") == [first] and chat_texts(page, "bot") == [chat_case.answers[0]]
+            assert page.locator(CHAT_ERROR).inner_text().strip() == ""
+            drawn = page.evaluate("window.mmAnswers")
+            partial = {text.strip() for text in drawn} - {"", "…", chat_case.answers[0]}
+            assert len(partial) >= 2 and all(chat_case.answers[0].startswith(text) for text in partial), drawn
+            page.locator("#mm-chat-image img").wait_for()  # the conditioning, shown where it can be replaced
+            page.locator("#mm-chat-audio audio, #mm-chat-audio [data-testid=waveform-Audio]").first.wait_for(
+                state="attached")
+            assert page.locator(CHAT_TEXTAREA).input_value() == ""
+
+            send(page, second)
+            playwright_api.expect(page.locator(CHAT_STATUS)).to_contain_text("Turn 2 · answered about image + audio")
+            assert chat_texts(page, "user") == [first, second]
+            assert chat_texts(page, "bot") == list(chat_case.answers)
+            page.screenshot(path=tmp_path / "chat.png", full_page=True)
+
+            page.locator("#mm-chat-clear").click()
+            playwright_api.expect(page.locator("#mm-chat [data-testid=bot]")).to_have_count(0)
+            assert page.locator(CHAT_STATUS).inner_text().strip() == ""
+            assert page.locator("#mm-chat-image img").count() == 1
+
+            # a new conversation about the same files; the stop button ends its long answer where it is
+            tokens.fill("100")
+            tokens.press("Tab")
+            page.evaluate("window.mmAnswers = []")
+            send(page, first)
+            page.wait_for_function("window.mmAnswers.some(text => /\\w/.test(text))")  # its first words
+            page.locator("#mm-chat-message button[aria-label=Stop]").click()
+            playwright_api.expect(page.locator(CHAT_STATUS)).to_contain_text("Turn 1 · stopped about image + audio",
+                                                                          timeout=20_000)
+            (stopped,) = chat_texts(page, "bot")
+            full = own_answer(own_generation, dialogue(first), chat_case.image, chat_case.audio, max_new_tokens=100)
+            assert stopped and full.startswith(stopped) and len(stopped) < len(full), (stopped, full)
+    finally:
+        demo.close()
 
 
 # ---- decoding, the per-sample view, the header -----------------------------------------------------------------------
