@@ -264,14 +264,8 @@ class MMFusionProcessor(ProcessorMixin):
         decoding = prompt is not None or target is not None
         if decoding:
             self._check_decoder_call(prompt, target, modality_given=any(x is not None for x in (text, images, audio)))
-            if decoder_padding_side is None:
-                decoder_padding_side = "right" if target is not None else "left"
-            if decoder_padding_side not in ("right", "left"):
-                raise ValueError(f"decoder_padding_side: expected 'right' or 'left'; got {decoder_padding_side!r}")
-            max_prompt_length = self.max_prompt_length if max_prompt_length is None else max_prompt_length
-            max_target_length = self.max_target_length if max_target_length is None else max_target_length
-            _check_optional_length("max_prompt_length", max_prompt_length)
-            _check_optional_length("max_target_length", max_target_length)
+            decoder_padding_side, max_prompt_length, max_target_length = self._decoder_settings(
+                target, decoder_padding_side, max_prompt_length, max_target_length)
         texts, image_list, audio_list = _as_batch(text), _as_batch(images), _as_batch(audio, is_audio=True)
         batch_size = self._check_batch(texts, image_list, audio_list)
         texts = [_check_text(t, i, treat_empty_text_as_absent) for i, t in enumerate(texts or [None] * batch_size)]
@@ -325,17 +319,25 @@ class MMFusionProcessor(ProcessorMixin):
         `target`), for one prompt per sample: for batches whose towers' outputs come from elsewhere (mm-train's cache
         of frozen towers). The same checks and layout as `__call__`."""
         self._check_decoder_call(prompt, target, modality_given=True)
-        if decoder_padding_side is None:
-            decoder_padding_side = "right" if target is not None else "left"
-        if decoder_padding_side not in ("right", "left"):
-            raise ValueError(f"decoder_padding_side: expected 'right' or 'left'; got {decoder_padding_side!r}")
+        decoder_padding_side, max_prompt_length, max_target_length = self._decoder_settings(
+            target, decoder_padding_side, max_prompt_length, max_target_length)
+        prompts = _check_prompts(prompt, len(prompt))
+        targets = None if target is None else _check_targets(target, len(prompt))
+        return self._encode_decoder(prompts, targets, decoder_padding_side, max_prompt_length, max_target_length)
+
+    def _decoder_settings(self, target: Any, padding_side: str | None, max_prompt_length: int | None,
+                          max_target_length: int | None) -> tuple[str, int | None, int | None]:
+        """The decoder call's padding side (right for training, left for generation, unless given) and length limits
+        (the processor's unless given), checked."""
+        if padding_side is None:
+            padding_side = "right" if target is not None else "left"
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"decoder_padding_side: expected 'right' or 'left'; got {padding_side!r}")
         max_prompt_length = self.max_prompt_length if max_prompt_length is None else max_prompt_length
         max_target_length = self.max_target_length if max_target_length is None else max_target_length
         _check_optional_length("max_prompt_length", max_prompt_length)
         _check_optional_length("max_target_length", max_target_length)
-        prompts = _check_prompts(prompt, len(prompt))
-        targets = None if target is None else _check_targets(target, len(prompt))
-        return self._encode_decoder(prompts, targets, decoder_padding_side, max_prompt_length, max_target_length)
+        return padding_side, max_prompt_length, max_target_length
 
     def _check_decoder_call(self, prompt: Any, target: Any, modality_given: bool) -> None:
         if self.decoder_tokenizer is None:

@@ -6,15 +6,13 @@ modalities, image<->audio included although that pair is never trained (acceptan
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
-import torch
 
-from test_train_tasks import run_training, table
+from test_train_tasks import assert_resume_ends_where_an_uninterrupted_run_does, table, two_processes_against_one
 from test_train import train_args
 from training.sample_data import ALIGNED_ITEM_COLUMNS, generate_sample
 from training.train import main
@@ -85,34 +83,15 @@ def test_contrastive_flags_are_checked_before_training(tmp_path, args, capsys):
 
 
 def test_contrastive_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tmp_path, args):
-    from safetensors.torch import load_file
-
-    common = dict(max_steps=6, save_steps=3, save_total_limit=3, modality_dropout=0.2)
-    assert main(args(tmp_path / "whole", **common)) == 0
-    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "whole" / "checkpoints" / "checkpoint-3", tmp_path / "cut" / "checkpoints" / "checkpoint-3")
-    assert main(args(tmp_path / "cut", resume_from_checkpoint="latest", **common)) == 0
-    whole = json.loads((tmp_path / "whole" / "model" / "metrics.json").read_text())
-    resumed = json.loads((tmp_path / "cut" / "model" / "metrics.json").read_text())
-    assert whole["losses"] == resumed["losses"]
-    a = load_file(tmp_path / "whole" / "checkpoints" / "checkpoint-6" / "model.safetensors")
-    b = load_file(tmp_path / "cut" / "checkpoints" / "checkpoint-6" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert_resume_ends_where_an_uninterrupted_run_does(args, tmp_path, max_steps=6, save_steps=3, save_total_limit=3,
+                                                       modality_dropout=0.2)
 
 
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, args):
     """2 processes x 4 rows against 1 x 8: with negatives gathered from both processes, every step's loss is the
     loss of the same 8 rows (it would differ by far more with 4-row negatives, see tests/test_distributed.py)."""
-    deterministic = dict(max_steps=4, modality_dropout=0.0, fusion_dropout=0.0, save_steps=2, eval_steps=2)
-    run_training(args(tmp_path / "one", per_device_batch_size=8, **deterministic))
-    double = run_training(args(tmp_path / "two", per_device_batch_size=4, **deterministic), processes=2)
-    assert double.stderr.count("distributed type: MULTI_CPU") == 1
-    one = json.loads((tmp_path / "one" / "model" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "two" / "model" / "metrics.json").read_text())
-    assert (one["num_processes"], two["num_processes"]) == (1, 2)
-    assert [step for step, _ in one["losses"]] == [step for step, _ in two["losses"]] == [1, 2, 3, 4]
-    for (_, a), (_, b) in zip(one["losses"], two["losses"]):
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one["losses"], two["losses"])
+    one, two = two_processes_against_one(args, tmp_path, max_steps=4, modality_dropout=0.0, fusion_dropout=0.0,
+                                         save_steps=2, eval_steps=2)
     for key in ("mean_r@1", "text->image/map", "audio->text/map"):
         assert abs(one["test"][key] - two["test"][key]) <= 1e-4, key
 

@@ -5,7 +5,6 @@ adapter, the merged folder and trust_remote_code give the same greedy generation
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import torch
 
 from conftest import WITHOUT_PROJECT
 from test_train import train_args
-from test_train_tasks import run_training
+from test_train_tasks import assert_resume_ends_where_an_uninterrupted_run_does, two_processes_against_one
 from training.sample_data import generate_sample
 from training.train import main
 
@@ -97,33 +96,15 @@ def test_rows_without_a_target_are_reported_and_skipped(tmp_path, args, sample):
 
 
 def test_generation_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tmp_path, args):
-    from safetensors.torch import load_file
-
-    common = dict(max_steps=6, save_steps=3, save_total_limit=3, modality_dropout=0.2)
-    assert main(args(tmp_path / "whole", **common)) == 0
-    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "whole" / "checkpoints" / "checkpoint-3", tmp_path / "cut" / "checkpoints" / "checkpoint-3")
-    assert main(args(tmp_path / "cut", resume_from_checkpoint="latest", **common)) == 0
-    whole = json.loads((tmp_path / "whole" / "model" / "metrics.json").read_text())
-    resumed = json.loads((tmp_path / "cut" / "model" / "metrics.json").read_text())
-    assert whole["losses"] == resumed["losses"]
-    a = load_file(tmp_path / "whole" / "checkpoints" / "checkpoint-6" / "model.safetensors")
-    b = load_file(tmp_path / "cut" / "checkpoints" / "checkpoint-6" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert_resume_ends_where_an_uninterrupted_run_does(args, tmp_path, max_steps=6, save_steps=3, save_total_limit=3,
+                                                       modality_dropout=0.2)
 
 
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, args):
     """2 processes x 4 rows against 1 x 8: each process divides its summed token loss by the global target-token
     count over the number of processes, so rows of different answer lengths weigh as in one batch."""
-    deterministic = dict(max_steps=4, modality_dropout=0.0, fusion_dropout=0.0, save_steps=2, eval_steps=2)
-    run_training(args(tmp_path / "one", per_device_batch_size=8, **deterministic))
-    double = run_training(args(tmp_path / "two", per_device_batch_size=4, **deterministic), processes=2)
-    assert double.stderr.count("distributed type: MULTI_CPU") == 1
-    one = json.loads((tmp_path / "one" / "model" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "two" / "model" / "metrics.json").read_text())
-    assert (one["num_processes"], two["num_processes"]) == (1, 2)
-    for (_, a), (_, b) in zip(one["losses"], two["losses"]):
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one["losses"], two["losses"])
+    one, two = two_processes_against_one(args, tmp_path, max_steps=4, modality_dropout=0.0, fusion_dropout=0.0,
+                                         save_steps=2, eval_steps=2)
     for key in ("loss", "token_accuracy"):
         assert abs(one["test"][key] - two["test"][key]) <= 1e-4, key
 

@@ -55,6 +55,39 @@ def run_training(arguments: list[str], processes: int = 1) -> subprocess.Complet
     return result
 
 
+def assert_resume_ends_where_an_uninterrupted_run_does(args, tmp_path: Path, **common) -> None:
+    """Train `common` (asked for 6 steps, checkpoints every 3) whole, and again from a copy of its checkpoint at step 3
+    only: the resumed run has the same per-step losses and bit-identical weights at step 6."""
+    from safetensors.torch import load_file
+
+    assert main(args(tmp_path / "whole", **common)) == 0
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "checkpoint-3", tmp_path / "cut" / "checkpoints" / "checkpoint-3")
+    assert main(args(tmp_path / "cut", resume_from_checkpoint="latest", **common)) == 0
+    whole = json.loads((tmp_path / "whole" / "model" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "cut" / "model" / "metrics.json").read_text())
+    assert whole["losses"] == resumed["losses"]
+    a = load_file(tmp_path / "whole" / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def two_processes_against_one(args, tmp_path: Path, **deterministic) -> tuple[dict, dict]:
+    """metrics.json of 1 process x 8 rows and of 2 processes x 4 rows per step (the same global batches), after
+    checking that both took the same steps with losses within 1e-4 relative (dropout off: only the order of
+    floating-point sums differs)."""
+    run_training(args(tmp_path / "one", per_device_batch_size=8, **deterministic))
+    double = run_training(args(tmp_path / "two", per_device_batch_size=4, **deterministic), processes=2)
+    assert double.stderr.count("distributed type: MULTI_CPU") == 1
+    one = json.loads((tmp_path / "one" / "model" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "model" / "metrics.json").read_text())
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert [step for step, _ in one["losses"]] == [step for step, _ in two["losses"]]
+    for (_, a), (_, b) in zip(one["losses"], two["losses"]):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one["losses"], two["losses"])
+    return one, two
+
+
 def table(sample: Path, split: str, folder: Path, change=None, suffix: str = ".csv") -> Path:
     """The sample's `split` with absolute media paths (and rows changed by `change(row, index)`), written to
     `folder` as CSV or Parquet."""
@@ -210,16 +243,8 @@ def test_multitask_two_processes_match_one_with_missing_targets_and_uncertainty_
     deterministic = dict(train_data=train_csv, tasks=MULTITASK, task_weighting="uncertainty", max_steps=4,
                          modality_dropout=0.0, fusion_dropout=0.0, classifier_dropout=0.0, save_steps=2,
                          metric_for_best_model="pitch_hz/rmse", eval_steps=2)
-    run_training(args(tmp_path / "one", per_device_batch_size=8, **deterministic))
-    double = run_training(args(tmp_path / "two", per_device_batch_size=4, **deterministic), processes=2)
-    assert double.stderr.count("distributed type: MULTI_CPU") == 1
-    one = json.loads((tmp_path / "one" / "model" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "two" / "model" / "metrics.json").read_text())
-    assert (one["num_processes"], two["num_processes"]) == (1, 2)
-    assert [step for step, _ in one["losses"]] == [step for step, _ in two["losses"]] == [1, 2, 3, 4]
-    # same rows per optimizer step, dropout off: only the order of floating-point sums differs
-    for (_, a), (_, b) in zip(one["losses"], two["losses"]):
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one["losses"], two["losses"])
+    one, two = two_processes_against_one(args, tmp_path, **deterministic)
+    assert [step for step, _ in one["losses"]] == [1, 2, 3, 4]
     for key in ("shape/accuracy", "pitch_hz/rmse", "caption_colours/macro_f1", "label/accuracy", "mean_score"):
         assert abs(one["test"][key] - two["test"][key]) <= 1e-4, key
 
@@ -241,22 +266,10 @@ def test_multitask_two_processes_match_one_with_missing_targets_and_uncertainty_
 
 
 def test_multitask_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tmp_path, args, sample):
-    from safetensors.torch import load_file
-
     train_csv = table(sample, "train", tmp_path / "data", with_missing_targets)
-    common = dict(train_data=train_csv, tasks=MULTITASK, max_steps=6, save_steps=3, save_total_limit=3,
-                  test_data=sample / "test.csv")
-    assert main(args(tmp_path / "whole", **common)) == 0
-    # a run that stopped after its checkpoint at step 3 (the same schedule: it was asked for 6 steps)
-    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "whole" / "checkpoints" / "checkpoint-3", tmp_path / "cut" / "checkpoints" / "checkpoint-3")
-    assert main(args(tmp_path / "cut", resume_from_checkpoint="latest", **common)) == 0
-    whole = json.loads((tmp_path / "whole" / "model" / "metrics.json").read_text())
-    resumed = json.loads((tmp_path / "cut" / "model" / "metrics.json").read_text())
-    assert whole["losses"] == resumed["losses"]
-    a = load_file(tmp_path / "whole" / "checkpoints" / "checkpoint-6" / "model.safetensors")
-    b = load_file(tmp_path / "cut" / "checkpoints" / "checkpoint-6" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert_resume_ends_where_an_uninterrupted_run_does(
+        args, tmp_path, train_data=train_csv, tasks=MULTITASK, max_steps=6, save_steps=3, save_total_limit=3,
+        test_data=sample / "test.csv")
 
 
 def test_task_flags_are_checked_before_training(tmp_path, args, capsys):
