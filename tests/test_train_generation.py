@@ -77,7 +77,7 @@ def test_generation_flags_are_checked_before_training(tmp_path, args, capsys):
     assert main(args(tmp_path / "c", target_column="nowhere")) == 2
     assert "target_column: 'nowhere' is not a column of the training data" in capsys.readouterr().err
     assert main(args(tmp_path / "d", task="classification")) == 2
-    assert "target_column, prompt_column: only for --task generation" in capsys.readouterr().err
+    assert "target_column, prompt_column, group_column: only for --task generation" in capsys.readouterr().err
     assert main(args(tmp_path / "e", metric_for_best_model="bleu")) == 2
     assert "metric_for_best_model: 'bleu' is not a validation metric" in capsys.readouterr().err
 
@@ -141,3 +141,41 @@ def test_adapter_merged_and_remote_code_folders_give_the_same_greedy_generations
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == merged_answers
+
+
+# ---- the built-in sample's generation recipe (#17 acceptance 4) --------------------------------------------------------
+
+def test_the_generation_sample_answers_from_the_modality_that_carries_the_answer(tmp_path, sample_dir):
+    """`mm-train --sample generation` with the main job's frozen towers and fusion, 2 epochs at lr 1e-3 (150 steps;
+    the README's recipe trains longer). Thresholds set before the run, on the test split's 300 rows: with every
+    modality, colour, shape and pitch answers >= 0.95 exact match and descriptions >= 0.9; without the image, colour
+    and shape answers no better than the most common answer + 0.15; without the audio, pitch answers likewise.
+    "Does the caption match?" needs all three compared and takes far longer to learn (README): reported, not asserted
+    here."""
+    from collections import Counter
+
+    from training.main_job import sample_job_args
+
+    output = tmp_path / "generation"
+    assert main(sample_job_args(output) + ["--sample", "generation", "--num_train_epochs", "2",
+                                           "--learning_rate", "1e-3"]) == 0
+    rows = datasets.load_dataset("csv", data_files=str(sample_dir / "test.csv"))["train"]
+    kinds, answers = list(rows["question_kind"]), list(rows["answer"])
+    predictions = [json.loads(line) for line in
+                   (output / "model" / "evaluation" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["reference"] for p in predictions] == answers
+
+    def exact_match(kind: str, subset: str | None = None) -> float:
+        chosen = [(p["prediction"] if subset is None else p["ablation"][subset], answer)
+                  for p, answer, k in zip(predictions, answers, kinds) if k == kind]
+        return sum(pred.strip().lower() == answer for pred, answer in chosen) / len(chosen)
+
+    def majority(kind: str) -> float:
+        counts = Counter(answer for answer, k in zip(answers, kinds) if k == kind)
+        return max(counts.values()) / sum(counts.values())
+
+    for kind in ("colour", "shape", "pitch"):
+        assert exact_match(kind) >= 0.95, (kind, exact_match(kind))
+    assert exact_match("describe") >= 0.9, exact_match("describe")
+    for kind, without in (("colour", "text+audio"), ("shape", "text+audio"), ("pitch", "image+text")):
+        assert exact_match(kind, without) <= majority(kind) + 0.15, (kind, without, exact_match(kind, without))

@@ -87,6 +87,9 @@ class DataSettings:
         "help": "generation: the column of each row's prompt or question (may be empty per row). A cell holding a JSON "
                 "list of {role, content} messages is a dialogue history, rendered by the decoder tokenizer's chat "
                 "template."})
+    group_column: str | None = field(default=None, metadata={
+        "help": "generation: the test report scores the generated text per value of this column too (e.g. the kind "
+                "of question), with and without each modality."})
     positive_columns: list[str] | None = field(default=None, metadata={
         "help": "contrastive: rows equal in all of these columns are the same item (positives of each other) in the "
                 "retrieval metrics of validation and the test report, e.g. 'colour shape pitch'. Rows with the same "

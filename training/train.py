@@ -349,8 +349,8 @@ def check_task(data_settings: DataSettings, model_settings: ModelSettings | None
             raise ValueError("target_column: --task generation needs the column of the text to generate")
         if model_settings is not None and not (model_settings.decoder or model_settings.model):
             raise ValueError("decoder: --task generation needs a decoder LM (a Hub id or folder of a causal LM)")
-    elif data_settings.target_column or data_settings.prompt_column:
-        raise ValueError("target_column, prompt_column: only for --task generation")
+    elif data_settings.target_column or data_settings.prompt_column or data_settings.group_column:
+        raise ValueError("target_column, prompt_column, group_column: only for --task generation")
     if data_settings.task != CONTRASTIVE:
         given = [name for name in ("positive_columns", "zero_shot_columns") if getattr(data_settings, name)]
         if given:
@@ -767,13 +767,15 @@ def write_report(run: Run, model_dir: Path, splits: dict[str, datasets.Dataset],
     into `<model_dir>/evaluation` (main process only)."""
     from training.evaluation import EvaluationSettings, evaluate_model
 
-    retrieval = {}
+    family_settings = {}
     if run.positive_keys is not None:
-        retrieval = {"positive_columns": data_settings.positive_columns,
+        family_settings = {"positive_columns": data_settings.positive_columns,
                      "zero_shot_columns": data_settings.zero_shot_columns,
                      "prompt_template": data_settings.prompt_template}
+    elif data_settings.task == GENERATION:
+        family_settings = {"group_column": data_settings.group_column}
     evaluate_model(run.accelerator.unwrap_model(run.model), run.processor, splits["test"], model_dir / "evaluation",
-                   EvaluationSettings(seed=run.settings.seed, num_workers=data_settings.num_workers, **retrieval),
+                   EvaluationSettings(seed=run.settings.seed, num_workers=data_settings.num_workers, **family_settings),
                    validation=splits.get("validation"), data_settings=data_settings,
                    data_source=data_settings.test_data, model_path=str(model_dir),
                    skipped_rows=bad_rows.get("test"))
@@ -1184,6 +1186,7 @@ def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, o
         data_settings.task = GENERATION
         data_settings.target_column = data_settings.target_column or "answer"
         data_settings.prompt_column = data_settings.prompt_column or "question"
+        data_settings.group_column = data_settings.group_column or "question_kind"
     elif data_settings.sample == "retrieval":
         # the aligned variant (each shape with its own tone), bound to the text as ImageBind binds to images: image
         # and audio never meet in the loss, so image<->audio retrieval shows the emergent alignment
