@@ -853,15 +853,15 @@ def _search_modalities(chosen: Any, available: tuple[str, ...]) -> list[str]:
     return [name for name in available if name in chosen]
 
 
-def _top_k(value: Any) -> int:
-    """The top-k slider's value, checked: a whole number from 1 to `MAX_TOP_K`."""
+def _whole_number(name: str, value: Any, limit: int) -> int:
+    """A slider's value, checked: a whole number from 1 to `limit` (`ValueError` naming the slider otherwise)."""
     try:
-        top_k = int(value)
+        number = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"top_k: expected a whole number from 1 to {MAX_TOP_K}; got {value!r}") from None
-    if top_k != value or not 1 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"top_k: expected a whole number from 1 to {MAX_TOP_K}; got {value!r}")
-    return top_k
+        raise ValueError(f"{name}: expected a whole number from 1 to {limit}; got {value!r}") from None
+    if number != value or not 1 <= number <= limit:
+        raise ValueError(f"{name}: expected a whole number from 1 to {limit}; got {value!r}")
+    return number
 
 
 def _index_line(index, source: str) -> str:
@@ -908,7 +908,7 @@ def build_search_demo(
                                                                                           ("audio", audio))}
             modality, item = decode_query(text=text, **files, sampling_rate=sampling_rate, limits=limits)
             chosen = _search_modalities(modalities, index.modalities)
-            hits = index.query(model, processor, **{modality: item}, top_k=_top_k(top_k), modalities=chosen)
+            hits = index.query(model, processor, **{modality: item}, top_k=_whole_number("top_k", top_k, MAX_TOP_K), modalities=chosen)
         except Exception as error:
             gallery, texts, table, players = search_values([], upload_folder)
             return ("", _error_message(error), gallery, texts, table, *players)
@@ -1167,17 +1167,6 @@ def _token_limit(processor) -> int:
     return limit if limit <= _NO_TOKEN_LIMIT else _NO_TOKEN_LIMIT
 
 
-def _max_new_tokens(value: Any, limit: int) -> int:
-    """The max-new-tokens slider's value, checked: a whole number from 1 to `limit`."""
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"max_new_tokens: expected a whole number from 1 to {limit}; got {value!r}") from None
-    if number != value or not 1 <= number <= limit:
-        raise ValueError(f"max_new_tokens: expected a whole number from 1 to {limit}; got {value!r}")
-    return number
-
-
 def _temperature(value: Any) -> float:
     """The temperature slider's value, checked: a number from `MIN_TEMPERATURE` to `MAX_TEMPERATURE`."""
     try:
@@ -1342,7 +1331,7 @@ def build_chat_demo(
         try:
             asked = chat_request(message, image, audio, context, modalities=modalities, upload_folder=upload_folder,
                                  sampling_rate=sampling_rate, limits=limits)
-            settings = {"max_new_tokens": _max_new_tokens(max_new_tokens, token_limit), "do_sample": bool(sample)}
+            settings = {"max_new_tokens": _whole_number("max_new_tokens", max_new_tokens, token_limit), "do_sample": bool(sample)}
             if sample:
                 settings["temperature"] = _temperature(temperature)
         except Exception as error:

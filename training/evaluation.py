@@ -1028,11 +1028,19 @@ def _embedding_parameter_counts(model: torch.nn.Module) -> dict[str, dict[str, i
     projections, fusion layers, final norms), "head" (the projections, logit scale and bias) and "total", counted as
     `training.efficiency.parameter_counts` counts a classifier's."""
     base = contrastive_model(model)
+    head = [(name, p) for name, p in base.named_parameters() if not name.startswith("model.")]
+    return _part_parameter_counts(model, base, {"head": head})
+
+
+def _part_parameter_counts(model: torch.nn.Module, base: torch.nn.Module,
+                           head_parts: dict[str, list[tuple[str, torch.nn.Parameter]]]) -> dict[str, dict[str, int]]:
+    """Total and trainable parameters of each tower, "fusion" (input projections, fusion layers, final norms), the
+    head's `head_parts` and "total" (of `model`, wrappers included; peft's frozen originals are not counted twice)."""
     fusion = base.model
     parts = {f"{MODALITY_NAMES[m].user}_tower": list(fusion.get_tower(m).named_parameters()) for m in fusion.modalities}
     parts["fusion"] = [item for module in (fusion.input_projections, fusion.fusion_layers, fusion.final_norms)
                        for item in module.named_parameters()]
-    parts["head"] = [(name, p) for name, p in base.named_parameters() if not name.startswith("model.")]
+    parts.update(head_parts)
     parts["total"] = list(model.named_parameters())
 
     def count(named):
@@ -1276,21 +1284,10 @@ def _generation_parameter_counts(model: torch.nn.Module) -> dict[str, dict[str, 
     fusion layers, final norms), "connector" (the learned queries and the projection to the decoder's width),
     "decoder" and "total", counted as `training.efficiency.parameter_counts` counts a classifier's."""
     base = generation_model(model)
-    fusion = base.model
-    parts = {f"{MODALITY_NAMES[m].user}_tower": list(fusion.get_tower(m).named_parameters()) for m in fusion.modalities}
-    parts["fusion"] = [item for module in (fusion.input_projections, fusion.fusion_layers, fusion.final_norms)
-                       for item in module.named_parameters()]
-    parts["connector"] = [(name, p) for name, p in base.named_parameters()
-                          if name.startswith(("decoder_queries.", "decoder_input_projection."))]
-    parts["decoder"] = list(base.decoder.named_parameters())
-    parts["total"] = list(model.named_parameters())
-
-    def count(named):
-        parameters = [p for name, p in named if "original_module." not in name]
-        return {"total": sum(p.numel() for p in parameters),
-                "trainable": sum(p.numel() for p in parameters if p.requires_grad)}
-
-    return {name: count(named) for name, named in parts.items()}
+    connector = [(name, p) for name, p in base.named_parameters()
+                 if name.startswith(("decoder_queries.", "decoder_input_projection."))]
+    return _part_parameter_counts(model, base, {"connector": connector,
+                                                "decoder": list(base.decoder.named_parameters())})
 
 
 def _generation_ablation(scores: dict[tuple[str, ...], RowScores], without: dict[tuple[str, ...], np.ndarray],
