@@ -78,6 +78,7 @@ from training.data import (
     prepare_splits,
     row_lengths,
 )
+from training.generation import is_generation
 from training.lora import LoraSettings, apply_lora, save_trained_model
 from training.metrics import quality_metrics, tune_thresholds
 from training.scoring import MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, forward_kept, scores, tasks_of
@@ -732,7 +733,7 @@ def final_evaluations(run: Run, bad_rows: dict[str, list[dict[str, Any]]]) -> di
         logger.info("test %s", _summary(metrics["test"]))
         if run.positive_keys is not None:  # retrieval already compares every pair of modalities
             return metrics
-        if _is_generation(run):
+        if is_generation(run.model):
             return metrics  # the report scores generated text with and without each modality
         subsets = [s for n in (1, 2) for s in itertools.combinations(("vision", "text", "audio"), n)]
         metrics["test_by_modalities"] = {
@@ -740,10 +741,6 @@ def final_evaluations(run: Run, bad_rows: dict[str, list[dict[str, Any]]]) -> di
             for subset in subsets
         }
     return metrics
-
-
-def _is_generation(run: Run) -> bool:
-    return getattr(run.accelerator.unwrap_model(run.model).config, "decoder_config", None) is not None
 
 
 def _keys(run: Run, split: str) -> list[np.ndarray] | None:
