@@ -34,6 +34,14 @@ PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "r
 TASK_WEIGHTINGS = ("fixed", "uncertainty")
 CONTRASTIVE_LOSSES = ("infonce", "sigmoid")
 DECODER_CONNECTIONS = ("cross_attention", "prefix")
+# The fields that describe the towers and the fusion, not a head: what a generation model built on a trained encoder
+# (`MMFusionForConditionalGeneration.from_encoder`) takes from it
+ENCODER_CONFIG_FIELDS = (
+    "vision_config", "text_config", "audio_config", "fusion_hidden_size", "fusion_num_layers", "fusion_num_heads",
+    "fusion_intermediate_size", "fusion_hidden_act", "fusion_dropout", "fusion_attention_dropout", "fusion_pooling",
+    "modality_dropout", "classifier_dropout", "exact_audio_lengths", "static_shapes", "layer_norm_eps",
+    "initializer_range",
+)
 # what a task of `MMFusionConfig.tasks` may say: the head's shape and loss, plus where mm-train read its targets
 TASK_KEYS = ("name", "problem_type", "labels", "num_outputs", "loss_weight", "target_mean", "target_std", "thresholds",
              "column", "label_separator")

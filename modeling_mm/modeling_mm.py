@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_mm import (
     DECODER_CONNECTIONS,
+    ENCODER_CONFIG_FIELDS,
     MODALITIES,
     MODALITY_NAMES,
     MMFusionConfig,
@@ -1885,6 +1886,8 @@ class MMFusionForConditionalGeneration(MMFusionHeadModel, GenerationMixin):
         check_decoder(decoder, config.decoder_connection)
         self.decoder = decoder
         width = decoder.get_input_embeddings().embedding_dim
+        # which part of the context a token is: the fused vector, or a token of one of the modalities' streams
+        self.decoder_context_embedding = nn.Embedding(1 + len(MODALITIES), config.fusion_hidden_size)
         self.decoder_queries = MMFusionQueryBlock(config) if config.num_query_tokens else None
         # Cross-attention layers project their context themselves and need only the widths to agree; a prefix must
         # also land among the LM's token embeddings, which only a learned map can find.
@@ -1923,6 +1926,42 @@ class MMFusionForConditionalGeneration(MMFusionHeadModel, GenerationMixin):
         config = cls.config_class(**tower_configs, decoder_config=decoder_model.config, **config_kwargs)
         return cls(config, **towers, decoder=decoder_model)
 
+    @classmethod
+    def from_encoder(
+        cls,
+        encoder: str | MMFusionPreTrainedModel,
+        *,
+        decoder: str | PreTrainedModel,
+        tower_kwargs: dict[str, Any] | None = None,
+        **config_kwargs: Any,
+    ) -> "MMFusionForConditionalGeneration":
+        """Build a generation model whose towers and fusion are those of a trained mm-fusion model (a classifier,
+        multi-task, contrastive or base model: a folder, Hub id or loaded model), with a new decoder LM and
+        connection: BLIP-2's second stage, where an encoder trained to match and compare modalities learns to talk.
+        The encoder's head is left out; `config_kwargs` set the connection (`decoder_connection`,
+        `num_query_tokens`). Raises `ValueError` naming `encoder` for a model that already has a decoder."""
+        if isinstance(encoder, MMFusionPreTrainedModel):
+            base = encoder if isinstance(encoder, MMFusionModel) else encoder.model
+        else:
+            encoder_config = AutoConfig.from_pretrained(encoder, **{k: v for k, v in (tower_kwargs or {}).items()
+                                                                   if k in ("revision", "token")})
+            if getattr(encoder_config, "decoder_config", None) is not None:
+                raise ValueError(f"encoder: {encoder!r} is a generation model already; load it with from_pretrained")
+            base = MMFusionModel.from_pretrained(encoder, **(tower_kwargs or {}))
+        if base.config.decoder_config is not None:
+            raise ValueError("encoder: a generation model already; load it with from_pretrained")
+        connection = config_kwargs.get("decoder_connection", cls.config_class.decoder_connection)
+        if connection not in DECODER_CONNECTIONS:
+            raise ValueError(f"decoder_connection: must be one of {DECODER_CONNECTIONS}, got {connection!r}")
+        decoder_model = load_decoder(decoder, connection, tower_kwargs or {})
+        encoder_fields = {name: copy.deepcopy(getattr(base.config, name)) for name in ENCODER_CONFIG_FIELDS}
+        config = cls.config_class(**{**encoder_fields, **config_kwargs}, decoder_config=decoder_model.config)
+        model = cls(config, decoder=decoder_model)
+        model.model.load_state_dict(base.state_dict())  # strict: every encoder weight, nothing else
+        # where the encoder came from: an adapter trained on this model names it as its base (peft)
+        model.config.name_or_path = model.name_or_path = base.config.name_or_path
+        return model
+
     # ---- the decoder's vocabulary ------------------------------------------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Module:
@@ -1956,17 +1995,21 @@ class MMFusionForConditionalGeneration(MMFusionHeadModel, GenerationMixin):
     def _context(self, model_inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, MMFusionModelOutput]:
         fusion_output = self.model(**model_inputs, return_dict=True)
         streams = [m for m in self.model.modalities if getattr(fusion_output, f"{m}_last_hidden_state") is not None]
-        states = torch.cat([getattr(fusion_output, f"{m}_last_hidden_state") for m in streams], dim=1)
-        mask = torch.cat([getattr(fusion_output, f"{m}_token_mask") for m in streams], dim=1)  # (batch, tokens)
+        # The fused vector leads the context: what a classifier head reads (a comparison of the modalities, say) is
+        # one token away, and an encoder trained for classification (from_encoder) hands it over as it learnt it.
+        # Each part is marked with its own learned embedding: cross-attention has no positions, and the mean vector
+        # alone looks like any of the tokens it averages.
+        kinds = self.decoder_context_embedding.weight
+        fused = fusion_output.pooler_output[:, None] + kinds[0]
+        states = torch.cat([fused, *(getattr(fusion_output, f"{m}_last_hidden_state") + kinds[1 + MODALITIES.index(m)]
+                                     for m in streams)], dim=1)
+        mask = torch.cat([torch.ones_like(fused[..., 0], dtype=torch.bool),
+                          *(getattr(fusion_output, f"{m}_token_mask").bool() for m in streams)], dim=1)
         # each row's real tokens first, then no column that no row uses: a row's context is its own
         mask, states = _real_first(mask, states, trim=not self.config.static_shapes)
         if self.decoder_queries is not None:
             states, mask = self.decoder_queries(states, mask)  # (batch, num_query_tokens, fusion_hidden)
         states = self.decoder_input_projection(states)  # (batch, context_tokens, decoder_hidden)
-        if self.training and torch.is_grad_enabled():
-            # The fused vector carries the base model's zero-valued anchor of the weights this batch leaves out (a
-            # modality no row has); the decoder reads token states, not that vector, so the anchor is added here (DDP).
-            states = states + fusion_output.pooler_output.sum() * 0.0
         return states, mask, fusion_output
 
     def _checked_encoder_outputs(self, encoder_outputs: Any, model_inputs: dict[str, Any],

@@ -196,6 +196,15 @@ class MMFusionProcessor(ProcessorMixin):
         self.max_target_length = max_target_length
         super().__init__(image_processor, tokenizer, feature_extractor, decoder_tokenizer)
 
+    def with_decoder_tokenizer(self, decoder_tokenizer: PreTrainedTokenizerBase) -> MMFusionProcessor:
+        """This processor's tower processors and settings with `decoder_tokenizer` as the decoder LM's tokenizer: the
+        processor of a generation model built on a trained encoder (`MMFusionForConditionalGeneration.from_encoder`)."""
+        towers = {name: getattr(self, name) for name in ("image_processor", "tokenizer", "feature_extractor")}
+        settings = {name: getattr(self, name) for name in (
+            "max_length", "max_audio_seconds", "max_image_pixels", "treat_empty_text_as_absent", "max_prompt_length",
+            "max_target_length")}
+        return type(self)(**towers, decoder_tokenizer=decoder_tokenizer, **settings)
+
     @classmethod
     def from_towers(
         cls,

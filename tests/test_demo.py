@@ -353,9 +353,7 @@ def test_browser_example_upload_and_corrupt_image(server, example_rows, test_row
         page.wait_for_function(answered)
         error = page.locator("#mm-error").inner_text()
         assert error.startswith("image:") and "Traceback" not in error
-        alert = page.locator("[data-testid=toast-body]").first
-        alert.wait_for()
-        assert "image:" in alert.inner_text()
+        playwright_api.expect(page.locator("[data-testid=toast-body]").first).to_contain_text("image:")
         assert page.locator(label).count() == 0
         page.screenshot(path=tmp_path / "corrupt_image.png", full_page=True)
     assert (tmp_path / "prediction.png").stat().st_size > 0
@@ -983,7 +981,8 @@ def test_browser_search_by_text_image_and_audio_finds_what_the_index_finds(
             page.wait_for_function(SEARCH_DONE_JS, arg=None)
             error = page.locator("#mm-search-error").inner_text()
             assert error.startswith("no query") and "Traceback" not in error
-            assert "no query" in page.locator("[data-testid=toast-body]").first.inner_text()
+            # the toast comes up on its own schedule, after the error text: wait for it (Playwright's timeout)
+            playwright_api.expect(page.locator("[data-testid=toast-body]").first).to_contain_text("no query")
             assert page.locator("#mm-search-table [data-testid=cell-0-0]").count() == 0
             playwright_api.expect(page.locator("#mm-search-audio-0")).to_be_hidden()
     finally:
@@ -1399,7 +1398,7 @@ def test_browser_chat_streams_answers_about_the_uploads_and_keeps_the_conversati
             page.wait_for_function(f"(document.querySelector('{CHAT_ERROR}') || {{innerText: ''}}).innerText.trim()")
             error = page.locator(CHAT_ERROR).inner_text()
             assert error.startswith("no conditioning input") and "Traceback" not in error
-            assert "no conditioning input" in page.locator("[data-testid=toast-body]").first.inner_text()
+            playwright_api.expect(page.locator("[data-testid=toast-body]").first).to_contain_text("no conditioning input")
             assert chat_texts(page, "user") == [] and page.locator(CHAT_TEXTAREA).input_value() == first
 
             tokens = page.locator("#mm-chat-max-new-tokens input[type=number]")

@@ -572,6 +572,42 @@ def test_from_towers_loads_the_decoder_and_adds_cross_attention_where_the_checkp
         MMFusionForConditionalGeneration.from_towers(text=bert_dir, decoder=vit_dir, **FUSION_KWARGS)
 
 
+def test_from_encoder_takes_a_trained_classifiers_towers_and_fusion_and_leaves_its_head(tmp_path, vit_dir,
+                                                                                        bert_dir):
+    """BLIP-2's second stage: the encoder of a saved classifier, exactly, under a new decoder; the fused vector the
+    classifier's head read leads the decoder's context; a generation model is refused as an encoder."""
+    from modeling_mm import MMFusionForSequenceClassification, MMFusionModel
+
+    decoders = tower_and_decoder_checkpoints(tmp_path)
+    torch.manual_seed(0)
+    classifier = MMFusionForSequenceClassification.from_towers(vision=vit_dir, text=bert_dir, num_labels=3,
+                                                               **FUSION_KWARGS)
+    classifier.save_pretrained(tmp_path / "classifier")
+    for encoder in (tmp_path / "classifier", classifier):
+        model = MMFusionForConditionalGeneration.from_encoder(encoder, decoder=decoders["llama"],
+                                                              decoder_connection="prefix", num_query_tokens=2)
+        state, trained = model.model.state_dict(), classifier.model.state_dict()
+        assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
+        assert (model.config.num_labels, model.config.decoder_connection, model.config.num_query_tokens) == (2, "prefix", 2)
+        assert model.config.fusion_hidden_size == classifier.config.fusion_hidden_size
+        assert not hasattr(model, "classifier")
+    fusion = {k: v for k, v in fusion_batch().items() if k in ("pixel_values", "input_ids", "attention_mask",
+                                                               "token_type_ids")}
+    model = MMFusionForConditionalGeneration.from_encoder(classifier, decoder=decoders["gpt2"],
+                                                          decoder_connection="cross_attention").eval()
+    with torch.no_grad():
+        states, mask = model.get_decoder_context(**fusion)
+        pooled = classifier.model(**fusion).pooler_output
+    expected = model.decoder_input_projection(pooled + model.decoder_context_embedding.weight[0])
+    assert max_diff(states[:, 0], expected) < 1e-6 and bool(mask[:, 0].all())
+    model.save_pretrained(tmp_path / "generation")
+    with pytest.raises(ValueError, match=r"^encoder: .* is a generation model already; load it with from_pretrained"):
+        MMFusionForConditionalGeneration.from_encoder(tmp_path / "generation", decoder=decoders["gpt2"])
+    base = MMFusionModel.from_pretrained(tmp_path / "generation")
+    with pytest.raises(ValueError, match=r"^encoder: a generation model already"):
+        MMFusionForConditionalGeneration.from_encoder(base, decoder=decoders["gpt2"])
+
+
 # ---- 6. settings and refusals ---------------------------------------------------------------------------------------
 
 def test_cross_attention_with_a_llama_decoder_raises_naming_prefix():

@@ -187,6 +187,7 @@ def test_preset_hits_each_layers_attention_projections_and_only_linears(model_ty
     (dict(lora_r=0), "lora_r"),
     (dict(lora_alpha=0), "lora_alpha"),
     (dict(lora_dropout=1.0), "lora_dropout"),
+    (dict(fusion_mode="lora"), "fusion_mode"),
 ])
 def test_bad_settings_are_refused(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
@@ -336,6 +337,29 @@ def test_adapter_needs_a_base_that_can_be_rebuilt(tmp_path):
         save_trained_model(model, tmp_path / "adapter", merge=False)
     save_trained_model(model, tmp_path / "merged", merge=True)
     assert type(load_trained_model(tmp_path / "merged")) is MMFusionForSequenceClassification
+
+
+@pytest.mark.parametrize("text_mode", ["lora", "full"])
+def test_a_frozen_fusion_keeps_its_weights_while_the_head_and_towers_train(vit_dir, bert_dir, text_mode):
+    """fusion_mode frozen (a trained encoder read by a new head): no fusion weight trains, under peft or without, and
+    one step leaves them bit-identical while the head's weights move."""
+    model = from_towers(vision=vit_dir, text=bert_dir)
+    fusion_before = {k: v.clone() for k, v in model.model.state_dict().items() if not k.split(".")[0].endswith("_model")}
+    wrapped = apply_lora(model, LoraSettings(vision_mode="frozen", text_mode=text_mode, fusion_mode="frozen"))
+    trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and not any(part in name for name in trainable
+                                 for part in ("input_projections", "fusion_layers", "final_norms"))
+    assert any("classifier" in name for name in trainable) and any("text_model" in name for name in trainable)
+    head_before = model.classifier.weight.detach().clone() if text_mode == "full" else None
+    optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.1)
+    batch = make_batch(modalities=("vision", "text"))
+    wrapped.train()
+    wrapped(**batch, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    optimizer.step()
+    after = model.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in fusion_before.items())
+    if head_before is not None:
+        assert not torch.equal(model.classifier.weight, head_before)
 
 
 def test_without_a_lora_tower_the_model_is_trained_and_saved_as_is(vit_dir, bert_dir, tmp_path):

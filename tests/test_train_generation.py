@@ -5,6 +5,7 @@ adapter, the merged folder and trust_remote_code give the same greedy generation
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -143,21 +144,60 @@ def test_adapter_merged_and_remote_code_folders_give_the_same_greedy_generations
     assert json.loads(result.stdout.strip().splitlines()[-1]) == merged_answers
 
 
+def test_a_decoder_trained_on_a_classifiers_frozen_encoder_keeps_it_and_its_adapter_rebuilds_on_it(tmp_path, args,
+                                                                                                    sample, capsys):
+    """BLIP-2's second stage through mm-train: --model a trained classifier with --fusion_mode frozen: the saved
+    generation model holds the classifier's towers and fusion bit for bit; with LoRA on the decoder the adapter folder
+    rebuilds its base from that classifier and the decoder checkpoint, and answers as the merged folder does; without
+    --decoder the classifier is refused naming the flag."""
+    from safetensors.torch import load_file
+
+    from processors import MMFusionProcessor
+    from training.lora import load_trained_model
+
+    assert main(args(tmp_path / "classifier", task="classification", decoder=None, target_column=None,
+                     prompt_column=None, decoder_mode=None, max_steps=2)) == 0
+    classifier_dir = tmp_path / "classifier" / "model"
+    stage_two = dict(model=classifier_dir, vision=None, text=None, audio=None, fusion_mode="frozen", max_steps=3,
+                     learning_rate=5e-3)
+    assert main(args(tmp_path / "merged", **stage_two)) == 0
+    assert main(args(tmp_path / "adapter", merge_lora="false", **stage_two)) == 0
+    classifier = load_file(classifier_dir / "model.safetensors")
+    merged_dir, adapter_dir = tmp_path / "merged" / "model", tmp_path / "adapter" / "model"
+    generation = load_file(merged_dir / "model.safetensors")
+    encoder = [key for key in classifier if key.startswith("model.")]
+    assert encoder and all(torch.equal(generation[key], classifier[key]) for key in encoder)
+    assert (adapter_dir / "adapter_config.json").exists()
+    adapter, merged = load_trained_model(adapter_dir), load_trained_model(merged_dir)
+    processor = MMFusionProcessor.from_pretrained(merged_dir)
+    assert greedy(adapter, processor, sample) == greedy(merged, processor, sample)
+    rebuilt, saved = adapter.merge_and_unload().state_dict(), merged.state_dict()
+    assert rebuilt.keys() == saved.keys()
+    assert all(torch.allclose(rebuilt[key], saved[key], atol=1e-6) for key in saved)
+    capsys.readouterr()
+    assert main(args(tmp_path / "refused", **stage_two, decoder=None)) == 2
+    assert re.search(r"decoder: model '.*' has no decoder; --task generation on it needs --decoder",
+                     capsys.readouterr().err)
+
+
 # ---- the built-in sample's generation recipe (#17 acceptance 4) --------------------------------------------------------
 
-def test_the_generation_sample_answers_from_the_modality_that_carries_the_answer(tmp_path, sample_dir):
-    """`mm-train --sample generation` with the main job's frozen towers and fusion, 2 epochs at lr 1e-3 (150 steps;
-    the README's recipe trains longer). Thresholds set before the run, on the test split's 300 rows: with every
-    modality, colour, shape and pitch answers >= 0.95 exact match and descriptions >= 0.9; without the image, colour
-    and shape answers no better than the most common answer + 0.15; without the audio, pitch answers likewise.
-    "Does the caption match?" needs all three compared and takes far longer to learn (README): reported, not asserted
-    here."""
+def test_the_generation_sample_answers_from_the_modality_that_carries_the_answer(tmp_path, sample_dir,
+                                                                                 sample_model_dir):
+    """The README's generation recipe, BLIP-2's two stages: the main job's classifier (stage 1: it learnt to compare
+    the caption with the image and the tone) keeps its towers and fusion frozen while a new decoder learns to answer
+    (`--model <main job> --fusion_mode frozen`, 4 epochs at lr 1e-3, 300 steps). Thresholds set before the run, on the
+    test split's 300 rows: with every modality, answer exact match >= 0.95 over the colour, shape, pitch and "does
+    the caption match?" questions, and >= 0.9 for each of them; the descriptions (captions) >= 0.9; without the image,
+    colour and shape answers no better than the most common answer + 0.15; without the audio, pitch answers likewise.
+    Trained from scratch in this budget, "does the caption match?" stays at the most common answer (README)."""
     from collections import Counter
 
     from training.main_job import sample_job_args
 
     output = tmp_path / "generation"
-    assert main(sample_job_args(output) + ["--sample", "generation", "--num_train_epochs", "2",
+    assert main(sample_job_args(output) + ["--sample", "generation", "--model", str(sample_model_dir),
+                                           "--fusion_mode", "frozen", "--num_train_epochs", "4",
                                            "--learning_rate", "1e-3"]) == 0
     rows = datasets.load_dataset("csv", data_files=str(sample_dir / "test.csv"))["train"]
     kinds, answers = list(rows["question_kind"]), list(rows["answer"])
@@ -174,8 +214,12 @@ def test_the_generation_sample_answers_from_the_modality_that_carries_the_answer
         counts = Counter(answer for answer, k in zip(answers, kinds) if k == kind)
         return max(counts.values()) / sum(counts.values())
 
-    for kind in ("colour", "shape", "pitch"):
-        assert exact_match(kind) >= 0.95, (kind, exact_match(kind))
+    answer_kinds = ("colour", "shape", "pitch", "match")
+    for kind in answer_kinds:
+        assert exact_match(kind) >= 0.9, (kind, exact_match(kind))
+    counts = Counter(kinds)
+    pooled = sum(exact_match(kind) * counts[kind] for kind in answer_kinds) / sum(counts[k] for k in answer_kinds)
+    assert pooled >= 0.95, pooled
     assert exact_match("describe") >= 0.9, exact_match("describe")
     for kind, without in (("colour", "text+audio"), ("shape", "text+audio"), ("pitch", "image+text")):
         assert exact_match(kind, without) <= majority(kind) + 0.15, (kind, without, exact_match(kind, without))

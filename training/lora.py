@@ -57,6 +57,7 @@ SAVED_CLASSES = {cls.__name__: cls for cls in (MMFusionModel, MMFusionForSequenc
                                                 MMFusionContrastiveModel, MMFusionForConditionalGeneration)}
 
 TOWER_MODES = ("lora", "full", "frozen")
+FUSION_MODES = ("full", "frozen")
 
 # Module-name suffixes LoRA targets in each tower type: the attention's query, key, value and output projections.
 # Checked against the module trees of transformers 5.23 (ViT-family models there name them q_proj/k_proj/v_proj/o_proj,
@@ -127,10 +128,14 @@ class LoraSettings:
         "help": "Module-name suffixes to adapt in the audio tower instead of its preset."})
     decoder_mode: str = field(default="lora", metadata={
         "help": "--task generation: how the decoder LM trains: lora (presets: GPT-2 c_attn, Llama-family "
-                "q_proj/v_proj, BERT query/value), full, or frozen. The fusion and the decoder's input projection "
-                "(and queries) always train."})
+                "q_proj/v_proj, BERT query/value), full, or frozen. The decoder's input projection (and queries) "
+                "always train, the fusion unless --fusion_mode is frozen."})
     decoder_lora_targets: list[str] | None = field(default=None, metadata={
         "help": "Module-name suffixes to adapt in the decoder instead of its type's preset."})
+    fusion_mode: str = field(default="full", metadata={
+        "help": "How the fusion layers (with their input projections) train: full, or frozen, to keep an encoder "
+                "trained before (--model) as it is while a new head or decoder learns to read it (BLIP-2's second "
+                "stage)."})
 
     def __post_init__(self):
         for modality in (*MODALITIES, "decoder"):
@@ -140,6 +145,8 @@ class LoraSettings:
             targets = getattr(self, f"{modality}_lora_targets")
             if isinstance(targets, str):  # from YAML/JSON or Python: "query,value"
                 setattr(self, f"{modality}_lora_targets", [t for t in re.split(r"[,\s]+", targets) if t])
+        if self.fusion_mode not in FUSION_MODES:
+            raise ValueError(f"fusion_mode: {self.fusion_mode!r} is not one of {FUSION_MODES}")
         if self.lora_r < 1:
             raise ValueError(f"lora_r: {self.lora_r} must be >= 1")
         if not self.lora_alpha > 0:
@@ -236,6 +243,8 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedMode
     base = _fusion_model(model)
     for modality in base.modalities:
         base.get_tower(modality).requires_grad_(settings.mode(modality) != "frozen")
+    for module in _fusion_modules(base):
+        module.requires_grad_(settings.fusion_mode != "frozen")
     decoder = _decoder(model)
     if decoder is not None:
         decoder.requires_grad_(settings.decoder_mode != "frozen")
@@ -263,6 +272,12 @@ def _fusion_model(model: PreTrainedModel) -> MMFusionModel:
         raise ValueError(f"model: expected an mm-fusion model (MMFusionModel or a head on it), got "
                          f"{type(model).__name__}; apply_lora takes the model before it is wrapped")
     return base
+
+
+def _fusion_modules(base: MMFusionModel) -> list[nn.Module]:
+    """The children of the base model that are not towers: the fusion layers, input projections and norms."""
+    towers = {id(base.get_tower(m)) for m in base.modalities}
+    return [child for child in base.children() if id(child) not in towers]
 
 
 def _module_names(model: nn.Module) -> dict[int, str]:
@@ -301,7 +316,7 @@ def _target_pattern(model: PreTrainedModel, settings: LoraSettings) -> str | Non
 
 def _trained_in_full(model: PreTrainedModel, settings: LoraSettings) -> list[str]:
     """Module names that train in full: every child of the base model and of the head model that is not a tower
-    (fusion layers, projections, norms, head), and the towers in `full` mode."""
+    (fusion layers, projections, norms: unless `fusion_mode` is frozen; the head), and the towers in `full` mode."""
     base = _fusion_model(model)
     names = _module_names(model)
     towers = {id(base.get_tower(m)): m for m in base.modalities}
@@ -309,7 +324,7 @@ def _trained_in_full(model: PreTrainedModel, settings: LoraSettings) -> list[str
     result = []
     for parent in (base, model) if model is not base else (base,):
         for child in parent.children():
-            if child is base:
+            if child is base or (settings.fusion_mode == "frozen" and parent is base and id(child) not in towers):
                 continue
             if child is decoder:
                 if settings.decoder_mode == "full":
@@ -412,12 +427,19 @@ def load_trained_model(path: str | os.PathLike) -> PreTrainedModel | PeftModel:
     if not (path / "adapter_config.json").exists():
         return model_class.from_pretrained(path)
     base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
-    if base_path:
+    generation = getattr(config, "decoder_config", None) is not None
+    if base_path and generation and getattr(AutoConfig.from_pretrained(base_path), "decoder_config", None) is None:
+        # a decoder trained on the encoder of another model (mm-train --task generation --model): that encoder with
+        # the decoder LM from its own checkpoint, as they were before training
+        base = model_class.from_encoder(base_path, decoder=config.decoder_config._name_or_path,
+                                        decoder_connection=config.decoder_connection,
+                                        num_query_tokens=config.num_query_tokens)
+    elif base_path:
         # the head may have other labels than the checkpoint's; its trained weights come from the adapter
         base = model_class.from_pretrained(base_path, config=config, ignore_mismatched_sizes=True)
     else:
         towers = {f"{m}_model": load_tower(m, config.tower_config(m)._name_or_path, {}) for m in config.modalities}
-        if getattr(config, "decoder_config", None) is not None:  # the decoder LM, from its own checkpoint too
+        if generation:  # the decoder LM, from its own checkpoint too
             towers["decoder"] = load_decoder(config.decoder_config._name_or_path, config.decoder_connection, {})
         base = model_class(config, **towers)
     if (path / "generation_config.json").exists():

