@@ -106,8 +106,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, args):
     count over the number of processes, so rows of different answer lengths weigh as in one batch."""
     one, two = two_processes_against_one(args, tmp_path, max_steps=4, modality_dropout=0.0, fusion_dropout=0.0,
                                          save_steps=2, eval_steps=2)
-    for key in ("loss", "token_accuracy"):
-        assert abs(one["test"][key] - two["test"][key]) <= 1e-4, key
+    for key in ("loss", "token_accuracy"):  # within 1e-4 relative, as the per-step losses
+        assert abs(one["test"][key] - two["test"][key]) <= 1e-4 * max(1.0, abs(one["test"][key])), key
 
 
 def test_adapter_merged_and_remote_code_folders_give_the_same_greedy_generations(tmp_path, args, sample):

@@ -5,7 +5,8 @@ loading what was trained.
   `*_lora_targets`); the tower's own weights stay bit-identical.
 - `full`: every weight of the tower trains.
 - `frozen`: nothing in the tower trains.
-The fusion layers and the head always train in full.
+The head always trains in full; the fusion layers too, unless `fusion_mode` is `frozen` (an encoder trained before,
+kept as it is while a new head or decoder learns to read it).
 
 LoRA targets are scoped to their tower: the peft `target_modules` is one regular expression (peft full-matches it
 against each module name) whose every branch starts with the tower's own path, e.g.
