@@ -1943,8 +1943,9 @@ class MMFusionForConditionalGeneration(MMFusionHeadModel, GenerationMixin):
         if isinstance(encoder, MMFusionPreTrainedModel):
             base = encoder if isinstance(encoder, MMFusionModel) else encoder.model
         else:
-            encoder_config = AutoConfig.from_pretrained(encoder, **{k: v for k, v in (tower_kwargs or {}).items()
-                                                                   if k in ("revision", "token")})
+            # this class's config: also where only its remote code has registered the model type
+            hub_kwargs = {k: v for k, v in (tower_kwargs or {}).items() if k in ("revision", "token")}
+            encoder_config = cls.config_class.from_pretrained(encoder, **hub_kwargs)
             if getattr(encoder_config, "decoder_config", None) is not None:
                 raise ValueError(f"encoder: {encoder!r} is a generation model already; load it with from_pretrained")
             base = MMFusionModel.from_pretrained(encoder, **(tower_kwargs or {}))

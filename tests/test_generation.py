@@ -588,7 +588,8 @@ def test_from_encoder_takes_a_trained_classifiers_towers_and_fusion_and_leaves_i
                                                               decoder_connection="prefix", num_query_tokens=2)
         state, trained = model.model.state_dict(), classifier.model.state_dict()
         assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
-        assert (model.config.num_labels, model.config.decoder_connection, model.config.num_query_tokens) == (2, "prefix", 2)
+        connection = (model.config.num_labels, model.config.decoder_connection, model.config.num_query_tokens)
+        assert connection == (2, "prefix", 2)
         assert model.config.fusion_hidden_size == classifier.config.fusion_hidden_size
         assert not hasattr(model, "classifier")
     fusion = {k: v for k, v in fusion_batch().items() if k in ("pixel_values", "input_ids", "attention_mask",

@@ -344,7 +344,8 @@ def test_a_frozen_fusion_keeps_its_weights_while_the_head_and_towers_train(vit_d
     """fusion_mode frozen (a trained encoder read by a new head): no fusion weight trains, under peft or without, and
     one step leaves them bit-identical while the head's weights move."""
     model = from_towers(vision=vit_dir, text=bert_dir)
-    fusion_before = {k: v.clone() for k, v in model.model.state_dict().items() if not k.split(".")[0].endswith("_model")}
+    fusion_before = {k: v.clone() for k, v in model.model.state_dict().items()
+                     if not k.split(".")[0].endswith("_model")}
     wrapped = apply_lora(model, LoraSettings(vision_mode="frozen", text_mode=text_mode, fusion_mode="frozen"))
     trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and not any(part in name for name in trainable

@@ -83,6 +83,29 @@ def run_without_project(parts: list[str], tmp_path: Path, **env: str) -> subproc
                           text=True, timeout=300)
 
 
+def answers_of_card_snippets(snippets: dict[str, list[str]], answer: str, tmp_path: Path, **env: str) -> dict:
+    """Run each variant's card snippets in a fresh interpreter that cannot import the project (`env` added to its
+    environment), check that the model they load is the repository's remote code, and return {variant: the value of
+    the expression `answer` over the snippets' names `names`, under torch.no_grad}."""
+    result = run_without_project([f"""
+        import json, torch
+        answers = {{}}
+        for variant, snippets in {snippets!r}.items():
+            names = {{}}
+            for snippet in snippets:
+                exec(snippet, names)
+            model = names["model"]
+            model = model.get_base_model() if hasattr(model, "get_base_model") else model
+            assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+            with torch.no_grad():
+                answers[variant] = {answer}
+        json.dump(answers, open("answers.json", "w"))
+        print("OK")
+    """], tmp_path, **env)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    return json.loads((tmp_path / "answers.json").read_text())
+
+
 def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 
@@ -927,32 +950,21 @@ def test_joint_embedding_adapter_only_release_loads_onto_its_base_like_the_train
         snippets[variant] = card_snippets(release, "mm-fusion/joint-lora")
 
     write_media(tmp_path)
-    result = run_without_project([f"""
-        import json
-        answers = {{}}
-        for variant, snippets in {snippets!r}.items():
-            names = {{}}
-            for snippet in snippets:
-                exec(snippet, names)
-            assert type(names["model"]).__module__.startswith("transformers_modules."), type(names["model"]).__module__
-            answers[variant] = {{"zero_shot": names["classifier"](image="image.png", candidate_labels={JOINT_LABELS!r}),
-                                "embeddings": names["embeddings"]}}
-        json.dump(answers, open("answers.json", "w"))
-        print("OK")
-    """], tmp_path, HF_HUB_CACHE=str(cache))
-    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    answers = answers_of_card_snippets(
+        snippets, f'{{"zero_shot": names["classifier"](image="image.png", candidate_labels={JOINT_LABELS!r}), '
+                  '"embeddings": names["embeddings"]}', tmp_path, HF_HUB_CACHE=str(cache))
 
     merged = peft_model.merge_and_unload().eval()
     expected = pipeline(ZERO_SHOT_TASK, model=merged, processor=processor)(image=str(tmp_path / "image.png"),
                                                                            candidate_labels=JOINT_LABELS)
     own = pipeline(FEATURE_EXTRACTION_TASK, model=merged, processor=processor)(
         image=str(tmp_path / "image.png"), text="a caption", audio=str(tmp_path / "audio.wav"))
-    for variant, answers in json.loads((tmp_path / "answers.json").read_text()).items():
-        assert [r["label"] for r in answers["zero_shot"]] == [r["label"] for r in expected], variant
-        np.testing.assert_allclose([r["score"] for r in answers["zero_shot"]], [r["score"] for r in expected],
+    for variant, answer in answers.items():
+        assert [r["label"] for r in answer["zero_shot"]] == [r["label"] for r in expected], variant
+        np.testing.assert_allclose([r["score"] for r in answer["zero_shot"]], [r["score"] for r in expected],
                                    atol=1e-5)
         for key, vector in own.items():
-            np.testing.assert_allclose(answers["embeddings"][key], vector, atol=1e-5)
+            np.testing.assert_allclose(answer["embeddings"][key], vector, atol=1e-5)
 
 
 # ---- a generation model ----------------------------------------------------------------------------------------------
@@ -1161,15 +1173,90 @@ def test_generation_release_runs_its_card_snippets_where_only_transformers_is_in
     assert answers["texts"] == processor.batch_decode(model.generate(**inputs, max_new_tokens=16))
 
 
-def test_a_generation_model_is_published_merged_and_only_with_a_decoder_it_has(generation_model_dir, tiny, capsys,
-                                                                             tmp_path):
-    # an adapter folder of a generation model (the refusal comes before anything is loaded)
+def test_a_generation_model_is_published_only_with_a_decoder_it_has_and_its_adapter_with_the_decoders_id(
+        generation_model_dir, tiny, capsys, tmp_path):
+    # an adapter folder of a generation model whose decoder came from a local folder (refused before loading)
     adapter = shutil.copytree(generation_model_dir, tmp_path / "adapter")
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": None}))
     (adapter / "adapter_model.safetensors").write_bytes(b"")
-    assert main(["--model", str(adapter), "--repo-id", "mm-fusion/x", "--adapter-only", "--dry-run"]) == 2
-    assert re.search("adapter_only: .* holds a generation model; adapter-only releases of generation models are not",
-                     capsys.readouterr().err)
+    assert main(["--model", str(adapter), "--repo-id", "mm-fusion/x", "--adapter-only", "--dry-run",
+                 *[f"--base-model={key}={repo_id}" for key, repo_id in TOWER_IDS.items()]]) == 2
+    assert re.search(r"base_model: the adapter loads onto its decoder LM, which came from .*; pass --base-model "
+                     r"decoder=ORG/NAME", capsys.readouterr().err)
     assert main(["--model", str(tiny["merged"]), "--repo-id", "mm-fusion/x", "--dry-run",
                  f"--base-model=decoder={DECODER_ID}"]) == 2
     assert "base_model: decoder: the model has no decoder LM" in capsys.readouterr().err
+
+
+CLASSIFIER_ID = "mm-fusion-test/tiny-classifier"  # a published classifier whose encoder a decoder learnt to read
+
+
+def test_generation_adapter_only_releases_load_onto_their_bases_and_generate_as_the_trained_model(
+        tiny, vit_dir, bert_dir, wav2vec2_dir, gpt2_decoder_dir, tmp_path):
+    """A LoRA-trained generation model published as its adapter: on its towers' and decoder's Hub ids (fusion trained
+    in full, in the adapter), and on a published classifier whose frozen encoder the decoder learnt to read
+    (`from_encoder`). The card's snippets, in an interpreter that cannot import the project, generate the tokens the
+    trained model generates (16 forced, greedy)."""
+    from modeling_mm import MMFusionForConditionalGeneration
+
+    cache = shutil.copytree(tiny["hub_cache"], tmp_path / "hub")
+
+    def serve(repo_id: str, folder: Path) -> Path:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / FAKE_COMMIT)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(FAKE_COMMIT)
+        return repo / "snapshots" / FAKE_COMMIT
+
+    serve(DECODER_ID, Path(gpt2_decoder_dir))
+    torch.manual_seed(0)
+    classifier = MMFusionForSequenceClassification.from_towers(vision=vit_dir, text=bert_dir, audio=wav2vec2_dir,
+                                                               num_labels=2, **FUSION_KWARGS)
+    classifier.save_pretrained(tmp_path / "classifier")
+    serve(CLASSIFIER_ID, tmp_path / "classifier")
+    processor = MMFusionProcessor.from_towers(vision=vit_dir, text=bert_dir, audio=wav2vec2_dir,
+                                              decoder=gpt2_decoder_dir)
+    built = {
+        "towers": (MMFusionForConditionalGeneration.from_towers(
+            vision=vit_dir, text=bert_dir, audio=wav2vec2_dir, decoder=gpt2_decoder_dir,
+            decoder_connection="cross_attention", **FUSION_KWARGS), "full", {**TOWER_IDS, "decoder": DECODER_ID}),
+        "encoder": (MMFusionForConditionalGeneration.from_encoder(
+            tmp_path / "classifier", decoder=gpt2_decoder_dir, decoder_connection="cross_attention"), "frozen",
+            {"model": CLASSIFIER_ID, "decoder": DECODER_ID}),
+    }
+    write_media(tmp_path)
+    snippets, expected = {}, {}
+    for variant, (model, fusion_mode, bases) in built.items():
+        peft_model = apply_lora(model, LoraSettings(vision_mode="frozen", text_mode="lora", audio_mode="frozen",
+                                                    decoder_mode="lora", fusion_mode=fusion_mode))
+        with torch.no_grad():  # stands in for training
+            for parameter in peft_model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(torch.randn_like(parameter) * 0.05)
+        adapter = save_trained_model(peft_model, tmp_path / variant / "adapter", merge=False)
+        processor.save_pretrained(adapter)
+        release = tmp_path / variant / "release"
+        assert main(["--model", str(adapter), "--repo-id", "mm-fusion/generation-lora", "--adapter-only",
+                     "--dry-run", "--out", str(release),
+                     *[f"--base-model={key}={repo_id}" for key, repo_id in bases.items()]]) == 0
+        config = json.loads((release / "config.json").read_text())
+        assert config["auto_map"]["AutoModel"] == "modeling_mm.MMFusionForConditionalGeneration"
+        assert (release / "generation_config.json").is_file() and (release / "decoder_tokenizer").is_dir()
+        card = ModelCard.load(release / "README.md")
+        check_card(card)
+        assert card.data.library_name == "peft" and ("from_encoder" in card.text) == (variant == "encoder")
+        snippets[variant] = card_snippets(release, "mm-fusion/generation-lora")
+        merged = peft_model.merge_and_unload().eval()
+        inputs = processor(images=[str(tmp_path / "image.png")], text=["a caption"],
+                           audio=[str(tmp_path / "audio.wav")], prompt=[publish.CARD_QUESTION])
+        with torch.no_grad():
+            expected[variant] = {"tokens": merged.generate(**inputs, max_new_tokens=16, min_new_tokens=16).tolist(),
+                                 "logits": merged(**inputs).logits.tolist()}
+
+    answers = answers_of_card_snippets(
+        snippets, '{"tokens": names["model"].generate(**names["inputs"], max_new_tokens=16, min_new_tokens=16)'
+                  '.tolist(), "logits": names["model"](**names["inputs"]).logits.tolist()}', tmp_path,
+        HF_HUB_CACHE=str(cache))
+    for variant, own in expected.items():  # the prompt's logits (the adapted decoder reading the context), and tokens
+        assert answers[variant]["tokens"] == own["tokens"], variant
+        np.testing.assert_allclose(answers[variant]["logits"], own["logits"], atol=1e-5)

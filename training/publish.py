@@ -34,9 +34,9 @@ A generation model (`MMFusionForConditionalGeneration`, `config.decoder_config`)
 `audio-text-to-text` (an audio tower, no image tower) or `text-generation` (text only), and a card that names the task
 (captioning, question answering, dialogue; what it was trained to write when the training record says), shows the
 pipeline with no prompt, a question and a dialogue history, and generation step by step, with the report's sample
-generations where it has them. `--base-model decoder=ORG/NAME` names the decoder LM's Hub id. It is published merged:
-`--adapter-only` is refused for it (an adapter does not yet carry the decoder's new cross-attention layers, see
-`_refuse_adapter_only`).
+generations where it has them. `--base-model decoder=ORG/NAME` names the decoder LM's Hub id, which an adapter-only
+release needs (it loads onto the towers and that decoder, or onto the published mm-fusion model it was trained from:
+a generation model, or a model without a decoder whose encoder the decoder learnt to read, `from_encoder`).
 
 Local paths stay local: a tower loaded from a local folder is named in the release only by the Hub id given with
 `--base-model MODALITY=ORG/NAME`. An adapter-only release needs those ids for every tower (or `--base-model
@@ -169,6 +169,7 @@ _LEFT_OUT_REASONS = (
 BASE_KEYS = ("vision", "text", "audio", "decoder", "model")
 _DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt")
 LOCAL_SOURCE = "a local checkpoint"
+CARD_QUESTION = "Question: what colour is it? Answer:"  # the generation cards' example prompt
 
 
 @dataclass
@@ -236,7 +237,7 @@ def build_release(
     snippets name until an upload pins them to its commit.
 
     Raises `ValueError` naming the argument for: a folder that is not a model or has no processor, `adapter_only`
-    for a merged model, a multi-task model or a generation model, an adapter whose base cannot be named by Hub ids,
+    for a merged model or a multi-task model, an adapter whose base cannot be named by Hub ids,
     a bad repo id, base model, shard size or report, and a non-empty `out_dir`.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -270,8 +271,6 @@ def build_release(
         names = ", ".join(task["name"] for task in config.tasks)
         raise ValueError(f"adapter_only: {model_dir} holds a multi-task model ({names}); publish it merged "
                          "(without --adapter-only)")
-    if adapter_only and _is_generation(config):
-        _refuse_adapter_only(model_dir)
     adapter_base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") \
         if is_adapter else None
     trained_from = ((training_args or {}).get("model") or {}).get("model")
@@ -281,6 +280,14 @@ def build_release(
         raise ValueError(f"base_model: the adapter was trained on the mm-fusion model in {adapter_base}, which others "
                          "cannot download; publish that model first and pass --base-model model=ORG/NAME, or "
                          "publish the merged model (without --adapter-only)")
+    # a decoder trained on the encoder of a model without one (mm-train --task generation --model <classifier>)
+    encoder_base = bool(adapter_only and _is_generation(config) and bases["model"] and _has_no_decoder(adapter_base))
+    needs_decoder = bases["model"] is None or encoder_base
+    if adapter_only and _is_generation(config) and needs_decoder and bases["decoder"] is None:
+        source = config.decoder_config._name_or_path or "(unknown)"
+        raise ValueError(f"base_model: the adapter loads onto its decoder LM, which came from {source}, which others "
+                         "cannot download; pass --base-model decoder=ORG/NAME (its Hub id), or publish the merged "
+                         "model (without --adapter-only)")
     if adapter_only and bases["model"] is None:
         for modality in config.modalities:
             if bases[modality] is None:
@@ -293,7 +300,7 @@ def build_release(
     card_for = functools.partial(
         render_card, repo_id=repo_id, config=config, adapter_only=adapter_only, bases=bases,
         training_args=training_args, metrics=metrics, report=evaluation, dataset=dataset, license=license,
-        pipeline_tag=default_pipeline_tag(config),
+        pipeline_tag=default_pipeline_tag(config), encoder_base=encoder_base,
     )
     card = card_for(revision or "main")
     check_card(card)
@@ -385,12 +392,12 @@ def _is_classifier(config: PreTrainedConfig) -> bool:
     return not (config.is_contrastive or _is_generation(config))
 
 
-def _refuse_adapter_only(model_dir: Path) -> None:
-    # An adapter-only release needs its config to map AutoModel to the generation class, its generation_config and
-    # decoder tokenizer beside the adapter, and a card snippet that rebuilds the decoder from its Hub id: not written
-    # yet for generation models (mm-train's adapter folders themselves load and generate as the merged model does).
-    raise ValueError(f"adapter_only: {model_dir} holds a generation model; adapter-only releases of generation "
-                     "models are not supported yet; publish it merged (without --adapter-only)")
+def _has_no_decoder(model: str | None) -> bool:
+    """Whether the mm-fusion model `model` (a folder, or a Hub id in the cache) is known to have no decoder LM."""
+    try:
+        return model is not None and not _is_generation(AutoConfig.from_pretrained(model))
+    except (OSError, ValueError):  # gone, or not reachable offline: nothing known
+        return False
 
 
 def _save_adapter(model_dir: Path, out_dir: Path, config: PreTrainedConfig, bases: dict[str, str | None]) -> None:
@@ -406,6 +413,11 @@ def _save_adapter(model_dir: Path, out_dir: Path, config: PreTrainedConfig, base
     if config.is_contrastive:  # as MMFusionPreTrainedModel.save_pretrained maps a contrastive checkpoint
         config.auto_map = {**(config.auto_map or {}), "AutoModel": "modeling_mm.MMFusionContrastiveModel"}
         config.auto_map.pop("AutoModelForSequenceClassification", None)
+    elif _is_generation(config):  # and a generation checkpoint, whose decoding settings travel beside it
+        config.auto_map = {**(config.auto_map or {}), "AutoModel": "modeling_mm.MMFusionForConditionalGeneration"}
+        config.auto_map.pop("AutoModelForSequenceClassification", None)
+        if (model_dir / "generation_config.json").is_file():
+            shutil.copyfile(model_dir / "generation_config.json", out_dir / "generation_config.json")
     else:
         config.auto_map = {**(config.auto_map or {}), "AutoModel": "modeling_mm.MMFusionModel",
                            "AutoModelForSequenceClassification": "modeling_mm.MMFusionForSequenceClassification"}
@@ -558,6 +570,7 @@ def render_card(
     dataset: str | None,
     license: str,
     pipeline_tag: str,
+    encoder_base: bool = False,
 ) -> ModelCard:
     """The model card: YAML metadata (license, library, pipeline tag, tags, base models, data sets, model-index from
     the evaluation report) and a body with usage snippets pinned to `revision`, the training settings, the evaluation
@@ -586,7 +599,7 @@ def render_card(
     )
     sections = [
         _summary(repo_id, config, adapter_only, bases, training_args),
-        _usage(repo_id, revision, config, adapter_only, bases),
+        _usage(repo_id, revision, config, adapter_only, bases, encoder_base),
         _training_section(config, training_args, metrics, bases),
         _evaluation_section(report),
     ]
@@ -690,6 +703,8 @@ def _summary(repo_id: str, config: PreTrainedConfig, adapter_only: bool, bases: 
             f"Each sample may have any subset of {', '.join(MODALITY_NAMES[m].user for m in config.modalities)}.")
     if adapter_only:
         base = f"the mm-fusion model `{bases['model']}`" if bases["model"] else "the pretrained towers above"
+        if _is_generation(config) and bases.get("decoder"):
+            base += f" and the decoder LM `{bases['decoder']}`"
         text += (f"\n\nThis repository holds a peft LoRA adapter, with the fusion layers, the head and any tower "
                  f"trained in full saved alongside it. It loads onto {base}, as shown below.")
     return text
@@ -721,26 +736,41 @@ def _trained_to_write(training_args: dict[str, Any] | None) -> str:
 
 
 def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: bool,
-           bases: dict[str, str | None]) -> str:
+           bases: dict[str, str | None], encoder_base: bool = False) -> str:
     examples = {"vision": ("image", '"image.png"'), "text": ("text", '"a caption"'), "audio": ("audio", '"audio.wav"')}
     # the pipeline takes one sample per keyword (`image=`), the processor a batch (`images=[...]`)
     pipe_call = ", ".join(f"{examples[m][0]}={examples[m][1]}" for m in config.modalities)
     call = ", ".join(f"{examples[m][0] + ('s' if m == 'vision' else '')}=[{examples[m][1]}]" for m in config.modalities)
     if adapter_only:
-        # the adapter's own class, for a joint embedding model also on a published base (whose code may predate it)
-        class_name = "MMFusionContrastiveModel" if config.is_contrastive else "MMFusionForSequenceClassification"
-        if bases["model"] and not config.is_contrastive:
+        # the adapter's own class, for a joint embedding or generation model also on a published base (whose code
+        # may predate it)
+        generation = _is_generation(config)
+        class_name = ("MMFusionContrastiveModel" if config.is_contrastive else
+                      "MMFusionForConditionalGeneration" if generation else "MMFusionForSequenceClassification")
+        auto = "AutoConfig, AutoProcessor" + (", GenerationConfig" if generation else "")
+        remote_class = (f"from peft import PeftModel\nfrom transformers import {auto}\n"
+                        "from transformers.dynamic_module_utils import get_class_from_dynamic_module")
+        if bases["model"] and not (config.is_contrastive or generation):
             load_base = (f'base = AutoModelForSequenceClassification.from_pretrained(\n'
                          f'    "{bases["model"]}", config=config, ignore_mismatched_sizes=True, trust_remote_code=True)')
             imports = ("from peft import PeftModel\n"
                        "from transformers import AutoConfig, AutoModelForSequenceClassification, AutoProcessor")
+        elif bases["model"] and encoder_base:
+            load_base = (
+                f'model_class = get_class_from_dynamic_module("modeling_mm.{class_name}", repo_id, revision=revision)\n'
+                "# the towers and fusion of that model, under the decoder LM named in the config (as before training)\n"
+                f'base = model_class.from_encoder("{bases["model"]}", decoder=config.decoder_config._name_or_path,\n'
+                "                                decoder_connection=config.decoder_connection,\n"
+                "                                num_query_tokens=config.num_query_tokens)")
+            imports = remote_class
         elif bases["model"]:
             load_base = (
                 f'model_class = get_class_from_dynamic_module("modeling_mm.{class_name}", repo_id, revision=revision)\n'
                 f'base = model_class.from_pretrained("{bases["model"]}", config=config, ignore_mismatched_sizes=True)')
-            imports = ("from peft import PeftModel\nfrom transformers import AutoConfig, AutoProcessor\n"
-                       "from transformers.dynamic_module_utils import get_class_from_dynamic_module")
+            imports = remote_class
         else:
+            decoder = ("towers[\"decoder\"] = modeling.load_decoder(config.decoder_config._name_or_path, "
+                       "config.decoder_connection, {})\n" if generation else "")
             load_base = (
                 'model_class = get_class_from_dynamic_module(\n'
                 f'    "modeling_mm.{class_name}", repo_id, revision=revision)\n'
@@ -748,9 +778,11 @@ def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: 
                 "modeling = sys.modules[model_class.__module__]\n"
                 "towers = {f\"{m}_model\": modeling.load_tower(m, getattr(config, f\"{m}_config\")._name_or_path, {})\n"
                 "          for m in config.modalities}\n"
+                f"{decoder}"
                 "base = model_class(config, **towers)")
-            imports = ("import sys\n\nfrom peft import PeftModel\nfrom transformers import AutoConfig, AutoProcessor\n"
-                       "from transformers.dynamic_module_utils import get_class_from_dynamic_module")
+            imports = "import sys\n\n" + remote_class
+        if generation:  # how the model decodes, as it was trained to
+            load_base += "\nbase.generation_config = GenerationConfig.from_pretrained(repo_id, revision=revision)"
         loading = (
             "## Usage\n\nThe adapter loads with `transformers` and `peft` (the model code comes from this repository, "
             "hence `trust_remote_code=True`):\n\n"
@@ -762,6 +794,14 @@ def _usage(repo_id: str, revision: str, config: PreTrainedConfig, adapter_only: 
             "processor = AutoProcessor.from_pretrained(repo_id, revision=revision, trust_remote_code=True)\n```\n\n")
         if config.is_contrastive:
             return loading + _joint_embedding_adapter_usage(config, pipe_call)
+        if generation:
+            return (
+                loading + "Then, for a batch (one prompt per sample, None for none; `generate()` returns only the new "
+                "tokens):\n\n"
+                f'```python\ninputs = processor({call},\n                   prompt=["{CARD_QUESTION}"])\n'
+                "texts = processor.batch_decode(model.generate(**inputs, max_new_tokens=16))\n```\n\n"
+                f"`model.merge_and_unload()` gives a plain transformers model, which the `{GENERATION_TASK}` pipeline "
+                "takes too.")
         return (
             loading + "Then, for a batch (leave out a modality a sample lacks, or pass `None` in its place):\n\n"
             f"```python\ninputs = processor({call})\n"
@@ -809,7 +849,7 @@ def _generation_usage(repo_id: str, revision: str, config: PreTrainedConfig, pip
         "                     trust_remote_code=True)\n"
         f"caption = generator({pipe_call})  # any subset; paths, PIL images, arrays\n"
         "# [{'generated_text': ...}]\n"
-        f'answer = generator({item}, prompt="Question: what colour is it? Answer:", max_new_tokens=16)\n'
+        f'answer = generator({item}, prompt="{CARD_QUESTION}", max_new_tokens=16)\n'
         'history = [{"role": "user", "content": "What shape is it?"}, {"role": "assistant", "content": "A circle."},\n'
         '           {"role": "user", "content": "And its colour?"}]\n'
         f"reply = generator({item}, prompt=history, num_beams=3)  # the assistant's next turn\n```\n\n"
@@ -819,7 +859,7 @@ def _generation_usage(repo_id: str, revision: str, config: PreTrainedConfig, pip
         f'processor = AutoProcessor.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)\n'
         f'model = AutoModel.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)\n'
         "# a batch: one prompt per sample (None for none)\n"
-        f'inputs = processor({call},\n                   prompt=["Question: what colour is it? Answer:"])\n'
+        f'inputs = processor({call},\n                   prompt=["{CARD_QUESTION}"])\n'
         "new_tokens = model.generate(**inputs, max_new_tokens=16)\n"
         "texts = processor.batch_decode(new_tokens)\n```"
     )

@@ -101,7 +101,9 @@ REQUESTED_DISTRIBUTED_TYPES = (("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEP
 class ModelSettings:
     model: str | None = field(default=None, metadata={
         "help": "An mm-fusion model folder or Hub id to fine-tune (its processor is loaded from the same place). "
-                "Otherwise the model is built from --vision/--text/--audio."})
+                "With --task generation it may be a model without a decoder (a classifier, say): its towers and "
+                "fusion under --decoder (see --fusion_mode). Otherwise the model is built from "
+                "--vision/--text/--audio."})
     vision: str | None = field(default=None, metadata={"help": "Vision tower: Hub id or folder (ViT, CLIP, ...)."})
     text: str | None = field(default=None, metadata={"help": "Text tower: Hub id or folder (BERT, RoBERTa, ...)."})
     audio: str | None = field(default=None, metadata={"help": "Audio tower: Hub id or folder (wav2vec2, ...)."})
