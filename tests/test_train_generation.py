@@ -186,7 +186,8 @@ def test_the_generation_sample_answers_from_the_modality_that_carries_the_answer
                                                                                  sample_model_dir):
     """The README's generation recipe, BLIP-2's two stages: the main job's classifier (stage 1: it learnt to compare
     the caption with the image and the tone) keeps its towers and fusion frozen while a new decoder learns to answer
-    (`--model <main job> --fusion_mode frozen`, 4 epochs at lr 1e-3, 300 steps). Thresholds set before the run, on the
+    (`--model <main job> --fusion_mode frozen`, 6 epochs at lr 1e-3, 450 steps: at 4 the pitch answers of some
+    main-job classifiers stay at 0.87). Thresholds set before the run, on the
     test split's 300 rows: with every modality, answer exact match >= 0.95 over the colour, shape, pitch and "does
     the caption match?" questions, and >= 0.9 for each of them; the descriptions (captions) >= 0.9; without the image,
     colour and shape answers no better than the most common answer + 0.15; without the audio, pitch answers likewise.
@@ -197,7 +198,7 @@ def test_the_generation_sample_answers_from_the_modality_that_carries_the_answer
 
     output = tmp_path / "generation"
     assert main(sample_job_args(output) + ["--sample", "generation", "--model", str(sample_model_dir),
-                                           "--fusion_mode", "frozen", "--num_train_epochs", "4",
+                                           "--fusion_mode", "frozen", "--num_train_epochs", "6",
                                            "--learning_rate", "1e-3"]) == 0
     rows = datasets.load_dataset("csv", data_files=str(sample_dir / "test.csv"))["train"]
     kinds, answers = list(rows["question_kind"]), list(rows["answer"])
