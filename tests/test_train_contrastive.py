@@ -130,6 +130,7 @@ def chance_recall(positives: np.ndarray, gallery: int, k: int) -> float:
     return float(np.mean([1 - comb(gallery - p, k) / comb(gallery, k) for p in positives]))
 
 
+@pytest.mark.recipe
 def test_the_retrieval_sample_aligns_the_modalities_and_image_audio_emerges(tmp_path):
     """`mm-train --sample retrieval` with the main job's frozen towers and fusion, but 2 epochs at lr 1e-3 (the
     README's recipe trains 5 at 3e-4). Positives of a query: the test rows with the same colour, shape and pitch (12

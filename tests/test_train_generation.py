@@ -182,6 +182,7 @@ def test_a_decoder_trained_on_a_classifiers_frozen_encoder_keeps_it_and_its_adap
 
 # ---- the built-in sample's generation recipe (#17 acceptance 4) --------------------------------------------------------
 
+@pytest.mark.recipe
 def test_the_generation_sample_answers_from_the_modality_that_carries_the_answer(tmp_path, sample_dir,
                                                                                  sample_model_dir):
     """The README's generation recipe, BLIP-2's two stages: the main job's classifier (stage 1: it learnt to compare

@@ -288,6 +288,7 @@ def test_task_flags_are_checked_before_training(tmp_path, args, capsys):
 
 # ---- the multi-task recipe of the built-in sample (#15 acceptance 4) ---------------------------------------------------
 
+@pytest.mark.recipe
 def test_the_multitask_sample_learns_each_target_from_the_modality_that_carries_it(tmp_path, sample_dir, capsys):
     """`mm-train --sample multitask` with the main job's settings, but 8 epochs (match passes 95% at ~7 epochs; the
     README's recipe trains 20) and modality dropout 0.1, so that subsets of modalities are inputs it has seen."""
