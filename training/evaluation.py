@@ -1543,16 +1543,11 @@ def run(arguments: EvaluationArguments, settings: EvaluationSettings) -> dict[st
         model = quantize_for_cpu(model)  # merges a peft adapter first
     model.to(device)
     output_dir = Path(arguments.output_dir) if arguments.output_dir else model_path / "evaluation"
-    if is_generation(model):
-        _check_generation_input(dataset, columns, settings, "dataset")  # before any row is read
-        bad = find_bad_rows(dataset, _GenerationRows(processor, columns), "dataset", arguments.strict)
-        if bad:
-            dataset = dataset.select(sorted(set(range(len(dataset))) - {i for i, _ in bad}))
-        return evaluate_model(model, processor, dataset, output_dir, settings, data_settings=columns,
-                              data_source=arguments.data, split=arguments.split, model_path=str(model_path),
-                              skipped_rows=[{"row": i, "reason": reason} for i, reason in bad])
-    if is_contrastive(model):
-        bad = find_bad_rows(dataset, _MediaRows(processor, columns), "dataset", arguments.strict)
+    if is_generation(model) or is_contrastive(model):
+        if is_generation(model):
+            _check_generation_input(dataset, columns, settings, "dataset")  # before any row is read
+        rows = _GenerationRows(processor, columns) if is_generation(model) else _MediaRows(processor, columns)
+        bad = find_bad_rows(dataset, rows, "dataset", arguments.strict)
         if bad:
             dataset = dataset.select(sorted(set(range(len(dataset))) - {i for i, _ in bad}))
         return evaluate_model(model, processor, dataset, output_dir, settings, data_settings=columns,

@@ -417,6 +417,12 @@ def _absolute_if_local(source: str) -> str:
     return str(Path(source).resolve()) if source and Path(source).exists() else source
 
 
+def checkpoint_has_decoder(source: str | os.PathLike) -> bool:
+    """Whether the mm-fusion checkpoint `source` (a folder or Hub id) is a generation model: its config has a decoder
+    LM. Raises `OSError` where it cannot be read."""
+    return getattr(AutoConfig.from_pretrained(source), "decoder_config", None) is not None
+
+
 def load_trained_model(path: str | os.PathLike) -> PreTrainedModel | PeftModel:
     """Load what `save_trained_model` wrote, in eval mode, as the class it was saved from (`MMFusionModel`,
     `MMFusionForSequenceClassification`, `MMFusionForMultiTask` or `MMFusionContrastiveModel`, per the config's `architectures`): a `PeftModel`
@@ -429,7 +435,7 @@ def load_trained_model(path: str | os.PathLike) -> PreTrainedModel | PeftModel:
         return model_class.from_pretrained(path)
     base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
     generation = getattr(config, "decoder_config", None) is not None
-    if base_path and generation and getattr(AutoConfig.from_pretrained(base_path), "decoder_config", None) is None:
+    if base_path and generation and not checkpoint_has_decoder(base_path):
         # a decoder trained on the encoder of another model (mm-train --task generation --model): that encoder with
         # the decoder LM from its own checkpoint, as they were before training
         base = model_class.from_encoder(base_path, decoder=config.decoder_config._name_or_path,

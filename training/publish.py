@@ -89,7 +89,7 @@ from modeling_mm.pipeline_mm import (
     MMFusionZeroShotClassificationPipeline,
 )
 from processors.processing_mm import DECODER_TOKENIZER_SUBFOLDER
-from training.lora import load_trained_model
+from training.lora import checkpoint_has_decoder, load_trained_model
 from training.sample_data import default_sample_dir
 
 logger = logging.getLogger("mm_fusion.publish")
@@ -395,7 +395,7 @@ def _is_classifier(config: PreTrainedConfig) -> bool:
 def _has_no_decoder(model: str | None) -> bool:
     """Whether the mm-fusion model `model` (a folder, or a Hub id in the cache) is known to have no decoder LM."""
     try:
-        return model is not None and not _is_generation(AutoConfig.from_pretrained(model))
+        return model is not None and not checkpoint_has_decoder(model)
     except (OSError, ValueError):  # gone, or not reachable offline: nothing known
         return False
 

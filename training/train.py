@@ -53,7 +53,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, broadcas
                               set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, get_scheduler
+from transformers import AutoTokenizer, HfArgumentParser, get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -79,7 +79,7 @@ from training.data import (
     row_lengths,
 )
 from training.generation import is_generation
-from training.lora import LoraSettings, apply_lora, save_trained_model
+from training.lora import LoraSettings, apply_lora, checkpoint_has_decoder, save_trained_model
 from training.metrics import quality_metrics, tune_thresholds
 from training.scoring import MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task, forward_kept, scores, tasks_of
 from training.tower_cache import CachedTowersCollator, CachedTowersDataset, compute_tower_cache, frozen_modalities
@@ -405,7 +405,7 @@ def build_model_and_processor(settings: ModelSettings, tasks: list[dict[str, Any
         head = {"num_labels": task["num_outputs"], "problem_type": task["problem_type"],
                 "id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)},
                 "target_mean": task["target_mean"], "target_std": task["target_std"]}
-    if settings.model and generation and not _has_decoder(settings.model):
+    if settings.model and generation and not checkpoint_has_decoder(settings.model):
         # a trained encoder (classifier, multi-task, contrastive or base model) learns to talk with a new decoder
         if not settings.decoder:
             raise ValueError(f"decoder: model {settings.model!r} has no decoder; --task generation on it needs "
@@ -1217,7 +1217,7 @@ def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, o
     # a generation model given with --model brings its decoder; a classifier given to start from (BLIP-2's second
     # stage) takes the sample's, as do towers given alone
     built_in_decoder = (data_settings.task == GENERATION and not model_settings.decoder
-                        and not (model_settings.model and _has_decoder(model_settings.model)))
+                        and not (model_settings.model and checkpoint_has_decoder(model_settings.model)))
     if not (model_settings.model or model_settings.vision or model_settings.text or model_settings.audio):
         _built_in_towers(model_settings, Path(output_dir) / "towers", state)
     if built_in_decoder:
@@ -1225,11 +1225,6 @@ def resolve_sample(model_settings: ModelSettings, data_settings: DataSettings, o
         if lora_settings is not None:
             lora_settings.decoder_mode = "full"  # random-init: adapters on it would have nothing to adapt
     return sample
-
-
-def _has_decoder(model: str) -> bool:
-    """Whether the mm-fusion model `model` (folder or Hub id) is a generation model."""
-    return getattr(AutoConfig.from_pretrained(model), "decoder_config", None) is not None
 
 
 def _built_in_text_tower() -> Path:
