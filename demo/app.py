@@ -222,16 +222,7 @@ def decode_sample(
     Raises `ValueError` naming the input and the limit for anything `load_image`/`load_audio` refuse, for text over
     `MAX_TEXT_CHARACTERS` or not valid Unicode, and when no input is given at all.
     """
-    if text is not None and not isinstance(text, str):
-        raise ValueError(f"text: expected a string; got {type(text).__name__}")
-    text = text if text and text.strip() else None
-    if text is not None:
-        if len(text) > MAX_TEXT_CHARACTERS:
-            raise ValueError(f"text: {len(text)} characters is more than {MAX_TEXT_CHARACTERS}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise ValueError(f"text: not valid Unicode at position {err.start}") from None
+    text = _checked_text(text, "text")
     sample = Sample(
         image=None if image is None else load_image(image, limits, name="image"),
         text=text,
@@ -1100,9 +1091,9 @@ def chat_request(
         message = {"text": message, "files": []}
     if not isinstance(message, dict):
         raise ValueError(f"message: expected text and files; got {type(message).__name__}")
-    question = _chat_text(message.get("text"), "message")
+    question = _checked_text(message.get("text"), "message")
     question = question.strip() if question else None  # the decoder's user turn, without the box's stray newlines
-    context = _chat_text(context, "context text")
+    context = _checked_text(context, "context text")
     attached = _attachments(message.get("files"), modalities, upload_folder)
     if question is None and not attached:
         raise ValueError("message: write a question or an instruction (attach an image or audio clip to change what "
@@ -1120,8 +1111,8 @@ def chat_request(
     return ChatRequest(question, sample, attached)
 
 
-def _chat_text(text: Any, name: str) -> str | None:
-    """A chat text field's value, checked: None when empty or blank; a `ValueError` naming the field (as the page
+def _checked_text(text: Any, name: str) -> str | None:
+    """A text field's value, checked: None when empty or blank; a `ValueError` naming the field (as the page
     does) for a non-string, text over `MAX_TEXT_CHARACTERS` or text that is not valid Unicode."""
     if text is None:
         return None
